@@ -1,0 +1,95 @@
+"""Training-step throughput: hftrain's loop against a minimal plain-PyTorch loop.
+
+Both sides train the identical model (same recipe, same initial weights, same optimizer
+settings) on the identical batches, in the same process. They run in alternating rounds so
+that machine noise hits both alike; the figure that matters is the ratio of tokens/s.
+
+    python benchmarks/train_step.py [RECIPE] [--rounds 6] [--steps 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+
+from hftrain.data import DataStreams
+from hftrain.models import build_model
+from hftrain.optim import build_optimizer, build_scheduler
+from hftrain.recipe import load_recipe
+from hftrain.tracking import MetricsLog
+from hftrain.train import TrainingLoop, prepare_tokenizer
+
+
+def plain_pytorch_step(model, optimizer, scheduler, batch, grad_clip):
+    """What a hand-written loop does: forward, mean cross-entropy, backward, clip, step."""
+    logits = model(input_ids=batch["input_ids"], use_cache=False).logits
+    loss = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten())
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("recipe", nargs="?", default="recipes/shakespeare/gpt2-char.yaml")
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=50, help="steps per round and side")
+    args = parser.parse_args()
+
+    recipe = load_recipe(args.recipe, ["run.output_dir=/tmp/hftrain-bench"])
+    torch.manual_seed(recipe.run.seed)
+    tokenizer, _ = prepare_tokenizer(recipe)
+    streams = DataStreams(recipe.data, tokenizer, seed=recipe.run.seed)
+    batch_iter = streams.train_batches(recipe.train.batch_size)
+    batches = [next(batch_iter) for _ in range(args.steps)]
+
+    model = build_model(recipe.model, tokenizer, recipe.data.block_size)
+    plain_model = copy.deepcopy(model)
+    plain_opt = build_optimizer(plain_model, recipe.train)
+    plain_sched = build_scheduler(plain_opt, recipe.train)
+
+    accelerator = Accelerator()
+    optimizer = build_optimizer(model, recipe.train)
+    scheduler = build_scheduler(optimizer, recipe.train)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    loop = TrainingLoop(recipe, accelerator, model, optimizer, scheduler, streams,
+                        MetricsLog(None, enabled=False), byte_lengths=None)
+    tokens_per_round = args.steps * batches[0]["input_ids"].numel()
+
+    def hftrain_round():
+        for batch in batches:
+            loop.optimizer_step([batch])
+
+    def plain_round():
+        for batch in batches:
+            plain_pytorch_step(plain_model, plain_opt, plain_sched, batch, recipe.train.grad_clip)
+
+    hftrain_round(), plain_round()  # warm-up
+    rates = {"hftrain": [], "plain": []}
+    for r in range(args.rounds):
+        order = [("hftrain", hftrain_round), ("plain", plain_round)]
+        for name, fn in order if r % 2 == 0 else reversed(order):
+            start = time.perf_counter()
+            fn()
+            rates[name].append(tokens_per_round / (time.perf_counter() - start))
+    hf, plain = statistics.median(rates["hftrain"]), statistics.median(rates["plain"])
+    print(f"recipe {args.recipe}  |  {platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    for name, median in (("hftrain", hf), ("plain", plain)):
+        rounds = ", ".join(f"{x:,.0f}" for x in rates[name])
+        print(f"{name:8s}: {median:10,.0f} tokens/s  (rounds: {rounds})")
+    print(f"ratio hftrain/plain: {hf / plain:.3f}")
+
+
+if __name__ == "__main__":
+    main()

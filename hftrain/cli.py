@@ -1,0 +1,110 @@
+"""Command line: `hftrain {tokenizer,train,generate} ...`.
+
+Mistakes in the user's input (recipe keys, paths, data) end with one line on stderr and exit
+status 2; tracebacks are kept for bugs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from hftrain.errors import HftrainError
+
+
+def _quiet_libraries() -> None:
+    """Keep the terminal for hftrain's own progress bar and results."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+def cmd_tokenizer(args: argparse.Namespace) -> None:
+    from hftrain.recipe import load_recipe
+    from hftrain.tokenizer import save_tokenizer
+    from hftrain.train import prepare_tokenizer
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    tokenizer, built = prepare_tokenizer(recipe)
+    folder = Path(recipe.run.output_dir) / "tokenizer"
+    if built:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        save_tokenizer(tokenizer, folder)
+        print(f"built a {recipe.tokenizer.kind} tokenizer of {len(tokenizer)} tokens: {folder}")
+    else:
+        print(f"tokenizer already present ({len(tokenizer)} tokens); nothing to build")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from hftrain.recipe import load_recipe
+    from hftrain.train import train
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    result = train(recipe)
+    if result.sample:  # only the main process generates a sample and prints the summary
+        val = result.val
+        print(f"validation: loss {val['loss']:.4f} | perplexity {val['perplexity']:.3f} | "
+              f"bits/byte {val['bits_per_byte']:.4f} | {val['tokens']:,} tokens")
+        print(f"trained {recipe.train.max_steps} steps in {result.train_seconds:.1f} s; "
+              f"model exported to {result.final_dir}")
+        print(f"sample:\n{result.sample}")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    import torch
+
+    from hftrain.generation import generate_text, load_export
+
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_export(args.export, trust_remote_code=args.trust_remote_code)
+    for _ in range(args.num_samples):
+        print(generate_text(model, tokenizer, args.prompt, args.max_new_tokens,
+                            args.temperature, args.top_k, args.top_p))
+        if args.num_samples > 1:
+            print("-" * 40)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hftrain", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, func, help_text in (
+        ("tokenizer", cmd_tokenizer, "build the recipe's tokenizer into <output_dir>/tokenizer"),
+        ("train", cmd_train, "tokenizer -> data -> model -> train -> eval -> export -> sample"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("recipe", help="path to a YAML recipe")
+        p.add_argument("overrides", nargs="*", help="dotted overrides: train.max_steps=100")
+        p.set_defaults(func=func)
+    g = sub.add_parser("generate", help="sample text from an exported model")
+    g.add_argument("export", help="an export folder (run_dir/final) or Hub id")
+    g.add_argument("--prompt", default="")
+    g.add_argument("--max-new-tokens", type=int, default=200)
+    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=200)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--num-samples", type=int, default=1)
+    g.add_argument("--seed", type=int, default=1337)
+    g.add_argument("--trust-remote-code", action="store_true",
+                   help="allow model code shipped with the export (recurrent models)")
+    g.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    try:
+        args.func(args)
+    except HftrainError as exc:
+        print(f"hftrain: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("hftrain: interrupted", file=sys.stderr)
+        sys.exit(130)

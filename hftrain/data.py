@@ -1,0 +1,253 @@
+"""Streaming data: `datasets` stream -> tokenize -> join with EOS -> pack into blocks -> batches.
+
+The stream is never materialised: documents flow from `load_dataset(..., streaming=True)`
+through a batched tokenizing `map`, and are cut into fixed-length blocks as they arrive.
+Each block holds `block_size + 1` tokens and overlaps the next by one, so inputs are
+`block[:-1]` and targets `block[1:]`: every token after the first is a target exactly once.
+"""
+
+from __future__ import annotations
+
+import glob
+import random
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import IterableDataset, load_dataset
+
+from hftrain.errors import DataError
+from hftrain.recipe import DataConfig
+
+IGNORE_INDEX = -100
+"""Label value that losses and metrics skip (padding); transformers uses the same."""
+
+_FORMAT_BY_SUFFIX = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json",
+                     ".parquet": "parquet"}
+
+
+def resolve_files(patterns: list[str], key: str) -> list[str]:
+    """Expand globs and check every file exists; the error names the missing path."""
+    files: list[str] = []
+    for pattern in patterns:
+        if glob.has_magic(pattern):
+            matches = sorted(glob.glob(pattern))
+            if not matches:
+                raise DataError(f"no file matches {key} pattern '{pattern}'")
+            files.extend(matches)
+        elif not Path(pattern).is_file():
+            raise DataError(f"data file not found: {pattern} (from {key})")
+        else:
+            files.append(pattern)
+    return files
+
+
+def _file_format(files: list[str], configured: str) -> str:
+    if configured != "auto":
+        return configured
+    suffixes = {Path(f).suffix.lower() for f in files}
+    formats = {_FORMAT_BY_SUFFIX.get(s) for s in suffixes}
+    if len(formats) != 1 or None in formats:
+        raise DataError(
+            f"cannot tell the format of {files} from their extensions; set data.format"
+        )
+    return formats.pop()
+
+
+def _load_files(files: list[str], config: DataConfig) -> IterableDataset:
+    fmt = _file_format(files, config.format)
+    kwargs: dict[str, Any] = {"sample_by": config.sample_by} if fmt == "text" else {}
+    ds = load_dataset(fmt, data_files=files, split="train", streaming=True, **kwargs)
+    return _text_only(ds, config.text_column, ", ".join(files))
+
+
+def _text_only(ds: IterableDataset, column: str, source: str) -> IterableDataset:
+    if ds.column_names is not None and column not in ds.column_names:
+        raise DataError(f"{source} has no column '{column}' (columns: {ds.column_names}); "
+                        "set data.text_column")
+    ds = ds.select_columns([column])
+    return ds.rename_column(column, "text") if column != "text" else ds
+
+
+def _hold_out(ds: IterableDataset, fraction: float, keep: str) -> IterableDataset:
+    """Split every document at 1 - fraction of its characters: `head` trains, `tail` validates."""
+
+    def cut(example: dict[str, str]) -> dict[str, str]:
+        text = example["text"]
+        at = int(len(text) * (1.0 - fraction))
+        return {"text": text[:at] if keep == "head" else text[at:]}
+
+    return ds.map(cut)
+
+
+def text_stream(config: DataConfig, split: str) -> IterableDataset:
+    """The documents of `split` ("train" or "val") as a stream of {"text": str} rows."""
+    if config.dataset:
+        held_out = config.val_split is None
+        hub_split = config.val_split if split == "val" and not held_out else config.train_split
+        ds = load_dataset(config.dataset, config.dataset_config, split=hub_split, streaming=True)
+        ds = _text_only(ds, config.text_column, f"dataset {config.dataset}")
+    else:
+        if not config.train_files:
+            raise DataError("the recipe names no training data: set data.train_files")
+        held_out = not config.val_files
+        if split == "val" and not held_out:
+            return _load_files(resolve_files(config.val_files, "data.val_files"), config)
+        ds = _load_files(resolve_files(config.train_files, "data.train_files"), config)
+    if not held_out:
+        return ds
+    if config.val_fraction == 0:
+        if split == "val":
+            raise DataError("no validation data: set data.val_files or data.val_fraction > 0")
+        return ds
+    return _hold_out(ds, config.val_fraction, "tail" if split == "val" else "head")
+
+
+def describe_source(config: DataConfig, split: str) -> str:
+    """Where a split comes from, for messages."""
+    if config.dataset:
+        return f"dataset {config.dataset}"
+    files = config.val_files if split == "val" and config.val_files else config.train_files
+    return ", ".join(files)
+
+
+def texts(ds: IterableDataset) -> Iterator[str]:
+    for row in ds:
+        yield row["text"]
+
+
+def tokenize(ds: IterableDataset, tokenizer: Any) -> IterableDataset:
+    """Batched tokenization in the fast (Rust) backend, without special tokens."""
+    backend = tokenizer.backend_tokenizer
+
+    def encode(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
+        encodings = backend.encode_batch(batch["text"], add_special_tokens=False)
+        return {"input_ids": [e.ids for e in encodings]}
+
+    return ds.map(encode, batched=True, batch_size=256, remove_columns=["text"])
+
+
+def pack_blocks(
+    documents: Iterable[list[int]], block_size: int, eos_id: int, pad_tail: bool = False
+) -> Iterator[np.ndarray]:
+    """Join documents with EOS and cut the token stream into blocks of `block_size + 1`.
+
+    Consecutive blocks share one token (the last target of a block is the first input of the
+    next). With `pad_tail`, the final partial block is padded with IGNORE_INDEX so that every
+    token is scored (evaluation); without, the tail waits for more documents (training, where
+    the stream repeats).
+    """
+    width = block_size + 1
+    buffer = np.empty(0, dtype=np.int64)
+    for ids in documents:
+        buffer = np.concatenate([buffer, np.asarray(ids, dtype=np.int64), [eos_id]])
+        n_blocks = (len(buffer) - 1) // block_size
+        for i in range(n_blocks):
+            yield buffer[i * block_size : i * block_size + width]
+        buffer = buffer[n_blocks * block_size :]
+    if pad_tail and len(buffer) > 1:
+        tail = np.full(width, IGNORE_INDEX, dtype=np.int64)
+        tail[: len(buffer)] = buffer
+        yield tail
+
+
+def shuffle_blocks(blocks: Iterable[np.ndarray], buffer_size: int, seed: int) -> Iterator[Any]:
+    """A seeded shuffle buffer: hold `buffer_size` blocks, emit a random one as each arrives."""
+    if buffer_size <= 1:
+        yield from blocks
+        return
+    rng = random.Random(seed)
+    buffer: list[np.ndarray] = []
+    for block in blocks:
+        if len(buffer) < buffer_size:
+            buffer.append(block)
+            continue
+        i = rng.randrange(buffer_size)
+        yield buffer[i]
+        buffer[i] = block
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def collate(blocks: list[np.ndarray], batch_size: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """Stack blocks into fixed-shape `input_ids` and `labels`; missing rows are all padding."""
+    width = len(blocks[0])
+    rows = np.full((batch_size, width), IGNORE_INDEX, dtype=np.int64)
+    rows[: len(blocks)] = np.stack(blocks)
+    tokens = torch.from_numpy(rows)
+    inputs = tokens[:, :-1].clone()
+    inputs[inputs == IGNORE_INDEX] = pad_id
+    return {"input_ids": inputs, "labels": tokens[:, 1:].contiguous()}
+
+
+def batched(blocks: Iterable[np.ndarray], batch_size: int, pad_id: int) -> Iterator[dict]:
+    pending: list[np.ndarray] = []
+    for block in blocks:
+        pending.append(block)
+        if len(pending) == batch_size:
+            yield collate(pending, batch_size, pad_id)
+            pending = []
+    if pending:
+        yield collate(pending, batch_size, pad_id)
+
+
+class DataStreams:
+    """The recipe's training and validation streams, tokenized and packed.
+
+    `train_batches()` is endless: the source repeats epoch after epoch (reshuffled by epoch)
+    and packing runs on across epoch boundaries. `val_batches()` reads the validation split
+    once, in order, padding the tail so that every token is scored.
+    """
+
+    def __init__(self, config: DataConfig, tokenizer: Any, seed: int) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.seed = seed
+        self.eos_id = tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id
+
+    def train_documents(self) -> Iterator[list[int]]:
+        ds = text_stream(self.config, "train")
+        if self.config.shuffle_buffer > 0:
+            ds = ds.shuffle(seed=self.seed, buffer_size=self.config.shuffle_buffer)
+        ds = tokenize(ds, self.tokenizer)
+        epoch = 0
+        while True:
+            ds.set_epoch(epoch)
+            n_documents = n_tokens = 0
+            for row in ds:
+                n_documents += 1
+                n_tokens += len(row["input_ids"])
+                yield row["input_ids"]
+            self._check_length(n_tokens, n_documents)
+            epoch += 1
+
+    def train_batches(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+        blocks = pack_blocks(self.train_documents(), self.config.block_size, self.eos_id)
+        blocks = shuffle_blocks(blocks, self.config.shuffle_buffer, self.seed)
+        return batched(blocks, batch_size, self.pad_id)
+
+    def val_batches(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+        ds = tokenize(text_stream(self.config, "val"), self.tokenizer)
+        documents = (row["input_ids"] for row in ds)
+        blocks = pack_blocks(documents, self.config.block_size, self.eos_id, pad_tail=True)
+        return batched(blocks, batch_size, self.pad_id)
+
+    def check_val(self, batch_size: int) -> None:
+        """Pull one validation batch, so empty validation data fails before anything is written."""
+        if next(self.val_batches(batch_size), None) is None:
+            raise DataError(f"the validation data is empty: {describe_source(self.config, 'val')}")
+
+    def _check_length(self, n_tokens: int, n_documents: int) -> None:
+        """After a training epoch: a corpus must fill at least one block (EOS included)."""
+        needed = self.config.block_size + 1
+        source = describe_source(self.config, "train")
+        if n_tokens == 0:
+            raise DataError(f"the training corpus is empty: {source}")
+        if n_tokens + n_documents < needed:
+            raise DataError(
+                f"the training corpus ({source}) has {n_tokens + n_documents} tokens with EOS, "
+                f"fewer than data.block_size + 1 = {needed}; lower data.block_size or add data"
+            )

@@ -1,0 +1,85 @@
+"""Validation: token-weighted NLL over the whole stream -> loss, perplexity, bits per byte.
+
+Every process sums the NLL of its scored tokens, the number of those tokens and the bytes they
+spell; the three sums are added across processes before the ratio is taken. Averaging per-batch
+or per-process means instead would weight a half-padded batch like a full one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import evaluate
+import torch
+import torch.nn.functional as F
+
+from hftrain.data import IGNORE_INDEX
+
+METRIC_PATH = Path(__file__).parent / "metrics" / "perplexity"
+
+
+@cache
+def perplexity_metric() -> evaluate.EvaluationModule:
+    """The package's own `evaluate` module, loaded by path (no Hub access needed)."""
+    return evaluate.load(str(METRIC_PATH))
+
+
+def token_byte_lengths(tokenizer: Any) -> torch.Tensor:
+    """UTF-8 bytes each token id stands for (0 for special tokens), for bits per byte.
+
+    Byte-level BPE tokens are spelled in GPT-2's byte alphabet, one character per byte;
+    other tokenizers' tokens are measured by decoding them.
+    """
+    special = set(tokenizer.all_special_ids)
+    byte_level = "ByteLevel" in str(tokenizer.backend_tokenizer.decoder)
+    lengths = []
+    for token_id in range(len(tokenizer)):
+        if token_id in special:
+            lengths.append(0)
+        elif byte_level:
+            lengths.append(len(tokenizer.convert_ids_to_tokens(token_id)))
+        else:
+            lengths.append(len(tokenizer.decode([token_id]).encode("utf-8")))
+    return torch.tensor(lengths, dtype=torch.long)
+
+
+def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-position NLL (0 where the label is ignored), computed in float32."""
+    return F.cross_entropy(
+        logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+    )
+
+
+@torch.no_grad()
+def evaluate_lm(
+    model: Any,
+    batches: Iterable[dict[str, torch.Tensor]],
+    accelerator: Any,
+    byte_lengths: torch.Tensor,
+    max_batches: int | None = None,
+) -> dict[str, float]:
+    """Score `batches` with `model`; returns loss, perplexity, bits_per_byte and tokens."""
+    was_training = model.training
+    model.eval()
+    device = accelerator.device
+    byte_lengths = byte_lengths.to(device)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # nll, tokens, bytes
+    for i, batch in enumerate(batches):
+        if max_batches is not None and i >= max_batches:
+            break
+        input_ids = batch["input_ids"].to(device)
+        labels = batch["labels"].to(device)
+        with accelerator.autocast():
+            logits = model(input_ids=input_ids, use_cache=False).logits
+        scored = labels != IGNORE_INDEX
+        sums[0] += token_nll(logits, labels).sum(dtype=torch.float64)
+        sums[1] += scored.sum()
+        sums[2] += byte_lengths[labels[scored]].sum()
+    model.train(was_training)
+    nll, tokens, n_bytes = accelerator.reduce(sums, reduction="sum").tolist()
+    return perplexity_metric().compute(
+        nll_sum=[nll], token_count=[int(tokens)], byte_count=[int(n_bytes)]
+    )

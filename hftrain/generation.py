@@ -1,0 +1,73 @@
+"""Text generation through `model.generate`, with a sliding window for fixed-context models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from hftrain.errors import HftrainError
+from hftrain.tokenizer import load_tokenizer
+
+
+def load_export(path: str, trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """Model and tokenizer from an export folder (or Hub id), ready for generation."""
+    looks_local = Path(path).is_absolute() or path.startswith(".") or path.count("/") > 1
+    if looks_local and not Path(path).exists():
+        raise HftrainError(f"export folder not found: {path}")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise HftrainError(f"cannot load model '{path}': {exc}".split("\n")[0]) from None
+    return model.eval(), load_tokenizer(path, trust_remote_code=trust_remote_code)
+
+
+@torch.no_grad()
+def generate_text(
+    model: Any,
+    tokenizer: Any,
+    prompt: str = "",
+    max_new_tokens: int = 200,
+    temperature: float = 0.8,
+    top_k: int | None = 200,
+    top_p: float | None = None,
+) -> str:
+    """Continue `prompt` (an empty prompt starts a new document, after EOS).
+
+    A model with a fixed number of positions (GPT-2) cannot see more than that many tokens:
+    when the text fills the window, generation restarts from its last half, as nanoGPT crops
+    its context. Stops early at EOS.
+    """
+    device = next(model.parameters()).device
+    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
+    if ids.numel() == 0:
+        ids = torch.tensor([[tokenizer.eos_token_id]])
+    ids = ids.to(device)
+    n_prompt = ids.size(1)
+    window = getattr(model.config, "max_position_embeddings", None)
+    sampling = {"do_sample": temperature > 0}
+    if temperature > 0:
+        sampling.update(temperature=temperature, top_k=top_k, top_p=top_p)
+    while ids.size(1) - n_prompt < max_new_tokens:
+        context = ids if window is None or ids.size(1) < window else ids[:, -(window // 2):]
+        room = max_new_tokens - (ids.size(1) - n_prompt)
+        if window is not None:
+            room = min(room, window - context.size(1))
+        out = model.generate(
+            context,
+            attention_mask=torch.ones_like(context),
+            max_new_tokens=room,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **sampling,
+        )
+        new = out[:, context.size(1):]
+        ids = torch.cat([ids, new], dim=1)
+        if (new == tokenizer.eos_token_id).any():
+            break
+    text_ids = ids[0, n_prompt:].tolist()
+    if tokenizer.eos_token_id in text_ids:
+        text_ids = text_ids[: text_ids.index(tokenizer.eos_token_id)]
+    return prompt + tokenizer.decode(text_ids, skip_special_tokens=True)

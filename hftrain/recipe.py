@@ -1,0 +1,282 @@
+"""Recipes: a YAML file (plus dotted `key=value` overrides) -> typed, validated dataclasses.
+
+Recipes are data: they are read with `yaml.safe_load` and never executed. Every key is checked
+against the dataclasses below, so a typo or a value of the wrong type stops the run before it
+starts, with a message naming the key and the file. Relative paths in a recipe are relative to
+the directory `hftrain` is started from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from hftrain.errors import RecipeError
+from hftrain.models import MODELS, GPT2Fields
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/default"
+    """Folder the run writes: recipe.yaml, metrics.jsonl, tokenizer/ and final/."""
+    seed: int = 1337
+    """Seeds Python, NumPy and torch, the data shuffle and the model initialisation."""
+    overwrite: bool = False
+    """Replace a finished run found in output_dir instead of refusing to start."""
+
+
+@dataclass
+class TokenizerConfig:
+    kind: Literal["char", "byte_bpe"] = "char"
+    """`char`: one token per character seen in the training text. `byte_bpe`: GPT-2-style
+    byte-level BPE trained with `tokenizers` (never an unknown token)."""
+    vocab_size: int = 8192
+    """Target vocabulary size for `byte_bpe`, special tokens included. Ignored for `char`."""
+    name_or_path: str | None = None
+    """Reuse an existing tokenizer (a local folder or a Hub id) instead of building one."""
+
+    def __post_init__(self) -> None:
+        if self.kind == "byte_bpe" and self.vocab_size < 260:
+            raise ValueError("vocab_size must be >= 260 for byte_bpe (256 bytes + specials)")
+
+
+@dataclass
+class DataConfig:
+    train_files: list[str] = field(default_factory=list)
+    """Local text (.txt), JSON Lines (.jsonl/.json) or Parquet files; globs allowed."""
+    val_files: list[str] = field(default_factory=list)
+    """Validation files. When empty, `val_fraction` of the training text is held out."""
+    val_fraction: float = 0.1
+    """Hold out the last fraction of every training document for validation
+    (for a one-document corpus: the last 10% of the text, as nanoGPT does)."""
+    dataset: str | None = None
+    """A Hub dataset id, streamed instead of local files."""
+    dataset_config: str | None = None
+    """The Hub dataset's configuration name, if it has several."""
+    train_split: str = "train"
+    """Split of the Hub dataset to train on."""
+    val_split: str | None = None
+    """Split of the Hub dataset to validate on; when unset, `val_fraction` is held out."""
+    format: Literal["auto", "text", "json", "parquet"] = "auto"
+    """File format; `auto` picks it from the file extension."""
+    text_column: str = "text"
+    """Column holding the text in JSON Lines, Parquet and Hub datasets."""
+    sample_by: Literal["document", "paragraph", "line"] = "document"
+    """For .txt files, what one document is: the whole file, a paragraph or a line.
+    Documents are joined with the EOS token."""
+    block_size: int = 64
+    """Tokens of context per training example (the model's maximum positions for GPT-2)."""
+    shuffle_buffer: int = 10000
+    """Blocks held in the seeded shuffle buffer of the training stream; 0 keeps stream order.
+    A buffer much smaller than the corpus only shuffles locally: batches then come from one
+    region of the text at a time, which costs validation loss."""
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.shuffle_buffer < 0:
+            raise ValueError("shuffle_buffer must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 12
+    """Blocks per micro-batch on each process."""
+    grad_accum_steps: int = 1
+    """Micro-batches per optimizer step.
+    Global batch = batch_size x grad_accum_steps x number of processes."""
+    max_steps: int = 2000
+    """Optimizer steps to train for."""
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 1e-3
+    """Peak learning rate, reached at the end of warmup."""
+    min_lr: float = 1e-4
+    """Learning rate the `cosine_with_min_lr` schedule decays to."""
+    scheduler: Literal["cosine_with_min_lr", "cosine", "linear", "constant_with_warmup"] = (
+        "cosine_with_min_lr"
+    )
+    """A `transformers.get_scheduler` schedule, stepped once per optimizer step."""
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    """Applied to matrices and embeddings only, never to biases or norms."""
+    beta1: float = 0.9
+    beta2: float = 0.99
+    momentum: float = 0.0
+    """SGD momentum."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping."""
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = None
+    """Leave unset to use what `accelerate launch`/`accelerate config` chose."""
+    log_interval: int = 10
+    """Write a training line to metrics.jsonl every this many steps."""
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "grad_accum_steps", "max_steps", "log_interval"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.min_lr < 0:
+            raise ValueError("lr must be > 0 and min_lr >= 0")
+        if self.warmup_steps < 0:
+            raise ValueError("warmup_steps must be >= 0")
+
+
+@dataclass
+class EvalConfig:
+    interval: int = 500
+    """Evaluate on the whole validation stream every this many steps (and always at the end)."""
+    batch_size: int = 32
+    """Blocks per evaluation batch."""
+    max_batches: int | None = None
+    """Cap on evaluation batches during training; the final evaluation always reads everything."""
+
+    def __post_init__(self) -> None:
+        if self.interval < 1 or self.batch_size < 1:
+            raise ValueError("interval and batch_size must be >= 1")
+
+
+@dataclass
+class SampleConfig:
+    prompt: str = ""
+    """Text the sample printed after training continues; empty starts a new document."""
+    max_new_tokens: int = 200
+    temperature: float = 0.8
+    """0 means greedy decoding."""
+    top_k: int | None = 200
+
+
+@dataclass
+class Recipe:
+    run: RunConfig = field(default_factory=RunConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: Any = field(default_factory=GPT2Fields)
+    """One of the field classes in `hftrain.models.MODELS`, chosen by `model.arch`."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read a recipe file, apply `section.key=value` overrides, and validate every key."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML: {exc}".replace("\n", " ")) from None
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        kind = type(raw).__name__
+        raise RecipeError(f"{path}: a recipe must be a mapping of sections, got {kind}")
+    for override in overrides:
+        _apply_override(raw, override, path)
+    return recipe_from_dict(raw, source=str(path))
+
+
+def recipe_from_dict(raw: dict[str, Any], source: str = "<recipe>") -> Recipe:
+    """Build a `Recipe` from plain data; `source` names the file in error messages."""
+    model_raw = raw.get("model") or {}
+    if not isinstance(model_raw, dict):
+        raise RecipeError(f"{source}: 'model' must be a mapping")
+    arch = model_raw.get("arch", "gpt2")
+    if arch not in MODELS:
+        raise RecipeError(
+            f"{source}: model.arch '{arch}' is not one of {sorted(MODELS)}"
+        )
+    field_types = {"model": MODELS[arch].fields}
+    return _build(Recipe, raw, prefix="", source=source, field_types=field_types)
+
+
+def _apply_override(raw: dict[str, Any], override: str, source: Path) -> None:
+    key, sep, text = override.partition("=")
+    if not sep or not key:
+        raise RecipeError(f"override '{override}' must look like section.key=value")
+    value = yaml.safe_load(text) if text else ""
+    node = raw
+    *parents, leaf = key.split(".")
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise RecipeError(f"override '{override}': '{part}' in {source} is not a section")
+        node = child
+    node[leaf] = value
+
+
+def _build(cls: type, raw: Any, prefix: str, source: str, field_types: dict[str, type]) -> Any:
+    where = prefix.rstrip(".") or "recipe"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{source}: '{where}' must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise RecipeError(f"{source}: unknown key '{prefix}{key}'{hint}")
+    kwargs = {}
+    for name, value in raw.items():
+        annotation = field_types.get(name, hints[name]) if not prefix else hints[name]
+        if dataclasses.is_dataclass(annotation):
+            kwargs[name] = _build(annotation, value, f"{prefix}{name}.", source, {})
+        else:
+            kwargs[name] = _coerce(value, annotation, f"{prefix}{name}", source)
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:
+        raise RecipeError(f"{source}: {where}: {exc}") from None
+
+
+def _coerce(value: Any, annotation: Any, key: str, source: str) -> Any:
+    """Check `value` against a field's type; ints are accepted where floats are expected."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, option, key, source)
+            except RecipeError as exc:
+                errors.append(exc)
+        raise errors[0]
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            raise RecipeError(f"{source}: {key} must be one of {choices}, got {value!r}")
+        return value
+    if origin is list:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise RecipeError(f"{source}: {key} expects a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is Any or (isinstance(value, annotation) and not (
+        annotation is int and isinstance(value, bool)
+    )):
+        return value
+    raise RecipeError(
+        f"{source}: {key} expects {annotation.__name__}, got {value!r} ({type(value).__name__})"
+    )
+
+
+def dump_recipe(recipe: Recipe, path: Path) -> None:
+    """Write the resolved recipe (defaults and overrides filled in) as YAML."""
+    path.write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False), encoding="utf-8")

@@ -1,0 +1,34 @@
+"""What a run reports: metrics.jsonl lines and a progress bar, on the main process only."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+
+class MetricsLog:
+    """Appends one JSON object per logged step or evaluation to `metrics.jsonl`."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path = path
+        self.enabled = enabled
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v)
+                 for k, v in record.items()}
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(clean) + "\n")
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def progress_bar(total: int, enabled: bool) -> tqdm:
+    return tqdm(total=total, disable=not enabled, desc="train", unit="step", dynamic_ncols=True)
