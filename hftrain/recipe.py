@@ -268,6 +268,11 @@ def _coerce(value: Any, annotation: Any, key: str, source: str) -> Any:
         return [_coerce(v, args[0], f"{key}[{i}]", source) for i, v in enumerate(value)]
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, str):  # YAML 1.1 reads `3e-4` as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if annotation is Any or (isinstance(value, annotation) and not (
         annotation is int and isinstance(value, bool)
     )):

@@ -21,16 +21,19 @@ SPECIAL_TOKENS = [PAD, BOS, EOS, UNK]
 
 
 def build_tokenizer(
-    config: TokenizerConfig, texts: Iterable[str], model_max_length: int
+    config: TokenizerConfig, texts: Iterable[str], model_max_length: int, source: str = "texts"
 ) -> PreTrainedTokenizerFast:
-    """Train the tokenizer `config.kind` names on `texts` (the streamed training documents)."""
+    """Train the tokenizer `config.kind` names on `texts` (the streamed training documents).
+
+    `source` names where the texts come from, for the error raised when they are empty.
+    """
     counted = _CountingTexts(texts)
     if config.kind == "char":
         backend = _char_level(counted)
     else:
         backend = _byte_level_bpe(counted, config.vocab_size)
     if counted.chars == 0:
-        raise DataError("the training corpus is empty: no text to build a tokenizer from")
+        raise DataError(f"the training corpus is empty: {source}")
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         pad_token=PAD,

@@ -22,7 +22,7 @@ from accelerate.utils import set_seed
 from transformers import GenerationConfig
 
 from hftrain.atomic import atomic_directory
-from hftrain.data import IGNORE_INDEX, DataStreams, text_stream, texts
+from hftrain.data import IGNORE_INDEX, DataStreams, describe_source, text_stream, texts
 from hftrain.errors import HftrainError
 from hftrain.evaluation import evaluate_lm, token_byte_lengths, token_nll
 from hftrain.generation import generate_text
@@ -54,7 +54,8 @@ def prepare_tokenizer(recipe: Recipe) -> tuple[Any, bool]:
     if (saved / "tokenizer.json").is_file() and not recipe.run.overwrite:
         return load_tokenizer(str(saved)), False
     corpus = texts(text_stream(recipe.data, "train"))
-    return build_tokenizer(recipe.tokenizer, corpus, recipe.data.block_size), True
+    source = describe_source(recipe.data, "train")
+    return build_tokenizer(recipe.tokenizer, corpus, recipe.data.block_size, source), True
 
 
 def refuse_finished_run(run_dir: Path, overwrite: bool) -> None:

@@ -1,0 +1,46 @@
+"""Shared fixtures: a small slice of the bundled corpus and a tiny, fast recipe."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+CORPUS = REPO / "recipes" / "data" / "tinyshakespeare.txt"
+
+
+@pytest.fixture(scope="session")
+def shakespeare_text() -> str:
+    """The first 20,000 characters of the bundled corpus: real text, small enough to be fast."""
+    return CORPUS.read_text(encoding="utf-8")[:20_000]
+
+
+@pytest.fixture
+def corpus_file(tmp_path: Path, shakespeare_text: str) -> Path:
+    path = tmp_path / "corpus.txt"
+    path.write_text(shakespeare_text, encoding="utf-8")
+    return path
+
+
+def tiny_recipe_dict(corpus: Path, output_dir: Path, **sections: dict) -> dict:
+    """A recipe that trains a 1-layer GPT-2 for a few steps in about a second."""
+    recipe = {
+        "run": {"output_dir": str(output_dir), "seed": 0},
+        "tokenizer": {"kind": "char"},
+        "data": {"train_files": [str(corpus)], "val_fraction": 0.1, "block_size": 16,
+                 "shuffle_buffer": 64},
+        "model": {"arch": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 32},
+        "train": {"batch_size": 8, "max_steps": 30, "lr": 3e-3, "warmup_steps": 5,
+                  "min_lr": 3e-4, "log_interval": 5},
+        "eval": {"interval": 15, "batch_size": 16},
+        "sample": {"prompt": "ROMEO:", "max_new_tokens": 40},
+    }
+    for name, values in sections.items():
+        recipe[name].update(values)
+    return recipe
