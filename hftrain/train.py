@@ -35,6 +35,8 @@ from hftrain.tracking import MetricsLog, progress_bar
 
 @dataclass
 class TrainResult:
+    model: Any
+    """The trained model, unwrapped from Accelerate, in eval mode."""
     run_dir: Path
     final_dir: Path
     val: dict[str, float]
@@ -114,7 +116,8 @@ def train(recipe: Recipe) -> TrainResult:
             recipe.sample.max_new_tokens, recipe.sample.temperature, recipe.sample.top_k,
         )
     accelerator.end_training()
-    return TrainResult(run_dir, final_dir, val, sample, train_seconds)
+    unwrapped = accelerator.unwrap_model(model).eval()
+    return TrainResult(unwrapped, run_dir, final_dir, val, sample, train_seconds)
 
 
 class TrainingLoop:

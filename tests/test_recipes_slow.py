@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from conftest import REPO
+from conftest import CORPUS, REPO
+from test_train import assert_export_agrees, independent_check
 
 from hftrain.recipe import load_recipe
 from hftrain.train import train
@@ -17,3 +18,5 @@ def test_shakespeare_char_recipe_reaches_nanogpt_loss(tmp_path, monkeypatch):
     result = train(recipe)
     assert result.val["tokens"] == 111_540  # the whole validation split
     assert result.val["loss"] <= 1.90
+    text = CORPUS.read_text(encoding="utf-8")
+    assert_export_agrees(result, independent_check(result.final_dir, text, tmp_path))

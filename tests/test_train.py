@@ -53,47 +53,29 @@ def test_training_lowers_loss_and_writes_the_run_folder(trained_run):
     assert result.sample.startswith("ROMEO:") and len(result.sample) > len("ROMEO:")
 
 
-INDEPENDENT_CHECK = r"""
-import json, sys
-sys.modules["hftrain"] = None  # this process must not use hftrain
-import torch, torch.nn.functional as F
-from transformers import AutoModelForCausalLM, AutoTokenizer
-final, text_path = sys.argv[1], sys.argv[2]
-model = AutoModelForCausalLM.from_pretrained(final).eval()
-tok = AutoTokenizer.from_pretrained(final)
-text = open(text_path).read()
-held_out = text[int(len(text) * 0.9):]
-ids = tok(held_out, add_special_tokens=False).input_ids + [tok.eos_token_id]
-block = model.config.n_positions
-nll, count, first_logits = 0.0, 0, None
-with torch.no_grad():
-    for start in range(0, len(ids) - 1, block):
-        chunk = torch.tensor([ids[start:start + block + 1]])
-        logits = model(chunk[:, :-1]).logits
-        if first_logits is None:
-            first_logits = logits[0, :4].tolist()
-        nll += F.cross_entropy(logits[0], chunk[0, 1:], reduction="sum").item()
-        count += chunk.size(1) - 1
-print(json.dumps({"ppl": float(torch.tensor(nll / count).exp()), "tokens": count,
-                  "ids": ids[:block], "first_logits": first_logits}))
-"""
+def independent_check(final_dir: Path, text: str, tmp_path: Path) -> dict:
+    """Run tests/independent_check.py: plain transformers, hftrain made unimportable."""
+    text_path = tmp_path / "corpus.txt"
+    text_path.write_text(text)
+    out = subprocess.run([sys.executable, str(REPO / "tests" / "independent_check.py"),
+                          str(final_dir), str(text_path), "0.1"],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def assert_export_agrees(result, independent: dict) -> None:
+    """Logits of hftrain's trained model equal the reloaded export's; perplexities agree."""
+    assert independent["tokens"] == result.val["tokens"]
+    assert independent["perplexity"] == pytest.approx(result.val["perplexity"], rel=5e-3)
+    with torch.no_grad():
+        ours = result.model(torch.tensor([independent["first_block"]])).logits[0]
+    theirs = torch.tensor(independent["first_logits"])
+    assert torch.allclose(ours, theirs, atol=1e-5, rtol=0), (ours - theirs).abs().max()
 
 
 def test_export_loads_without_hftrain_and_agrees(trained_run, shakespeare_text, tmp_path):
     recipe, result = trained_run
-    text_path = tmp_path / "corpus.txt"
-    text_path.write_text(shakespeare_text)
-    out = subprocess.run([sys.executable, "-c", INDEPENDENT_CHECK, str(result.final_dir),
-                          str(text_path)], capture_output=True, text=True, check=True)
-    independent = json.loads(out.stdout)
-    assert independent["tokens"] == result.val["tokens"]
-    assert independent["ppl"] == pytest.approx(result.val["perplexity"], rel=5e-3)
-
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(result.final_dir).eval()
-    with torch.no_grad():
-        ours = model(torch.tensor([independent["ids"]])).logits[0, :4]
-    assert torch.allclose(ours, torch.tensor(independent["first_logits"]), atol=1e-5)
+    assert_export_agrees(result, independent_check(result.final_dir, shakespeare_text, tmp_path))
 
 
 def test_accumulation_weighs_every_target_token_equally(shakespeare_text):
