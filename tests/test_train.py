@@ -166,3 +166,33 @@ def test_cli_error_has_no_traceback_in_a_real_process(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "data file not found: does/not/exist.txt" in proc.stderr
+
+
+def test_generate_command_samples_from_an_export(trained_run, capsys):
+    recipe, result = trained_run
+    main(["generate", str(result.final_dir), "--prompt", "ROMEO:", "--max-new-tokens", "20",
+          "--num-samples", "2", "--seed", "3"])
+    out = capsys.readouterr().out
+    samples = out.split("-" * 40)
+    assert len(samples) == 3 and all(s.strip().startswith("ROMEO:") for s in samples[:2])
+
+
+def test_generate_command_reports_a_missing_export(tmp_path, capsys):
+    code, err = run_cli(["generate", str(tmp_path / "runs" / "x" / "final")], capsys)
+    assert code == 2 and "export folder not found" in err
+
+
+def test_tokenizer_command_builds_once_and_train_reuses_it(tmp_path, corpus_file, capsys):
+    recipe_path = tmp_path / "recipe.yaml"
+    recipe_path.write_text(json.dumps(tiny_recipe_dict(corpus_file, tmp_path / "run")))
+    main(["tokenizer", str(recipe_path)])
+    assert "built a char tokenizer" in capsys.readouterr().out
+    saved = tmp_path / "run" / "tokenizer" / "tokenizer.json"
+    assert saved.is_file() and not (tmp_path / "run" / "metrics.jsonl").exists()
+    main(["tokenizer", str(recipe_path)])
+    assert "already present" in capsys.readouterr().out
+
+    from hftrain.recipe import load_recipe
+    from hftrain.train import prepare_tokenizer
+    tokenizer, built = prepare_tokenizer(load_recipe(recipe_path))
+    assert not built and len(tokenizer) > 4
