@@ -43,12 +43,14 @@ def cmd_tokenizer(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from accelerate import PartialState
+
     from hftrain.recipe import load_recipe
     from hftrain.train import train
 
     recipe = load_recipe(args.recipe, args.overrides)
     result = train(recipe)
-    if result.sample:  # only the main process generates a sample and prints the summary
+    if PartialState().is_main_process:
         val = result.val
         print(f"validation: loss {val['loss']:.4f} | perplexity {val['perplexity']:.3f} | "
               f"bits/byte {val['bits_per_byte']:.4f} | {val['tokens']:,} tokens")
@@ -72,7 +74,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hftrain", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="hftrain",
+        description="Train language models on the Hugging Face stack from one YAML recipe.",
+        epilog="example: hftrain train recipes/shakespeare/gpt2-char.yaml train.max_steps=100",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for name, func, help_text in (
         ("tokenizer", cmd_tokenizer, "build the recipe's tokenizer into <output_dir>/tokenizer"),

@@ -74,9 +74,10 @@ class DataConfig:
     block_size: int = 64
     """Tokens of context per training example (the model's maximum positions for GPT-2)."""
     shuffle_buffer: int = 10000
-    """Blocks held in the seeded shuffle buffer of the training stream; 0 keeps stream order.
-    A buffer much smaller than the corpus only shuffles locally: batches then come from one
-    region of the text at a time, which costs validation loss."""
+    """Blocks held in the seeded shuffle buffer of the training stream (and documents held in
+    `datasets`' own shuffle buffer before tokenization); 0 keeps stream order. A buffer much
+    smaller than the corpus only shuffles locally: batches then come from one region of the
+    text at a time, which costs validation loss."""
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
