@@ -1,0 +1,138 @@
+"""hftrain's recurrent causal language models as `transformers` models.
+
+Self-contained: imports only torch, transformers and its sibling configuration file, so that
+`save_pretrained` can copy it next to the weights and `AutoModelForCausalLM.from_pretrained(
+path, trust_remote_code=True)` loads it where hftrain is not installed.
+
+Training runs the fused `nn.LSTM` / `nn.GRU` / `nn.RNN` kernels (cuDNN on GPU) over whole
+sequences. The recurrent state is the model's cache: `forward` takes it as `past_key_values`
+and returns the updated one, so `generate()` feeds one new token per step and the cost of a
+token does not grow with the prefix.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .configuration_recurrent import RecurrentLMConfig
+
+_RNN_CLASSES = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn_tanh": nn.RNN, "rnn_relu": nn.RNN}
+
+# The recurrent state: (h, c) for an LSTM, (h,) otherwise; each (num_layers, batch, hidden).
+RecurrentState = tuple[torch.Tensor, ...]
+
+
+class RecurrentPreTrainedModel(PreTrainedModel):
+    config_class = RecurrentLMConfig
+    base_model_prefix = "model"
+    _is_stateful = True
+    _no_split_modules = []
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # the cache is the recurrent state, not key/value pairs
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        r = self.config.initializer_range
+        if isinstance(module, nn.Embedding):
+            module.weight.uniform_(-r, r)
+        elif isinstance(module, nn.Linear):
+            module.weight.uniform_(-r, r)
+            if module.bias is not None:
+                module.bias.zero_()
+        elif isinstance(module, (nn.LSTM, nn.GRU, nn.RNN)):
+            # PyTorch's default U(-1/sqrt(H), 1/sqrt(H)), as the classic word-level example uses
+            bound = module.hidden_size ** -0.5
+            for weight in module.parameters():
+                weight.uniform_(-bound, bound)
+
+
+class RecurrentForCausalLM(RecurrentPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "embed_tokens.weight"}
+
+    def __init__(self, config: RecurrentLMConfig):
+        super().__init__(config)
+        rnn_class = _RNN_CLASSES[config.cell]
+        extra = {"nonlinearity": config.cell[4:]} if config.cell.startswith("rnn_") else {}
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.embedding_size)
+        self.embedding_dropout = nn.Dropout(config.embedding_dropout)
+        self.rnn = rnn_class(
+            config.embedding_size,
+            config.hidden_size,
+            num_layers=config.num_layers,
+            dropout=config.dropout if config.num_layers > 1 else 0.0,
+            batch_first=True,
+            **extra,
+        )
+        self.output_dropout = nn.Dropout(config.output_dropout)
+        tied = config.tie_word_embeddings
+        self.projection = (  # maps the RNN output to the tied embedding's width
+            nn.Linear(config.hidden_size, config.embedding_size, bias=False)
+            if tied and config.hidden_size != config.embedding_size else None
+        )
+        head_width = config.embedding_size if tied else config.hidden_size
+        self.lm_head = nn.Linear(head_width, config.vocab_size)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        past_key_values: RecurrentState | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        attention_mask: torch.Tensor | None = None,  # accepted for the generate() contract;
+        **kwargs,  # a recurrent model reads every token it is given
+    ) -> CausalLMOutputWithPast:
+        """Logits for every position; with `labels` (shifted inside, -100 ignored) the loss;
+        with `use_cache` (default: the config's) the state after the last token."""
+        hidden = self.embedding_dropout(self.embed_tokens(input_ids))  # (B, T, E)
+        state = None
+        if past_key_values is not None:
+            state = past_key_values if self.config.cell == "lstm" else past_key_values[0]
+        output, new_state = self.rnn(hidden, state)  # (B, T, H)
+        output = self.output_dropout(output)
+        if self.projection is not None:
+            output = self.projection(output)  # (B, T, E)
+        logits = self.lm_head(output)  # (B, T, V)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if not use_cache:
+            cache = None
+        else:
+            cache = new_state if isinstance(new_state, tuple) else (new_state,)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
+
+    def prepare_inputs_for_generation(
+        self, input_ids: torch.LongTensor, past_key_values: RecurrentState | None = None,
+        use_cache: bool | None = None, **kwargs,
+    ) -> dict:
+        """The first step reads the prompt; later steps only the newest token and the state."""
+        if past_key_values is not None:
+            input_ids = input_ids[:, -1:]
+        return {"input_ids": input_ids, "past_key_values": past_key_values,
+                "use_cache": use_cache}
+
+    def _reorder_cache(self, past_key_values: RecurrentState, beam_idx: torch.Tensor):
+        return tuple(s.index_select(1, beam_idx.to(s.device)) for s in past_key_values)
+
+
+RecurrentLMConfig.register_for_auto_class()
+RecurrentForCausalLM.register_for_auto_class("AutoModelForCausalLM")
