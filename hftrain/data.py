@@ -9,6 +9,7 @@ Each block holds `block_size + 1` tokens and overlaps the next by one, so inputs
 from __future__ import annotations
 
 import glob
+import itertools
 import random
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -171,6 +172,33 @@ def shuffle_blocks(blocks: Iterable[np.ndarray], buffer_size: int, seed: int) ->
     yield from buffer
 
 
+def lane_windows(
+    tokens: np.ndarray, n_lanes: int, window: int, pad_tail: bool = False
+) -> Iterator[list[np.ndarray]]:
+    """Lay a token stream out in `n_lanes` contiguous lanes and cut them into windows.
+
+    Lane j holds tokens [j*L, (j+1)*L] and overlaps the next lane by one token, so every token
+    after the first is a target exactly once. Window i is columns [i*window, (i+1)*window] of
+    every lane: row j of consecutive windows continues lane j, which is what lets a recurrent
+    state carry from one window to the next (truncated BPTT). Without `pad_tail` the last
+    (len - 1) mod n_lanes tokens are dropped, as the classic `batchify` does; with it the last
+    lane is padded with IGNORE_INDEX so that every token is scored. The last window of an
+    epoch is padded to full width, keeping shapes fixed.
+    """
+    n_targets = len(tokens) - 1
+    lane_len = -(-n_targets // n_lanes) if pad_tail else n_targets // n_lanes
+    if pad_tail:
+        padding = np.full(lane_len * n_lanes - n_targets, IGNORE_INDEX, dtype=np.int64)
+        tokens = np.concatenate([tokens, padding])
+    lanes = np.stack([tokens[j * lane_len : (j + 1) * lane_len + 1] for j in range(n_lanes)])
+    for start in range(0, lane_len, window):
+        chunk = lanes[:, start : start + window + 1]  # (n_lanes, <= window + 1)
+        missing = window + 1 - chunk.shape[1]
+        if missing:
+            chunk = np.pad(chunk, ((0, 0), (0, missing)), constant_values=IGNORE_INDEX)
+        yield list(chunk)
+
+
 def collate(blocks: list[np.ndarray], batch_size: int, pad_id: int) -> dict[str, torch.Tensor]:
     """Stack blocks into fixed-shape `input_ids` and `labels`; missing rows are all padding."""
     width = len(blocks[0])
@@ -198,42 +226,74 @@ class DataStreams:
 
     `train_batches()` is endless: the source repeats epoch after epoch (reshuffled by epoch)
     and packing runs on across epoch boundaries. `val_batches()` reads the validation split
-    once, in order, padding the tail so that every token is scored.
+    once, in order, padding the tail so that every token is scored. With `stateful`, both lay
+    their stream out in lanes (`lane_windows`) instead of shuffled blocks, and the first batch
+    of every pass carries `reset_state=True`.
     """
 
-    def __init__(self, config: DataConfig, tokenizer: Any, seed: int) -> None:
+    def __init__(self, config: DataConfig, tokenizer: Any, seed: int,
+                 stateful: bool = False) -> None:
         self.config = config
         self.tokenizer = tokenizer
         self.seed = seed
+        self.stateful = stateful
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id
 
-    def train_documents(self) -> Iterator[list[int]]:
+    def train_epochs(self) -> Iterator[Iterator[list[int]]]:
+        """One document iterator per epoch, forever; each epoch checks the corpus is usable."""
         ds = text_stream(self.config, "train")
-        if self.config.shuffle_buffer > 0:
+        if self.config.shuffle_buffer > 0 and not self.stateful:
             ds = ds.shuffle(seed=self.seed, buffer_size=self.config.shuffle_buffer)
         ds = tokenize(ds, self.tokenizer)
-        epoch = 0
-        while True:
+        for epoch in itertools.count():
             ds.set_epoch(epoch)
-            n_documents = n_tokens = 0
-            for row in ds:
-                n_documents += 1
-                n_tokens += len(row["input_ids"])
-                yield row["input_ids"]
-            self._check_length(n_tokens, n_documents)
-            epoch += 1
+            yield self._checked_epoch(ds)
 
-    def train_batches(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+    def _checked_epoch(self, ds: IterableDataset) -> Iterator[list[int]]:
+        n_documents = n_tokens = 0
+        for row in ds:
+            n_documents += 1
+            n_tokens += len(row["input_ids"])
+            yield row["input_ids"]
+        self._check_length(n_tokens, n_documents)
+
+    def train_documents(self) -> Iterator[list[int]]:
+        return itertools.chain.from_iterable(self.train_epochs())
+
+    def train_batches(self, batch_size: int) -> Iterator[dict[str, Any]]:
+        if self.stateful:
+            return self._lane_batches(self.train_epochs(), batch_size, pad_tail=False)
         blocks = pack_blocks(self.train_documents(), self.config.block_size, self.eos_id)
         blocks = shuffle_blocks(blocks, self.config.shuffle_buffer, self.seed)
         return batched(blocks, batch_size, self.pad_id)
 
-    def val_batches(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+    def val_batches(self, batch_size: int) -> Iterator[dict[str, Any]]:
         ds = tokenize(text_stream(self.config, "val"), self.tokenizer)
         documents = (row["input_ids"] for row in ds)
+        if self.stateful:
+            return self._lane_batches([documents], batch_size, pad_tail=True)
         blocks = pack_blocks(documents, self.config.block_size, self.eos_id, pad_tail=True)
         return batched(blocks, batch_size, self.pad_id)
+
+    def _lane_batches(self, epochs: Iterable[Iterable[list[int]]], batch_size: int,
+                      pad_tail: bool) -> Iterator[dict[str, Any]]:
+        """Each pass over the documents is held as one token array and cut into lanes."""
+        for documents in epochs:
+            pieces = [np.asarray([*ids, self.eos_id], dtype=np.int64) for ids in documents]
+            tokens = np.concatenate(pieces) if pieces else np.empty(0, dtype=np.int64)
+            if len(tokens) <= batch_size and not pad_tail:
+                raise DataError(
+                    f"the training corpus ({describe_source(self.config, 'train')}) has "
+                    f"{len(tokens)} tokens, too few for {batch_size} lanes of at least one token"
+                )
+            if len(tokens) < 2:
+                return
+            windows = lane_windows(tokens, batch_size, self.config.block_size, pad_tail)
+            for i, rows in enumerate(windows):
+                batch = collate(rows, batch_size, self.pad_id)
+                batch["reset_state"] = i == 0
+                yield batch
 
     def check_val(self, batch_size: int) -> None:
         """Pull one validation batch, so empty validation data fails before anything is written."""

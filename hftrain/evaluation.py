@@ -60,20 +60,30 @@ def evaluate_lm(
     accelerator: Any,
     byte_lengths: torch.Tensor,
     max_batches: int | None = None,
+    stateful: bool = False,
 ) -> dict[str, float]:
-    """Score `batches` with `model`; returns loss, perplexity, bits_per_byte and tokens."""
+    """Score `batches` with `model`; returns loss, perplexity, bits_per_byte and tokens.
+
+    With `stateful`, the batches are consecutive windows of lanes (`data.lane_windows`) and the
+    recurrent state carries from one to the next, so every token is scored with its whole
+    lane as context.
+    """
     was_training = model.training
     model.eval()
     device = accelerator.device
     byte_lengths = byte_lengths.to(device)
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # nll, tokens, bytes
+    state = None
     for i, batch in enumerate(batches):
         if max_batches is not None and i >= max_batches:
             break
         input_ids = batch["input_ids"].to(device)
         labels = batch["labels"].to(device)
+        if batch.get("reset_state"):
+            state = None
         with accelerator.autocast():
-            logits = model(input_ids=input_ids, use_cache=False).logits
+            out = model(input_ids=input_ids, past_key_values=state, use_cache=stateful)
+        logits, state = out.logits, out.past_key_values if stateful else None
         scored = labels != IGNORE_INDEX
         sums[0] += token_nll(logits, labels).sum(dtype=torch.float64)
         sums[1] += scored.sum()

@@ -67,7 +67,9 @@ def generate_text(
         ids = torch.cat([ids, new], dim=1)
         if (new == tokenizer.eos_token_id).any():
             break
-    text_ids = ids[0, n_prompt:].tolist()
-    if tokenizer.eos_token_id in text_ids:
-        text_ids = text_ids[: text_ids.index(tokenizer.eos_token_id)]
-    return prompt + tokenizer.decode(text_ids, skip_special_tokens=True)
+    new_ids = ids[0, n_prompt:].tolist()
+    if tokenizer.eos_token_id in new_ids:
+        new_ids = new_ids[: new_ids.index(tokenizer.eos_token_id)]
+    # Decode prompt and continuation together: a word-level decoder puts the space between.
+    prompt_ids = ids[0, :n_prompt].tolist() if prompt else []
+    return tokenizer.decode(prompt_ids + new_ids, skip_special_tokens=True)

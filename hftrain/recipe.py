@@ -34,11 +34,16 @@ class RunConfig:
 
 @dataclass
 class TokenizerConfig:
-    kind: Literal["char", "byte_bpe"] = "char"
+    kind: Literal["char", "byte_bpe", "word"] = "char"
     """`char`: one token per character seen in the training text. `byte_bpe`: GPT-2-style
-    byte-level BPE trained with `tokenizers` (never an unknown token)."""
+    byte-level BPE trained with `tokenizers` (never an unknown token). `word`: one token per
+    whitespace-separated word (`tokenizers`' WordLevel), as in word-level Penn Treebank."""
     vocab_size: int = 8192
-    """Target vocabulary size for `byte_bpe`, special tokens included. Ignored for `char`."""
+    """Vocabulary size for `byte_bpe` and the most frequent words kept by `word`, special
+    tokens included. Ignored for `char`."""
+    min_frequency: int = 1
+    """`word` and `byte_bpe`: keep only words (merges) seen at least this often. With 2, words
+    seen once become UNK in training, so the model learns how likely an unknown word is."""
     name_or_path: str | None = None
     """Reuse an existing tokenizer (a local folder or a Hub id) instead of building one."""
 
@@ -115,6 +120,11 @@ class TrainConfig:
     """SGD momentum."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this; 0 disables clipping."""
+    stateful: bool = False
+    """Truncated backpropagation through time, for recurrent models: the token stream is laid
+    out in `batch_size` contiguous lanes, each batch is the next `block_size` window of every
+    lane, and the recurrent state carries (detached) from one window to the next. Evaluation
+    reads the validation stream the same way, in `eval.batch_size` lanes."""
     mixed_precision: Literal["no", "fp16", "bf16"] | None = None
     """Leave unset to use what `accelerate launch`/`accelerate config` chose."""
     log_interval: int = 10
@@ -198,7 +208,10 @@ def recipe_from_dict(raw: dict[str, Any], source: str = "<recipe>") -> Recipe:
             f"{source}: model.arch '{arch}' is not one of {sorted(MODELS)}"
         )
     field_types = {"model": MODELS[arch].fields}
-    return _build(Recipe, raw, prefix="", source=source, field_types=field_types)
+    recipe = _build(Recipe, raw, prefix="", source=source, field_types=field_types)
+    if recipe.train.stateful and not recipe.model.supports_stateful:
+        raise RecipeError(f"{source}: train.stateful needs a recurrent model, not '{arch}'")
+    return recipe
 
 
 def _apply_override(raw: dict[str, Any], override: str, source: Path) -> None:

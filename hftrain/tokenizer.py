@@ -30,8 +30,10 @@ def build_tokenizer(
     counted = _CountingTexts(texts)
     if config.kind == "char":
         backend = _char_level(counted)
+    elif config.kind == "word":
+        backend = _word_level(counted, config.vocab_size, config.min_frequency)
     else:
-        backend = _byte_level_bpe(counted, config.vocab_size)
+        backend = _byte_level_bpe(counted, config.vocab_size, config.min_frequency)
     if counted.chars == 0:
         raise DataError(f"the training corpus is empty: {source}")
     return PreTrainedTokenizerFast(
@@ -74,13 +76,27 @@ def _char_level(texts: Iterable[str]) -> Tokenizer:
     return tokenizer
 
 
-def _byte_level_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+def _word_level(texts: Iterable[str], vocab_size: int, min_frequency: int) -> Tokenizer:
+    """One token per whitespace-separated word, the `vocab_size` most frequent kept; the rest
+    map to UNK. Decoding joins words with single spaces (the default decoder)."""
+    tokenizer = Tokenizer(models.WordLevel(unk_token=UNK))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    trainer = trainers.WordLevelTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS,
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return tokenizer
+
+
+def _byte_level_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int) -> Tokenizer:
     """GPT-2's byte-level BPE: every byte is in the alphabet, so nothing is ever unknown."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
+        min_frequency=min_frequency,
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,

@@ -86,7 +86,8 @@ def train(recipe: Recipe) -> TrainResult:
     refuse_finished_run(run_dir, recipe.run.overwrite)
 
     tokenizer, built = prepare_tokenizer(recipe)
-    streams = DataStreams(recipe.data, tokenizer, seed=recipe.run.seed)
+    streams = DataStreams(recipe.data, tokenizer, seed=recipe.run.seed,
+                          stateful=recipe.train.stateful)
     train_batches = streams.train_batches(recipe.train.batch_size)
     first_batch = next(train_batches)
     streams.check_val(recipe.eval.batch_size)
@@ -136,6 +137,8 @@ class TrainingLoop:
         self.byte_lengths = byte_lengths
         self.step = 0
         self.tokens_seen = 0
+        self.stateful = recipe.train.stateful
+        self.state = None  # the recurrent state carried across windows (stateful training)
 
     def run(self, batches: Iterator[dict[str, torch.Tensor]]) -> None:
         cfg = self.recipe.train
@@ -177,7 +180,8 @@ class TrainingLoop:
         The loss of each micro-batch is its summed token NLL divided by the target tokens of
         the *whole* step (all micro-batches, all processes), so uneven counts (padding, masked
         labels) weigh every token equally. DDP averages gradients over processes, hence the
-        factor `num_processes`.
+        factor `num_processes`. In stateful training each micro-batch continues the lanes of
+        the one before, starting from its (detached) final state.
         """
         acc = self.accelerator
         n_targets = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches)
@@ -187,10 +191,14 @@ class TrainingLoop:
         step_loss = torch.zeros((), device=acc.device)
         for i, batch in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
+            if batch.get("reset_state"):
+                self.state = None
             with nullcontext() if last else acc.no_sync(self.model):
-                logits = self.model(input_ids=batch["input_ids"].to(acc.device),
-                                    use_cache=False).logits
-                nll = token_nll(logits, batch["labels"].to(acc.device)).sum()
+                out = self.model(input_ids=batch["input_ids"].to(acc.device),
+                                 past_key_values=self.state, use_cache=self.stateful)
+                if self.stateful:
+                    self.state = tuple(s.detach() for s in out.past_key_values)
+                nll = token_nll(out.logits, batch["labels"].to(acc.device)).sum()
                 acc.backward(nll * scale)
             step_loss += nll.detach() / max(n_targets, 1)
         if self.recipe.train.grad_clip > 0:
@@ -204,7 +212,8 @@ class TrainingLoop:
 
     def evaluate(self, max_batches: int | None) -> dict[str, float]:
         batches = self.streams.val_batches(self.recipe.eval.batch_size)
-        val = evaluate_lm(self.model, batches, self.accelerator, self.byte_lengths, max_batches)
+        val = evaluate_lm(self.model, batches, self.accelerator, self.byte_lengths, max_batches,
+                          stateful=self.stateful)
         self.log.write({"step": self.step, "val_loss": val["loss"],
                         "val_ppl": val["perplexity"], "val_bpb": val["bits_per_byte"],
                         "val_tokens": val["tokens"]})

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from hftrain.models.gpt2 import GPT2Fields, build_gpt2
+from hftrain.models.rnn import RecurrentFields, build_recurrent
 
 
 class ModelSpec(NamedTuple):
@@ -20,6 +21,10 @@ class ModelSpec(NamedTuple):
 
 MODELS: dict[str, ModelSpec] = {
     "gpt2": ModelSpec(GPT2Fields, build_gpt2),
+    "lstm": ModelSpec(RecurrentFields, build_recurrent),
+    "gru": ModelSpec(RecurrentFields, build_recurrent),
+    "rnn_tanh": ModelSpec(RecurrentFields, build_recurrent),
+    "rnn_relu": ModelSpec(RecurrentFields, build_recurrent),
 }
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerBase
 
@@ -11,6 +11,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerBase
 @dataclass
 class GPT2Fields:
     """The `model:` section of a recipe with `arch: gpt2`."""
+
+    supports_stateful: ClassVar[bool] = False
 
     arch: Literal["gpt2"] = "gpt2"
     n_layer: int = 4
