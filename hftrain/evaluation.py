@@ -47,7 +47,14 @@ def token_byte_lengths(tokenizer: Any) -> torch.Tensor:
 
 
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-position NLL (0 where the label is ignored), computed in float32."""
+    """Per-position NLL (0 where the label is ignored), computed in float32.
+
+    Logits that are a (batch, time) transposed view of seq-first storage (the recurrent models
+    return such views) are read in storage order, which saves copying them; the positions
+    then come out time-major, which no sum cares about.
+    """
+    if not logits.is_contiguous() and logits.transpose(0, 1).is_contiguous():
+        logits, labels = logits.transpose(0, 1), labels.transpose(0, 1)
     return F.cross_entropy(
         logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
     )

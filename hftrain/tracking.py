@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -31,4 +32,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def progress_bar(total: int, enabled: bool) -> tqdm:
-    return tqdm(total=total, disable=not enabled, desc="train", unit="step", dynamic_ncols=True)
+    """A live bar on a terminal; in a log file (CI, batch jobs) one line every 30 seconds."""
+    interactive = sys.stderr.isatty()
+    return tqdm(total=total, disable=not enabled, desc="train", unit="step", dynamic_ncols=True,
+                mininterval=0.1 if interactive else 30.0)
