@@ -7,6 +7,7 @@ status 2; tracebacks are kept for bugs.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -20,6 +21,9 @@ def _quiet_libraries() -> None:
     import datasets
     import transformers
 
+    # Saving a model with tied embeddings as safetensors stores the shared tensor once;
+    # Accelerate warns about it on every checkpoint although reloading re-ties it.
+    logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
     transformers.logging.set_verbosity_error()
@@ -48,8 +52,15 @@ def cmd_train(args: argparse.Namespace) -> None:
     from hftrain.recipe import load_recipe
     from hftrain.train import train
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    overrides = [*args.overrides, *(["checkpoint.resume=auto"] if args.resume else [])]
+    recipe = load_recipe(args.recipe, overrides)
     result = train(recipe)
+    if result.interrupted:
+        if PartialState().is_main_process:
+            print(f"hftrain: stopped at step {result.step}; checkpoint saved to "
+                  f"{result.checkpoint}. Continue with: hftrain train {args.recipe} --resume",
+                  file=sys.stderr)
+        sys.exit(128 + result.interrupted)
     if PartialState().is_main_process:
         val = result.val
         print(f"validation: loss {val['loss']:.4f} | perplexity {val['perplexity']:.3f} | "
@@ -87,7 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("recipe", help="path to a YAML recipe")
         p.add_argument("overrides", nargs="*", help="dotted overrides: train.max_steps=100")
-        p.set_defaults(func=func)
+        p.set_defaults(func=func, resume=False)
+        if name == "train":
+            p.add_argument("--resume", action="store_true",
+                           help="continue from the newest checkpoint (checkpoint.resume=auto)")
     g = sub.add_parser("generate", help="sample text from an exported model")
     g.add_argument("export", help="an export folder (run_dir/final) or Hub id")
     g.add_argument("--prompt", default="")

@@ -11,3 +11,7 @@ class RecipeError(HftrainError):
 
 class DataError(HftrainError):
     """A data source is missing, empty or too short for the recipe. The message names the path."""
+
+
+class TrainingDiverged(HftrainError):
+    """The loss became NaN or infinite. The message names the step and the checkpoint kept."""

@@ -129,6 +129,9 @@ class TrainConfig:
     """Leave unset to use what `accelerate launch`/`accelerate config` chose."""
     log_interval: int = 10
     """Write a training line to metrics.jsonl every this many steps."""
+    on_nan: Literal["stop", "skip"] = "stop"
+    """A non-finite loss: `stop` the run (the newest checkpoint stays as it was), or `skip`
+    the update and go on."""
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum_steps", "max_steps", "log_interval"):
@@ -138,6 +141,22 @@ class TrainConfig:
             raise ValueError("lr must be > 0 and min_lr >= 0")
         if self.warmup_steps < 0:
             raise ValueError("warmup_steps must be >= 0")
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 0
+    """Save a checkpoint every this many steps; 0: never.
+    Ctrl-C or SIGTERM also saves one before the run stops."""
+    keep: int = 2
+    """How many of the newest checkpoints to keep."""
+    resume: Literal["auto", "never"] = "never"
+    """`auto`: continue from the newest complete checkpoint in run.output_dir, if any
+    (`hftrain train RECIPE --resume` sets it)."""
+
+    def __post_init__(self) -> None:
+        if self.interval < 0 or self.keep < 1:
+            raise ValueError("interval must be >= 0 and keep >= 1")
 
 
 @dataclass
@@ -172,6 +191,7 @@ class Recipe:
     model: Any = field(default_factory=GPT2Fields)
     """One of the field classes in `hftrain.models.MODELS`, chosen by `model.arch`."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
 

@@ -27,6 +27,14 @@ class MetricsLog:
             f.write(json.dumps(clean) + "\n")
 
 
+    def keep_until(self, step: int) -> None:
+        """Drop records after `step`: a resumed run writes them again."""
+        if not self.enabled or not self.path.exists():
+            return
+        kept = [json.dumps(r) for r in read_metrics(self.path) if r["step"] <= step]
+        self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import itertools
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -22,8 +24,9 @@ from accelerate.utils import set_seed
 from transformers import GenerationConfig
 
 from hftrain.atomic import atomic_directory
+from hftrain.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from hftrain.data import IGNORE_INDEX, DataStreams, describe_source, text_stream, texts
-from hftrain.errors import HftrainError
+from hftrain.errors import HftrainError, TrainingDiverged
 from hftrain.evaluation import evaluate_lm, token_byte_lengths, token_nll
 from hftrain.generation import generate_text
 from hftrain.models import build_model
@@ -38,10 +41,14 @@ class TrainResult:
     model: Any
     """The trained model, unwrapped from Accelerate, in eval mode."""
     run_dir: Path
-    final_dir: Path
+    final_dir: Path | None
     val: dict[str, float]
     sample: str
     train_seconds: float
+    step: int = 0
+    interrupted: int = 0
+    """The signal (SIGTERM, SIGINT) that stopped the run early after a checkpoint; 0 if none."""
+    checkpoint: Path | None = None
 
 
 def prepare_tokenizer(recipe: Recipe) -> tuple[Any, bool]:
@@ -83,7 +90,11 @@ def train(recipe: Recipe) -> TrainResult:
     accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision)
     set_seed(recipe.run.seed)
     run_dir = Path(recipe.run.output_dir)
-    refuse_finished_run(run_dir, recipe.run.overwrite)
+    resume_from = None
+    if recipe.checkpoint.resume == "auto" and not recipe.run.overwrite:
+        resume_from = latest_checkpoint(run_dir)
+    if resume_from is None:
+        refuse_finished_run(run_dir, recipe.run.overwrite)
 
     tokenizer, built = prepare_tokenizer(recipe)
     streams = DataStreams(recipe.data, tokenizer, seed=recipe.run.seed,
@@ -91,7 +102,7 @@ def train(recipe: Recipe) -> TrainResult:
     train_batches = streams.train_batches(recipe.train.batch_size)
     first_batch = next(train_batches)
     streams.check_val(recipe.eval.batch_size)
-    if accelerator.is_main_process:
+    if accelerator.is_main_process and resume_from is None:
         start_run_folder(run_dir, recipe, tokenizer, built)
 
     model = build_model(recipe.model, tokenizer, recipe.data.block_size)
@@ -101,24 +112,56 @@ def train(recipe: Recipe) -> TrainResult:
     accelerator.register_for_checkpointing(scheduler)
 
     log = MetricsLog(run_dir / "metrics.jsonl", enabled=accelerator.is_main_process)
-    byte_lengths = token_byte_lengths(tokenizer)
     loop = TrainingLoop(recipe, accelerator, model, optimizer, scheduler, streams, log,
-                        byte_lengths)
+                        token_byte_lengths(tokenizer), run_dir)
+    batches = itertools.chain([first_batch], train_batches)
+    if resume_from is not None:
+        loop.resume(resume_from, batches)
     started = time.perf_counter()
-    loop.run(itertools.chain([first_batch], train_batches))
+    with StopRequest() as stop:
+        loop.run(batches, stop)
     train_seconds = time.perf_counter() - started
+    unwrapped = accelerator.unwrap_model(model)
+    if loop.interrupted:
+        return TrainResult(unwrapped.eval(), run_dir, None, {}, "", train_seconds, loop.step,
+                           loop.interrupted, loop.last_checkpoint)
 
     val = loop.evaluate(max_batches=None)
     final_dir = export(accelerator, model, tokenizer, recipe, run_dir)
     sample = ""
     if accelerator.is_main_process:
         sample = generate_text(
-            accelerator.unwrap_model(model), tokenizer, recipe.sample.prompt,
+            unwrapped, tokenizer, recipe.sample.prompt,
             recipe.sample.max_new_tokens, recipe.sample.temperature, recipe.sample.top_k,
         )
     accelerator.end_training()
-    unwrapped = accelerator.unwrap_model(model).eval()
-    return TrainResult(unwrapped, run_dir, final_dir, val, sample, train_seconds)
+    return TrainResult(unwrapped.eval(), run_dir, final_dir, val, sample, train_seconds,
+                       loop.step, 0, loop.last_checkpoint)
+
+
+class StopRequest:
+    """Turns SIGTERM and the first Ctrl-C into a request to checkpoint and stop after the
+    current step (a second Ctrl-C stops at once). Handlers are restored on exit."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
 
 class TrainingLoop:
@@ -126,7 +169,7 @@ class TrainingLoop:
 
     def __init__(self, recipe: Recipe, accelerator: Accelerator, model: Any, optimizer: Any,
                  scheduler: Any, streams: DataStreams, log: MetricsLog,
-                 byte_lengths: torch.Tensor) -> None:
+                 byte_lengths: torch.Tensor, run_dir: Path | None = None) -> None:
         self.recipe = recipe
         self.accelerator = accelerator
         self.model = model
@@ -137,42 +180,105 @@ class TrainingLoop:
         self.byte_lengths = byte_lengths
         self.step = 0
         self.tokens_seen = 0
+        self.run_dir = run_dir
+        self.micro_batches = 0  # consumed from the training stream: the data position
+        self.skipped_steps = 0
+        # the steps since the last log line: their summed loss, count and tokens
+        self.window_loss = torch.zeros((), device=accelerator.device)
+        self.window_steps = self.window_tokens = 0
+        self.interrupted = 0
+        self.last_checkpoint: Path | None = None
         self.stateful = recipe.train.stateful
         self.state = None  # the recurrent state carried across windows (stateful training)
 
-    def run(self, batches: Iterator[dict[str, torch.Tensor]]) -> None:
+    def run(self, batches: Iterator[dict[str, torch.Tensor]], stop: StopRequest) -> None:
+        """Train to `max_steps`, or until `stop` asks; the bar is closed however it ends."""
         cfg = self.recipe.train
         self.model.train()
-        bar = progress_bar(cfg.max_steps, self.accelerator.is_main_process)
-        window_loss = torch.zeros((), device=self.accelerator.device)
-        window_tokens, window_start = 0, time.perf_counter()
+        with progress_bar(cfg.max_steps, self.accelerator.is_main_process) as bar:
+            bar.update(self.step)  # a resumed run starts part-way
+            self._run(batches, stop, bar)
+
+    def _run(self, batches: Iterator[dict[str, torch.Tensor]], stop: StopRequest,
+             bar: Any) -> None:
+        cfg, every = self.recipe.train, self.recipe.checkpoint.interval
+        window_start = time.perf_counter()
         while self.step < cfg.max_steps:
             micro_batches = [next(batches) for _ in range(cfg.grad_accum_steps)]
+            self.micro_batches += len(micro_batches)
             lr = self.scheduler.get_last_lr()[0]
             loss, n_tokens = self.optimizer_step(micro_batches)
             self.step += 1
             self.tokens_seen += n_tokens
-            window_loss += loss
-            window_tokens += n_tokens
+            self.window_tokens += n_tokens
+            if loss is not None:
+                self.window_loss += loss
+                self.window_steps += 1
             bar.update(1)
             if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
-                steps = (self.step - 1) % cfg.log_interval + 1
-                elapsed = time.perf_counter() - window_start
-                if self.accelerator.num_processes > 1:  # each rank holds its share of the mean
-                    window_loss = self.accelerator.reduce(window_loss, "sum")
-                record = {"step": self.step, "loss": window_loss.item() / steps, "lr": lr,
-                          "tokens": self.tokens_seen, "tokens_per_s": window_tokens / elapsed}
-                self.log.write(record)
+                record = self.log_window(lr, time.perf_counter() - window_start)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}",
                                 tok_s=f"{record['tokens_per_s']:,.0f}")
-                window_loss.zero_()
-                window_tokens, window_start = 0, time.perf_counter()
+                window_start = time.perf_counter()
             if self.step % self.recipe.eval.interval == 0 and self.step < cfg.max_steps:
                 val = self.evaluate(self.recipe.eval.max_batches)
                 bar.write(f"step {self.step}: val_loss {val['loss']:.4f} "
                           f"val_ppl {val['perplexity']:.3f}")
                 window_start = time.perf_counter()
-        bar.close()
+            saved = every and self.step % every == 0 and self.save_checkpoint()
+            if self._agreed(stop.signum):
+                if not saved:
+                    self.save_checkpoint()
+                self.interrupted = stop.signum or signal.SIGTERM
+                break
+
+    def log_window(self, lr: float, elapsed: float) -> dict[str, Any]:
+        """Write the mean loss of the steps since the last log line, and start a new window."""
+        window_loss = self.window_loss
+        if self.accelerator.num_processes > 1:  # each rank holds its share of the mean
+            window_loss = self.accelerator.reduce(window_loss.clone(), "sum")
+        record = {"step": self.step, "loss": window_loss.item() / max(self.window_steps, 1),
+                  "lr": lr, "tokens": self.tokens_seen,
+                  "tokens_per_s": self.window_tokens / max(elapsed, 1e-9)}
+        if self.skipped_steps:
+            record["skipped_steps"] = self.skipped_steps
+        self.log.write(record)
+        self.window_loss.zero_()
+        self.window_steps = self.window_tokens = 0
+        return record
+
+    def _agreed(self, signum: int) -> bool:
+        """Whether any process was asked to stop: all must stop after the same step."""
+        if self.accelerator.num_processes == 1:
+            return bool(signum)
+        flag = torch.tensor(float(signum), device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flag, "max").item())
+
+    def save_checkpoint(self) -> Path:
+        state = {"step": self.step, "tokens_seen": self.tokens_seen,
+                 "micro_batches": self.micro_batches, "skipped_steps": self.skipped_steps,
+                 "window_steps": self.window_steps, "window_tokens": self.window_tokens}
+        tensors = {f"state_{i}": t for i, t in enumerate(self.state or ())}
+        tensors["window_loss"] = self.window_loss
+        self.last_checkpoint = save_checkpoint(self.accelerator, self.run_dir, state, tensors,
+                                               self.recipe.checkpoint.keep)
+        return self.last_checkpoint
+
+    def resume(self, path: Path, batches: Iterator[dict[str, torch.Tensor]]) -> None:
+        """Continue from a checkpoint: Accelerate's state (weights, optimizer, scheduler, RNG),
+        the counters, the carried recurrent state, and the data stream replayed to where the
+        checkpoint was taken. Log lines written after it (by the run that died) are dropped."""
+        state, tensors = load_checkpoint(self.accelerator, path)
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.skipped_steps = state["skipped_steps"]
+        self.window_steps, self.window_tokens = state["window_steps"], state["window_tokens"]
+        self.window_loss = tensors.pop("window_loss")
+        self.state = tuple(tensors[f"state_{i}"] for i in range(len(tensors))) or None
+        for _ in range(state["micro_batches"]):
+            next(batches)
+        self.micro_batches = state["micro_batches"]
+        self.last_checkpoint = path
+        self.log.keep_until(self.step)
 
     def optimizer_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[Any, int]:
         """One update from several micro-batches; returns (mean token loss, tokens processed).
@@ -201,14 +307,34 @@ class TrainingLoop:
                 nll = token_nll(out.logits, batch["labels"].to(acc.device)).sum()
                 acc.backward(nll * scale)
             step_loss += nll.detach() / max(n_targets, 1)
+        n_tokens = sum(b["input_ids"].numel() for b in micro_batches) * acc.num_processes
+        if not self._finite(step_loss):
+            self.optimizer.zero_grad(set_to_none=True)
+            return None, n_tokens
         if self.recipe.train.grad_clip > 0:
             acc.clip_grad_norm_(self.model.parameters(), self.recipe.train.grad_clip)
         self.optimizer.step()
         if not acc.optimizer_step_was_skipped:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        n_tokens = sum(b["input_ids"].numel() for b in micro_batches) * acc.num_processes
         return step_loss, n_tokens
+
+    def _finite(self, step_loss: torch.Tensor) -> bool:
+        """Check the loss before the update; stop with a clear message or skip the step."""
+        total = step_loss.detach()
+        if self.accelerator.num_processes > 1:  # every rank must take the same decision
+            total = self.accelerator.reduce(total.clone(), "sum")
+        if torch.isfinite(total):
+            return True
+        if self.recipe.train.on_nan == "skip":
+            self.skipped_steps += 1
+            return False
+        newest = latest_checkpoint(self.run_dir) if self.run_dir else None
+        kept = f"the newest checkpoint ({newest}) is untouched" if newest else "no checkpoint"
+        raise TrainingDiverged(
+            f"the training loss is {total.item()} at step {self.step + 1}; stopped before "
+            f"updating the model ({kept}). Lower train.lr, or set train.on_nan=skip"
+        )
 
     def evaluate(self, max_batches: int | None) -> dict[str, float]:
         batches = self.streams.val_batches(self.recipe.eval.batch_size)

@@ -1,0 +1,61 @@
+"""Run `hftrain train` with a fault injected, for the checkpoint tests (a kill -9 needs its own
+process). Usage:
+
+    python tests/fault_injection.py RECORD_FILE KILL_AT_STEP KILL_ON_SAVE -- train RECIPE ...
+
+Every optimizer step appends "step digest" to RECORD_FILE (the digest of the micro-batches it
+trained on). KILL_AT_STEP > 0 sends SIGKILL to this process at the start of that step;
+KILL_ON_SAVE > 0 sends it in the middle of that checkpoint save (after Accelerate's files,
+before hftrain's completion marker).
+"""
+
+import hashlib
+import os
+import signal
+import sys
+
+import accelerate
+
+import hftrain.checkpoint
+from hftrain.cli import main
+from hftrain.train import TrainingLoop
+
+record_file, kill_at_step, kill_on_save = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+argv = sys.argv[sys.argv.index("--") + 1:]
+
+
+def digest(micro_batches) -> str:
+    h = hashlib.sha1()
+    for batch in micro_batches:
+        h.update(batch["input_ids"].numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+original_step = TrainingLoop.optimizer_step
+
+
+def recording_step(self, micro_batches):
+    if self.step + 1 == kill_at_step:
+        os.kill(os.getpid(), signal.SIGKILL)
+    with open(record_file, "a") as f:
+        f.write(f"{self.step + 1} {digest(micro_batches)}\n")
+    return original_step(self, micro_batches)
+
+
+saves = 0
+original_save_state = accelerate.Accelerator.save_state
+
+
+def dying_save_state(self, output_dir=None, **kwargs):
+    global saves
+    result = original_save_state(self, output_dir, **kwargs)
+    saves += 1
+    if saves == kill_on_save:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return result
+
+
+TrainingLoop.optimizer_step = recording_step
+accelerate.Accelerator.save_state = dying_save_state
+assert hftrain.checkpoint.Accelerator is accelerate.Accelerator
+main(argv)

@@ -1,0 +1,157 @@
+"""Checkpoints survive faults: kill -9 and resume reproduces the uninterrupted run (losses and
+the exact blocks trained on), a kill while saving keeps the previous checkpoint, a NaN loss
+stops with one line and touches nothing, SIGTERM checkpoints and exits cleanly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, tiny_recipe_dict
+
+import hftrain.train
+from hftrain.checkpoint import latest_checkpoint
+from hftrain.cli import main
+from hftrain.tracking import read_metrics
+
+FAULTS = REPO / "tests" / "fault_injection.py"
+
+
+def write_recipe(tmp_path: Path, corpus: Path, name: str, **sections) -> Path:
+    data = tiny_recipe_dict(corpus, tmp_path / name, **sections)
+    data["train"].update({"max_steps": 30, "log_interval": 5})
+    data["checkpoint"] = {"interval": 10, "keep": 2}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def run_with_fault(record: Path, recipe: Path, *, kill_at_step=0, kill_on_save=0,
+                   extra=()) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(FAULTS), str(record), str(kill_at_step),
+                           str(kill_on_save), "--", "train", str(recipe), *extra],
+                          capture_output=True, text=True, cwd=REPO)
+
+
+def trained_steps(record: Path) -> dict[int, str]:
+    """step -> digest of what that step trained on; a later line for a step wins (a resumed
+    run retrains the steps the killed run did after its last checkpoint)."""
+    steps = {}
+    for line in record.read_text().splitlines():
+        step, digest = line.split()
+        steps[int(step)] = digest
+    return steps
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, shakespeare_text):
+    tmp = tmp_path_factory.mktemp("whole")
+    corpus = tmp / "corpus.txt"
+    corpus.write_text(shakespeare_text)
+    recipe = write_recipe(tmp, corpus, "run")
+    record = tmp / "record.txt"
+    proc = run_with_fault(record, recipe)
+    assert proc.returncode == 0, proc.stderr
+    return corpus, losses(tmp / "run"), trained_steps(record)
+
+
+def test_kill_9_then_resume_reproduces_the_uninterrupted_run(uninterrupted, tmp_path):
+    corpus, whole_losses, whole_steps = uninterrupted
+    recipe = write_recipe(tmp_path, corpus, "run")
+    record = tmp_path / "record.txt"
+    killed = run_with_fault(record, recipe, kill_at_step=24)
+    assert killed.returncode == -signal.SIGKILL
+    assert latest_checkpoint(tmp_path / "run").name == "step-00000020"
+    resumed = run_with_fault(record, recipe, extra=["--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert trained_steps(record) == whole_steps  # the same blocks, none twice, none skipped
+    got = losses(tmp_path / "run")
+    assert got.keys() == whole_losses.keys()
+    for step, loss in whole_losses.items():
+        assert got[step] == pytest.approx(loss, rel=1e-5), step
+    kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert kept == ["step-00000020", "step-00000030"]
+
+
+def test_kill_while_saving_keeps_the_previous_checkpoint(uninterrupted, tmp_path):
+    corpus, whole_losses, _ = uninterrupted
+    recipe = write_recipe(tmp_path, corpus, "run")
+    killed = run_with_fault(tmp_path / "record.txt", recipe, kill_on_save=2)
+    assert killed.returncode == -signal.SIGKILL
+    root = tmp_path / "run" / "checkpoints"
+    assert (root / ".step-00000020.tmp").is_dir()  # the half-written one, never used
+    assert latest_checkpoint(tmp_path / "run").name == "step-00000010"
+    resumed = run_with_fault(tmp_path / "record.txt", recipe, extra=["--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert losses(tmp_path / "run")[30] == pytest.approx(whole_losses[30], rel=1e-5)
+
+
+def test_nan_loss_stops_with_one_line_and_keeps_the_checkpoint(tmp_path, corpus_file, capsys,
+                                                               monkeypatch):
+    recipe = write_recipe(tmp_path, corpus_file, "run")
+    real_nll = hftrain.train.token_nll
+    calls = {"n": 0}
+
+    def nan_at_step_13(logits, labels):
+        calls["n"] += 1
+        nll = real_nll(logits, labels)
+        return nll * float("nan") if calls["n"] == 13 else nll
+
+    monkeypatch.setattr(hftrain.train, "token_nll", nan_at_step_13)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", str(recipe)])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("hftrain:")]
+    assert exit_info.value.code == 2 and len(errors) == 1 and "Traceback" not in err
+    assert "loss is nan at step 13" in errors[0] and "step-00000010" in errors[0]
+    assert latest_checkpoint(tmp_path / "run").name == "step-00000010"
+    assert not list((tmp_path / "run" / "checkpoints").glob(".*"))
+
+
+def test_nan_loss_can_be_skipped(tmp_path, corpus_file, monkeypatch):
+    recipe = write_recipe(tmp_path, corpus_file, "run")
+    real_nll = hftrain.train.token_nll
+    calls = {"n": 0}
+
+    def nan_once(logits, labels):
+        calls["n"] += 1
+        return real_nll(logits, labels) * (float("nan") if calls["n"] == 13 else 1.0)
+
+    monkeypatch.setattr(hftrain.train, "token_nll", nan_once)
+    main(["train", str(recipe), "train.on_nan=skip"])
+    records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert records[-1]["skipped_steps"] == 1
+    assert all(r["loss"] == r["loss"] for r in records)  # no NaN reaches the log
+
+
+def test_sigterm_checkpoints_exits_cleanly_and_resumes(uninterrupted, tmp_path, capsys,
+                                                        monkeypatch):
+    corpus, whole_losses, _ = uninterrupted
+    recipe = write_recipe(tmp_path, corpus, "run")
+    real_step = hftrain.train.TrainingLoop.optimizer_step
+
+    def sigterm_at_step_7(self, micro_batches):
+        if self.step + 1 == 7:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(self, micro_batches)
+
+    monkeypatch.setattr(hftrain.train.TrainingLoop, "optimizer_step", sigterm_at_step_7)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", str(recipe)])
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    assert "stopped at step 7" in capsys.readouterr().err
+    assert latest_checkpoint(tmp_path / "run").name == "step-00000007"
+    monkeypatch.setattr(hftrain.train.TrainingLoop, "optimizer_step", real_step)
+    main(["train", str(recipe), "--resume"])
+    got = losses(tmp_path / "run")
+    for step, loss in whole_losses.items():
+        assert got[step] == pytest.approx(loss, rel=1e-5), step
