@@ -81,5 +81,5 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> tuple[dict, dict[st
     accelerator.load_state(str(path))
     state = json.loads((path / STATE_FILE).read_text())
     tensor_file = path / f"rank{accelerator.process_index}_{LOOP_TENSORS}"
-    tensors = load_file(tensor_file, device=str(accelerator.device)) if tensor_file.exists() else {}
-    return state, tensors
+    tensors = load_file(tensor_file) if tensor_file.exists() else {}
+    return state, {name: t.to(accelerator.device) for name, t in tensors.items()}

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 from datasets import IterableDataset, load_dataset
+from datasets.distributed import split_dataset_by_node
 
 from hftrain.errors import DataError
 from hftrain.recipe import DataConfig
@@ -229,20 +230,37 @@ class DataStreams:
     once, in order, padding the tail so that every token is scored. With `stateful`, both lay
     their stream out in lanes (`lane_windows`) instead of shuffled blocks, and the first batch
     of every pass carries `reset_state=True`.
+
+    With several processes, each rank sees a disjoint part of every stream. A source whose
+    shards divide among the ranks is split by shard (`split_dataset_by_node`: each rank reads
+    only its files). Otherwise, as `datasets` itself does when shards do not divide, every rank
+    reads the whole (seeded, identical) stream and keeps its share: block i goes to rank
+    i mod world_size, and of `world_size x batch_size` lanes rank r keeps its `batch_size`.
+    Then N processes with batch B/N train on exactly the batches one process with batch B
+    would.
     """
 
-    def __init__(self, config: DataConfig, tokenizer: Any, seed: int,
-                 stateful: bool = False) -> None:
+    def __init__(self, config: DataConfig, tokenizer: Any, seed: int, stateful: bool = False,
+                 rank: int = 0, world_size: int = 1) -> None:
         self.config = config
         self.tokenizer = tokenizer
         self.seed = seed
         self.stateful = stateful
+        self.rank = rank
+        self.world_size = world_size
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id
 
-    def train_epochs(self) -> Iterator[Iterator[list[int]]]:
+    def _source(self, split: str) -> tuple[IterableDataset, bool]:
+        """The split's documents for this rank, and whether they were split by shard."""
+        ds = text_stream(self.config, split)
+        by_shard = self.world_size > 1 and ds.n_shards % self.world_size == 0
+        if by_shard:
+            ds = split_dataset_by_node(ds, rank=self.rank, world_size=self.world_size)
+        return ds, by_shard
+
+    def train_epochs(self, ds: IterableDataset) -> Iterator[Iterator[list[int]]]:
         """One document iterator per epoch, forever; each epoch checks the corpus is usable."""
-        ds = text_stream(self.config, "train")
         if self.config.shuffle_buffer > 0 and not self.stateful:
             ds = ds.shuffle(seed=self.seed, buffer_size=self.config.shuffle_buffer)
         ds = tokenize(ds, self.tokenizer)
@@ -258,40 +276,47 @@ class DataStreams:
             yield row["input_ids"]
         self._check_length(n_tokens, n_documents)
 
-    def train_documents(self) -> Iterator[list[int]]:
-        return itertools.chain.from_iterable(self.train_epochs())
-
     def train_batches(self, batch_size: int) -> Iterator[dict[str, Any]]:
+        ds, by_shard = self._source("train")
         if self.stateful:
-            return self._lane_batches(self.train_epochs(), batch_size, pad_tail=False)
-        blocks = pack_blocks(self.train_documents(), self.config.block_size, self.eos_id)
+            return self._lane_batches(self.train_epochs(ds), batch_size, False, by_shard)
+        documents = itertools.chain.from_iterable(self.train_epochs(ds))
+        blocks = pack_blocks(documents, self.config.block_size, self.eos_id)
         blocks = shuffle_blocks(blocks, self.config.shuffle_buffer, self.seed)
-        return batched(blocks, batch_size, self.pad_id)
+        return batched(self._my_blocks(blocks, by_shard), batch_size, self.pad_id)
 
     def val_batches(self, batch_size: int) -> Iterator[dict[str, Any]]:
-        ds = tokenize(text_stream(self.config, "val"), self.tokenizer)
-        documents = (row["input_ids"] for row in ds)
+        ds, by_shard = self._source("val")
+        documents = (row["input_ids"] for row in tokenize(ds, self.tokenizer))
         if self.stateful:
-            return self._lane_batches([documents], batch_size, pad_tail=True)
+            return self._lane_batches([documents], batch_size, True, by_shard)
         blocks = pack_blocks(documents, self.config.block_size, self.eos_id, pad_tail=True)
-        return batched(blocks, batch_size, self.pad_id)
+        return batched(self._my_blocks(blocks, by_shard), batch_size, self.pad_id)
+
+    def _my_blocks(self, blocks: Iterable[np.ndarray], by_shard: bool) -> Iterable[np.ndarray]:
+        if self.world_size == 1 or by_shard:
+            return blocks
+        return itertools.islice(blocks, self.rank, None, self.world_size)
 
     def _lane_batches(self, epochs: Iterable[Iterable[list[int]]], batch_size: int,
-                      pad_tail: bool) -> Iterator[dict[str, Any]]:
-        """Each pass over the documents is held as one token array and cut into lanes."""
+                      pad_tail: bool, by_shard: bool) -> Iterator[dict[str, Any]]:
+        """Each pass over the documents is held as one token array and cut into lanes; without
+        shard splitting, the lanes of all ranks are laid out together and each keeps its own."""
+        lanes = batch_size * (1 if by_shard else self.world_size)
+        first = 0 if by_shard else self.rank * batch_size
         for documents in epochs:
             pieces = [np.asarray([*ids, self.eos_id], dtype=np.int64) for ids in documents]
             tokens = np.concatenate(pieces) if pieces else np.empty(0, dtype=np.int64)
-            if len(tokens) <= batch_size and not pad_tail:
+            if len(tokens) <= lanes and not pad_tail:
                 raise DataError(
                     f"the training corpus ({describe_source(self.config, 'train')}) has "
-                    f"{len(tokens)} tokens, too few for {batch_size} lanes of at least one token"
+                    f"{len(tokens)} tokens, too few for {lanes} lanes of at least one token"
                 )
             if len(tokens) < 2:
                 return
-            windows = lane_windows(tokens, batch_size, self.config.block_size, pad_tail)
+            windows = lane_windows(tokens, lanes, self.config.block_size, pad_tail)
             for i, rows in enumerate(windows):
-                batch = collate(rows, batch_size, self.pad_id)
+                batch = collate(rows[first : first + batch_size], batch_size, self.pad_id)
                 batch["reset_state"] = i == 0
                 yield batch
 

@@ -166,7 +166,8 @@ class EvalConfig:
     batch_size: int = 32
     """Blocks per evaluation batch."""
     max_batches: int | None = None
-    """Cap on evaluation batches during training; the final evaluation always reads everything."""
+    """Cap on evaluation batches during training, all processes together; the final
+    evaluation always reads everything."""
 
     def __post_init__(self) -> None:
         if self.interval < 1 or self.batch_size < 1:

@@ -8,6 +8,8 @@ corpus or an over-long block fails with nothing written.
 from __future__ import annotations
 
 import itertools
+import math
+import os
 import shutil
 import signal
 import threading
@@ -87,7 +89,8 @@ def start_run_folder(run_dir: Path, recipe: Recipe, tokenizer: Any, built: bool)
 
 def train(recipe: Recipe) -> TrainResult:
     """Run a recipe end to end: tokenizer, data, model, training, evaluation, export, sample."""
-    accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision)
+    accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision,
+                              cpu=_cpu_data_parallel())
     set_seed(recipe.run.seed)
     run_dir = Path(recipe.run.output_dir)
     resume_from = None
@@ -98,7 +101,8 @@ def train(recipe: Recipe) -> TrainResult:
 
     tokenizer, built = prepare_tokenizer(recipe)
     streams = DataStreams(recipe.data, tokenizer, seed=recipe.run.seed,
-                          stateful=recipe.train.stateful)
+                          stateful=recipe.train.stateful, rank=accelerator.process_index,
+                          world_size=accelerator.num_processes)
     train_batches = streams.train_batches(recipe.train.batch_size)
     first_batch = next(train_batches)
     streams.check_val(recipe.eval.batch_size)
@@ -137,6 +141,11 @@ def train(recipe: Recipe) -> TrainResult:
     accelerator.end_training()
     return TrainResult(unwrapped.eval(), run_dir, final_dir, val, sample, train_seconds,
                        loop.step, 0, loop.last_checkpoint)
+
+
+def _cpu_data_parallel() -> bool:
+    """Several processes (torchrun) and no GPU: Accelerate must be told to use gloo on CPU."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
 class StopRequest:
@@ -338,7 +347,12 @@ class TrainingLoop:
 
     def evaluate(self, max_batches: int | None) -> dict[str, float]:
         batches = self.streams.val_batches(self.recipe.eval.batch_size)
-        val = evaluate_lm(self.model, batches, self.accelerator, self.byte_lengths, max_batches,
+        # Unwrapped: ranks may hold unequal numbers of validation batches, and a DDP-wrapped
+        # forward may wait on the other ranks; the sums are reduced once at the end instead.
+        model = self.accelerator.unwrap_model(self.model)
+        if max_batches is not None:  # a global cap, shared among the ranks
+            max_batches = math.ceil(max_batches / self.accelerator.num_processes)
+        val = evaluate_lm(model, batches, self.accelerator, self.byte_lengths, max_batches,
                           stateful=self.stateful)
         self.log.write({"step": self.step, "val_loss": val["loss"],
                         "val_ppl": val["perplexity"], "val_bpb": val["bits_per_byte"],

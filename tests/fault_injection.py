@@ -1,12 +1,12 @@
-"""Run `hftrain train` with a fault injected, for the checkpoint tests (a kill -9 needs its own
-process). Usage:
+"""Run `hftrain train` with a fault injected, for the checkpoint tests (a kill -9 needs its
+own process). Usage:
 
     python tests/fault_injection.py RECORD_FILE KILL_AT_STEP KILL_ON_SAVE -- train RECIPE ...
 
 Every optimizer step appends "step digest" to RECORD_FILE (the digest of the micro-batches it
-trained on). KILL_AT_STEP > 0 sends SIGKILL to this process at the start of that step;
-KILL_ON_SAVE > 0 sends it in the middle of that checkpoint save (after Accelerate's files,
-before hftrain's completion marker).
+trained on; under torchrun, to RECORD_FILE.rankN). KILL_AT_STEP > 0 sends SIGKILL to this
+process at the start of that step; KILL_ON_SAVE > 0 sends it in the middle of that checkpoint
+save (after Accelerate's files, before hftrain's completion marker).
 """
 
 import hashlib
@@ -21,6 +21,8 @@ from hftrain.cli import main
 from hftrain.train import TrainingLoop
 
 record_file, kill_at_step, kill_on_save = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: one record per rank
+    record_file = f"{record_file}.rank{os.environ['RANK']}"
 argv = sys.argv[sys.argv.index("--") + 1:]
 
 

@@ -155,3 +155,32 @@ def test_sigterm_checkpoints_exits_cleanly_and_resumes(uninterrupted, tmp_path, 
     got = losses(tmp_path / "run")
     for step, loss in whole_losses.items():
         assert got[step] == pytest.approx(loss, rel=1e-5), step
+
+
+def test_two_process_kill_9_then_resume_reproduces_the_uninterrupted_run(tmp_path, corpus_file):
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    data = tiny_recipe_dict(corpus_file, tmp_path / "whole", train={"batch_size": 4})
+    data["train"].update({"max_steps": 30, "log_interval": 5})
+    data["checkpoint"] = {"interval": 10}
+
+    def launch(name: str, kill_at_step: int, *train_args: str) -> subprocess.CompletedProcess:
+        data["run"]["output_dir"] = str(tmp_path / name)
+        recipe = tmp_path / f"{name}.yaml"
+        recipe.write_text(json.dumps(data))
+        return subprocess.run([torchrun, "--nproc_per_node", "2", str(FAULTS),
+                               str(tmp_path / f"{name}.record"), str(kill_at_step), "0", "--",
+                               "train", str(recipe), *train_args],
+                              capture_output=True, text=True, cwd=REPO)
+
+    assert launch("whole", 0).returncode == 0
+    assert launch("killed", 17).returncode != 0
+    assert latest_checkpoint(tmp_path / "killed").name == "step-00000010"
+    resumed = launch("killed", 0, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    for rank in range(2):
+        whole_steps = trained_steps(tmp_path / f"whole.record.rank{rank}")
+        assert trained_steps(tmp_path / f"killed.record.rank{rank}") == whole_steps
+    whole, got = losses(tmp_path / "whole"), losses(tmp_path / "killed")
+    assert got.keys() == whole.keys()
+    for step, loss in whole.items():
+        assert got[step] == pytest.approx(loss, rel=1e-5), step

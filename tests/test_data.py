@@ -14,6 +14,8 @@ from hftrain.data import (
     collate,
     pack_blocks,
     shuffle_blocks,
+    text_stream,
+    texts,
 )
 from hftrain.errors import DataError
 from hftrain.recipe import DataConfig, TokenizerConfig
@@ -80,8 +82,7 @@ def test_held_out_validation_is_exactly_the_last_fraction(corpus_file: Path,
     # Validation targets are the held-out text (minus its first token) and the closing EOS.
     assert tok.decode(labels[:-1]) == shakespeare_text[cut + 1:]
     assert labels[-1] == tok.eos_token_id
-    train_tokens = next(streams.train_documents())
-    assert tok.decode(train_tokens) == shakespeare_text[:cut]
+    assert next(texts(text_stream(config, "train"))) == shakespeare_text[:cut]
 
 
 def test_train_batches_have_fixed_shape_and_repeat_epochs(corpus_file: Path,
