@@ -30,6 +30,9 @@ class RunConfig:
     """Seeds Python, NumPy and torch, the data shuffle and the model initialisation."""
     overwrite: bool = False
     """Replace a finished run found in output_dir instead of refusing to start."""
+    trackers: list[str] | None = None
+    """Accelerate trackers to log to (`tensorboard`, `trackio`, `wandb`, ...); unset: TensorBoard
+    if it is installed. metrics.jsonl is always written."""
 
 
 @dataclass
@@ -129,6 +132,12 @@ class TrainConfig:
     """Leave unset to use what `accelerate launch`/`accelerate config` chose."""
     log_interval: int = 10
     """Write a training line to metrics.jsonl every this many steps."""
+    compile: bool = False
+    """`torch.compile` the model (inductor). Pays off on GPUs; on CPU compiling takes longer
+    than it saves for small models."""
+    peak_tflops: float | None = None
+    """Peak TFLOP/s of one device, for the model-FLOPs-utilisation estimate; unset: known GPUs
+    are looked up, and CPU runs report no MFU."""
     on_nan: Literal["stop", "skip"] = "stop"
     """A non-finite loss: `stop` the run (the newest checkpoint stays as it was), or `skip`
     the update and go on."""

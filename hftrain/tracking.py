@@ -1,4 +1,5 @@
-"""What a run reports: metrics.jsonl lines and a progress bar, on the main process only."""
+"""What a run reports: metrics.jsonl, Accelerate trackers, a progress bar, throughput and
+utilisation figures, and a loss-curve plot; files are written by the main process only."""
 
 from __future__ import annotations
 
@@ -8,17 +9,23 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 
 class MetricsLog:
-    """Appends one JSON object per logged step or evaluation to `metrics.jsonl`."""
+    """Appends one JSON object per logged step or evaluation to `metrics.jsonl`, and sends the
+    same figures to the Accelerate trackers (TensorBoard, trackio, W&B) if any were set up."""
 
-    def __init__(self, path: Path, enabled: bool) -> None:
+    def __init__(self, path: Path | None, enabled: bool, accelerator: Any = None) -> None:
         self.path = path
         self.enabled = enabled
+        self.accelerator = accelerator
 
     def write(self, record: dict[str, Any]) -> None:
+        if self.accelerator is not None and self.accelerator.trackers:
+            values = {k: v for k, v in record.items() if k != "step"}
+            self.accelerator.log(values, step=record["step"])
         if not self.enabled:
             return
         clean = {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v)
@@ -44,3 +51,85 @@ def progress_bar(total: int, enabled: bool) -> tqdm:
     interactive = sys.stderr.isatty()
     return tqdm(total=total, disable=not enabled, desc="train", unit="step", dynamic_ncols=True,
                 mininterval=0.1 if interactive else 30.0)
+
+
+def default_trackers() -> list[str]:
+    """TensorBoard when it is installed, else none (metrics.jsonl is always written)."""
+    import importlib.util
+
+    found = any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX"))
+    return ["tensorboard"] if found else []
+
+
+def flat_config(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The recipe as flat `section.key` scalars, which every tracker can store."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(flat_config(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) \
+                else str(value)
+    return flat
+
+
+# bf16 dense peak TFLOP/s of one device, matched against torch.cuda.get_device_name().
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0,
+               "A10": 125.0, "RTX 4090": 165.0, "RTX 3090": 71.0, "V100": 125.0, "T4": 65.0}
+
+
+def peak_tflops(configured: float | None) -> float | None:
+    """The recipe's figure, else the table's for this GPU, else None (CPU, unknown GPU)."""
+    if configured:
+        return configured
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((tflops for key, tflops in PEAK_TFLOPS.items() if key in name), None)
+
+
+def flops_per_token(model: Any, block_size: int) -> float:
+    """Training FLOPs per token: 6 per parameter (forward and backward), plus attention's
+    12 x layers x width x context for transformers (PaLM's estimate, as nanoGPT uses)."""
+    n_params = sum(p.numel() for p in model.parameters())
+    config = model.config
+    attention = 0
+    if getattr(config, "model_type", "") == "gpt2":
+        attention = 12 * config.n_layer * config.n_embd * block_size
+    return 6 * n_params + attention
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak memory of this process: GPU memory allocated, or the CPU process's resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+
+
+def plot_losses(metrics_path: Path, out_path: Path) -> Path | None:
+    """Train and validation loss against step, as a PNG; None if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    records = read_metrics(metrics_path)
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss", linewidth=1)
+    if val:
+        ax.plot(*zip(*val, strict=True), "o-", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats per token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_path)
+    plt.close(fig)
+    return out_path

@@ -35,7 +35,16 @@ from hftrain.models import build_model
 from hftrain.optim import build_optimizer, build_scheduler
 from hftrain.recipe import Recipe, dump_recipe
 from hftrain.tokenizer import build_tokenizer, load_tokenizer, save_tokenizer
-from hftrain.tracking import MetricsLog, progress_bar
+from hftrain.tracking import (
+    MetricsLog,
+    default_trackers,
+    flat_config,
+    flops_per_token,
+    peak_memory_gb,
+    peak_tflops,
+    plot_losses,
+    progress_bar,
+)
 
 
 @dataclass
@@ -89,10 +98,16 @@ def start_run_folder(run_dir: Path, recipe: Recipe, tokenizer: Any, built: bool)
 
 def train(recipe: Recipe) -> TrainResult:
     """Run a recipe end to end: tokenizer, data, model, training, evaluation, export, sample."""
-    accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision,
-                              cpu=_cpu_data_parallel())
-    set_seed(recipe.run.seed)
     run_dir = Path(recipe.run.output_dir)
+    trackers = default_trackers() if recipe.run.trackers is None else recipe.run.trackers
+    accelerator = Accelerator(
+        mixed_precision=recipe.train.mixed_precision,
+        cpu=_cpu_data_parallel(),
+        log_with=trackers or None,
+        project_dir=str(run_dir),
+        dynamo_backend="inductor" if recipe.train.compile else None,
+    )
+    set_seed(recipe.run.seed)
     resume_from = None
     if recipe.checkpoint.resume == "auto" and not recipe.run.overwrite:
         resume_from = latest_checkpoint(run_dir)
@@ -115,7 +130,9 @@ def train(recipe: Recipe) -> TrainResult:
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
 
-    log = MetricsLog(run_dir / "metrics.jsonl", enabled=accelerator.is_main_process)
+    if trackers:
+        accelerator.init_trackers("hftrain", config=flat_config(recipe.to_dict()))
+    log = MetricsLog(run_dir / "metrics.jsonl", accelerator.is_main_process, accelerator)
     loop = TrainingLoop(recipe, accelerator, model, optimizer, scheduler, streams, log,
                         token_byte_lengths(tokenizer), run_dir)
     batches = itertools.chain([first_batch], train_batches)
@@ -134,6 +151,7 @@ def train(recipe: Recipe) -> TrainResult:
     final_dir = export(accelerator, model, tokenizer, recipe, run_dir)
     sample = ""
     if accelerator.is_main_process:
+        plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
         sample = generate_text(
             unwrapped, tokenizer, recipe.sample.prompt,
             recipe.sample.max_new_tokens, recipe.sample.temperature, recipe.sample.top_k,
@@ -195,6 +213,9 @@ class TrainingLoop:
         # the steps since the last log line: their summed loss, count and tokens
         self.window_loss = torch.zeros((), device=accelerator.device)
         self.window_steps = self.window_tokens = 0
+        unwrapped = accelerator.unwrap_model(model)
+        self.flops_per_token = flops_per_token(unwrapped, recipe.data.block_size)
+        self.peak_tflops = peak_tflops(recipe.train.peak_tflops)
         self.interrupted = 0
         self.last_checkpoint: Path | None = None
         self.stateful = recipe.train.stateful
@@ -246,9 +267,13 @@ class TrainingLoop:
         window_loss = self.window_loss
         if self.accelerator.num_processes > 1:  # each rank holds its share of the mean
             window_loss = self.accelerator.reduce(window_loss.clone(), "sum")
+        tokens_per_s = self.window_tokens / max(elapsed, 1e-9)
         record = {"step": self.step, "loss": window_loss.item() / max(self.window_steps, 1),
-                  "lr": lr, "tokens": self.tokens_seen,
-                  "tokens_per_s": self.window_tokens / max(elapsed, 1e-9)}
+                  "lr": lr, "tokens": self.tokens_seen, "tokens_per_s": tokens_per_s,
+                  "peak_mem_gb": peak_memory_gb(self.accelerator.device)}
+        if self.peak_tflops:  # achieved model FLOP/s per device over the device's peak
+            per_device = tokens_per_s / self.accelerator.num_processes * self.flops_per_token
+            record["mfu"] = per_device / (self.peak_tflops * 1e12)
         if self.skipped_steps:
             record["skipped_steps"] = self.skipped_steps
         self.log.write(record)

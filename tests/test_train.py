@@ -196,3 +196,18 @@ def test_tokenizer_command_builds_once_and_train_reuses_it(tmp_path, corpus_file
     from hftrain.train import prepare_tokenizer
     tokenizer, built = prepare_tokenizer(load_recipe(recipe_path))
     assert not built and len(tokenizer) > 4
+
+
+def test_run_reports_memory_mfu_trackers_and_a_loss_plot(tmp_path, corpus_file):
+    pytest.importorskip("tensorboard")
+    data = tiny_recipe_dict(corpus_file, tmp_path / "run", train={"max_steps": 10,
+                                                                   "peak_tflops": 0.05})
+    data["run"]["trackers"] = ["tensorboard"]
+    result = train(recipe_from_dict(data))
+    steps = [r for r in read_metrics(result.run_dir / "metrics.jsonl") if "loss" in r]
+    assert all(r["peak_mem_gb"] > 0.05 for r in steps)  # this process holds torch at least
+    assert all(0 < r["mfu"] < 1 for r in steps)
+    png = (result.run_dir / "loss.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 5000
+    events = list((result.run_dir / "hftrain").glob("events.out.tfevents.*"))
+    assert events, "TensorBoard wrote no event file"
