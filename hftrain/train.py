@@ -138,11 +138,19 @@ def train(recipe: Recipe) -> TrainResult:
     batches = itertools.chain([first_batch], train_batches)
     if resume_from is not None:
         loop.resume(resume_from, batches)
+        accelerator.print(f"resumed from {resume_from} at step {loop.step}")
+    cfg = recipe.train
+    blocks = cfg.batch_size * cfg.grad_accum_steps * accelerator.num_processes
+    accelerator.print(
+        f"global batch: {blocks} blocks x {first_batch['input_ids'].shape[1]} tokens "
+        f"(batch_size {cfg.batch_size} x grad_accum_steps {cfg.grad_accum_steps} x "
+        f"{accelerator.num_processes} process{'es' if accelerator.num_processes > 1 else ''})"
+    )
     started = time.perf_counter()
     with StopRequest() as stop:
         loop.run(batches, stop)
     train_seconds = time.perf_counter() - started
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = bare_model(accelerator, model)
     if loop.interrupted:
         return TrainResult(unwrapped.eval(), run_dir, None, {}, "", train_seconds, loop.step,
                            loop.interrupted, loop.last_checkpoint)
@@ -159,6 +167,11 @@ def train(recipe: Recipe) -> TrainResult:
     accelerator.end_training()
     return TrainResult(unwrapped.eval(), run_dir, final_dir, val, sample, train_seconds,
                        loop.step, 0, loop.last_checkpoint)
+
+
+def bare_model(accelerator: Accelerator, model: Any) -> Any:
+    """The model itself: without DDP/FSDP wrappers and without torch.compile's."""
+    return accelerator.unwrap_model(model, keep_torch_compile=False)
 
 
 def _cpu_data_parallel() -> bool:
@@ -213,8 +226,8 @@ class TrainingLoop:
         # the steps since the last log line: their summed loss, count and tokens
         self.window_loss = torch.zeros((), device=accelerator.device)
         self.window_steps = self.window_tokens = 0
-        unwrapped = accelerator.unwrap_model(model)
-        self.flops_per_token = flops_per_token(unwrapped, recipe.data.block_size)
+        self.flops_per_token = flops_per_token(bare_model(accelerator, model),
+                                               recipe.data.block_size)
         self.peak_tflops = peak_tflops(recipe.train.peak_tflops)
         self.interrupted = 0
         self.last_checkpoint: Path | None = None
@@ -374,7 +387,7 @@ class TrainingLoop:
         batches = self.streams.val_batches(self.recipe.eval.batch_size)
         # Unwrapped: ranks may hold unequal numbers of validation batches, and a DDP-wrapped
         # forward may wait on the other ranks; the sums are reduced once at the end instead.
-        model = self.accelerator.unwrap_model(self.model)
+        model = bare_model(self.accelerator, self.model)
         if max_batches is not None:  # a global cap, shared among the ranks
             max_batches = math.ceil(max_batches / self.accelerator.num_processes)
         val = evaluate_lm(model, batches, self.accelerator, self.byte_lengths, max_batches,
@@ -392,9 +405,11 @@ def export(accelerator: Accelerator, model: Any, tokenizer: Any, recipe: Recipe,
     Plain `transformers` loads it with `AutoModelForCausalLM` and `AutoTokenizer`.
     """
     final_dir = run_dir / "final"
-    state_dict = accelerator.get_state_dict(model)
+    # torch.compile's wrapper prefixes every key with `_orig_mod.`: the export must not.
+    state_dict = {k.removeprefix("_orig_mod."): v
+                  for k, v in accelerator.get_state_dict(model).items()}
     if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
+        unwrapped = bare_model(accelerator, model)
         unwrapped.generation_config = generation_config(recipe, tokenizer)
         with atomic_directory(final_dir) as tmp:
             unwrapped.save_pretrained(tmp, state_dict=state_dict)

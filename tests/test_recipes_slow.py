@@ -20,3 +20,26 @@ def test_shakespeare_char_recipe_reaches_nanogpt_loss(tmp_path, monkeypatch):
     assert result.val["loss"] <= 1.90
     text = CORPUS.read_text(encoding="utf-8")
     assert_export_agrees(result, independent_check(result.final_dir, text, tmp_path))
+
+
+@pytest.mark.slow
+def test_compiled_training_exports_plain_weights(tmp_path, corpus_file):
+    """torch.compile wraps the model; the export must still load as a plain transformers model
+    (needs a C++ compiler for inductor, hence slow)."""
+    import json
+
+    import torch
+    from conftest import tiny_recipe_dict
+    from transformers import AutoModelForCausalLM
+
+    from hftrain.recipe import recipe_from_dict
+
+    data = tiny_recipe_dict(corpus_file, tmp_path / "run", train={"max_steps": 5,
+                                                                   "compile": True})
+    result = train(recipe_from_dict(data))
+    index = json.loads((result.final_dir / "config.json").read_text())
+    assert index["model_type"] == "gpt2"
+    reloaded = AutoModelForCausalLM.from_pretrained(result.final_dir).eval()
+    ids = torch.randint(4, 40, (1, 16))
+    with torch.no_grad():
+        assert torch.allclose(reloaded(ids).logits, result.model(ids).logits, atol=1e-5)
