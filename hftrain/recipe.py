@@ -173,10 +173,10 @@ class EvalConfig:
     interval: int = 500
     """Evaluate on the whole validation stream every this many steps (and always at the end)."""
     batch_size: int = 32
-    """Blocks per evaluation batch."""
+    """Blocks (or, in stateful evaluation, lanes) per evaluation batch on each process."""
     max_batches: int | None = None
-    """Cap on evaluation batches during training, all processes together; the final
-    evaluation always reads everything."""
+    """Cap on evaluation batches during training (each process reads this many of its own,
+    which together make this many global batches); the final evaluation reads everything."""
 
     def __post_init__(self) -> None:
         if self.interval < 1 or self.batch_size < 1:

@@ -8,7 +8,6 @@ corpus or an over-long block fails with nothing written.
 from __future__ import annotations
 
 import itertools
-import math
 import os
 import shutil
 import signal
@@ -388,8 +387,6 @@ class TrainingLoop:
         # Unwrapped: ranks may hold unequal numbers of validation batches, and a DDP-wrapped
         # forward may wait on the other ranks; the sums are reduced once at the end instead.
         model = bare_model(self.accelerator, self.model)
-        if max_batches is not None:  # a global cap, shared among the ranks
-            max_batches = math.ceil(max_batches / self.accelerator.num_processes)
         val = evaluate_lm(model, batches, self.accelerator, self.byte_lengths, max_batches,
                           stateful=self.stateful)
         self.log.write({"step": self.step, "val_loss": val["loss"],

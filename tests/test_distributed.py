@@ -56,14 +56,21 @@ def test_sharded_sources_are_split_by_file(tmp_path, shakespeare_text):
     assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 4
 
 
-def test_torchrun_two_processes_match_one(tmp_path, corpus_file):
+@pytest.mark.parametrize("model", ["gpt2", "stateful_lstm"])
+def test_torchrun_two_processes_match_one(tmp_path, corpus_file, model):
     if shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists():
         pytest.skip("torchrun not installed")
     data = tiny_recipe_dict(corpus_file, tmp_path / "one", train={"max_steps": 20},
                             eval={"interval": 10, "max_batches": 2})
+    if model == "stateful_lstm":
+        data["model"] = {"arch": "lstm", "embedding_size": 32, "hidden_size": 32,
+                         "num_layers": 1, "dropout": 0.0, "output_dropout": 0.0}
+        data["train"]["stateful"] = True
+        data["eval"] = {"interval": 10, "batch_size": 4}
     one = train(recipe_from_dict(data))
     data["run"]["output_dir"] = str(tmp_path / "two")
-    data["train"]["batch_size"] //= 2
+    data["train"]["batch_size"] //= 2  # batch sizes are per process
+    data["eval"]["batch_size"] //= 2  # (stateful evaluation: its lanes are, too)
     recipe = tmp_path / "two.yaml"
     recipe.write_text(json.dumps(data))
     torchrun = str(Path(sys.executable).with_name("torchrun"))
