@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
 import statistics
 import time
 
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from timing import alternating_rounds, report
 from torch import nn
 
 from hftrain.data import DataStreams, text_stream, texts
@@ -134,21 +134,9 @@ def throughput(args) -> None:
                 p.data.add_(p.grad, alpha=-recipe.train.lr)
 
     tokens = args.steps * batches[0]["input_ids"].numel()
-    hftrain_round(), plain_round()
-    rates = {"hftrain": [], "plain": []}
-    for r in range(args.rounds):
-        order = [("hftrain", hftrain_round), ("plain", plain_round)]
-        for name, fn in order if r % 2 == 0 else reversed(order):
-            start = time.perf_counter()
-            fn()
-            rates[name].append(tokens / (time.perf_counter() - start))
-    print(f"{args.recipe} | {platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__} | {args.rounds} alternating rounds of {args.steps} steps")
-    for name in rates:
-        rounds = ", ".join(f"{x:,.0f}" for x in rates[name])
-        print(f"{name:8s}: {statistics.median(rates[name]):10,.0f} tokens/s  ({rounds})")
-    ratio = statistics.median(rates["hftrain"]) / statistics.median(rates["plain"])
-    print(f"ratio hftrain/plain: {ratio:.3f}")
+    rates = alternating_rounds({"hftrain": hftrain_round, "plain": plain_round}, args.rounds,
+                               tokens)
+    report(rates, f"{args.recipe} | {args.rounds} alternating rounds of {args.steps} steps")
 
 
 def generation(args) -> None:

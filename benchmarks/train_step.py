@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from timing import alternating_rounds, report
 
 from hftrain.data import DataStreams
 from hftrain.models import build_model
@@ -74,22 +72,9 @@ def main() -> None:
         for batch in batches:
             plain_pytorch_step(plain_model, plain_opt, plain_sched, batch, recipe.train.grad_clip)
 
-    hftrain_round(), plain_round()  # warm-up
-    rates = {"hftrain": [], "plain": []}
-    for r in range(args.rounds):
-        order = [("hftrain", hftrain_round), ("plain", plain_round)]
-        for name, fn in order if r % 2 == 0 else reversed(order):
-            start = time.perf_counter()
-            fn()
-            rates[name].append(tokens_per_round / (time.perf_counter() - start))
-    hf, plain = statistics.median(rates["hftrain"]), statistics.median(rates["plain"])
-    print(f"recipe {args.recipe}  |  {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
-    for name, median in (("hftrain", hf), ("plain", plain)):
-        rounds = ", ".join(f"{x:,.0f}" for x in rates[name])
-        print(f"{name:8s}: {median:10,.0f} tokens/s  (rounds: {rounds})")
-    print(f"ratio hftrain/plain: {hf / plain:.3f}")
-
+    rates = alternating_rounds({"hftrain": hftrain_round, "plain": plain_round}, args.rounds,
+                               tokens_per_round)
+    report(rates, f"recipe {args.recipe}")
 
 if __name__ == "__main__":
     main()
