@@ -21,16 +21,13 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
-from timing import alternating_rounds, report
+from timing import alternating_rounds, hftrain_loop, report
 from torch import nn
 
 from hftrain.data import DataStreams, text_stream, texts
 from hftrain.models import build_model
-from hftrain.optim import build_optimizer, build_scheduler
 from hftrain.recipe import Recipe, load_recipe
-from hftrain.tracking import MetricsLog
-from hftrain.train import TrainingLoop, prepare_tokenizer, train
+from hftrain.train import prepare_tokenizer, train
 
 
 class ClassicRNNModel(nn.Module):
@@ -106,12 +103,7 @@ def throughput(args) -> None:
     batch_iter = streams.train_batches(recipe.train.batch_size)
     batches = [next(batch_iter) for _ in range(args.steps)]
     model = build_model(recipe.model, tokenizer, recipe.data.block_size)
-    accelerator = Accelerator()
-    optimizer = build_optimizer(model, recipe.train)
-    scheduler = build_scheduler(optimizer, recipe.train)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    loop = TrainingLoop(recipe, accelerator, model, optimizer, scheduler, streams,
-                        MetricsLog(None, enabled=False), byte_lengths=None)
+    loop = hftrain_loop(recipe, model, streams)
     fields, ntokens = recipe.model, len(tokenizer)
     plain = ClassicRNNModel(ntokens, fields.embedding_size, fields.hidden_size,
                             fields.num_layers, fields.dropout)

@@ -1,5 +1,6 @@
-"""Alternating-rounds timing shared by the benchmarks: noise on a shared machine hits both
-sides alike, and the figure reported is the ratio of median throughputs."""
+"""What the benchmarks share: hftrain's training loop set up as `hftrain train` sets it up,
+and alternating-rounds timing (noise on a shared machine hits both sides alike; the figure
+reported is the ratio of median throughputs)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,22 @@ import time
 from collections.abc import Callable
 
 import torch
+from accelerate import Accelerator
+
+from hftrain.optim import build_optimizer, build_scheduler
+from hftrain.tracking import MetricsLog
+from hftrain.train import TrainingLoop
+
+
+def hftrain_loop(recipe, model, streams) -> TrainingLoop:
+    """`model` prepared by Accelerate with the recipe's optimizer and schedule, in the loop
+    hftrain trains with (no logging); call `optimizer_step([batch])` to time a step."""
+    accelerator = Accelerator()
+    optimizer = build_optimizer(model, recipe.train)
+    scheduler = build_scheduler(optimizer, recipe.train)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return TrainingLoop(recipe, accelerator, model, optimizer, scheduler, streams,
+                        MetricsLog(None, enabled=False), byte_lengths=None)
 
 
 def alternating_rounds(sides: dict[str, Callable[[], None]], rounds: int,

@@ -14,15 +14,13 @@ import copy
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
-from timing import alternating_rounds, report
+from timing import alternating_rounds, hftrain_loop, report
 
 from hftrain.data import DataStreams
 from hftrain.models import build_model
 from hftrain.optim import build_optimizer, build_scheduler
 from hftrain.recipe import load_recipe
-from hftrain.tracking import MetricsLog
-from hftrain.train import TrainingLoop, prepare_tokenizer
+from hftrain.train import prepare_tokenizer
 
 
 def plain_pytorch_step(model, optimizer, scheduler, batch, grad_clip):
@@ -56,12 +54,7 @@ def main() -> None:
     plain_opt = build_optimizer(plain_model, recipe.train)
     plain_sched = build_scheduler(plain_opt, recipe.train)
 
-    accelerator = Accelerator()
-    optimizer = build_optimizer(model, recipe.train)
-    scheduler = build_scheduler(optimizer, recipe.train)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    loop = TrainingLoop(recipe, accelerator, model, optimizer, scheduler, streams,
-                        MetricsLog(None, enabled=False), byte_lengths=None)
+    loop = hftrain_loop(recipe, model, streams)
     tokens_per_round = args.steps * batches[0]["input_ids"].numel()
 
     def hftrain_round():
