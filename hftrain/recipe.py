@@ -18,6 +18,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from hftrain.checks import at_least_one, in_unit_interval
 from hftrain.errors import RecipeError
 from hftrain.models import MODELS, GPT2Fields
 
@@ -90,8 +91,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        in_unit_interval(self, "val_fraction")
         if self.shuffle_buffer < 0:
             raise ValueError("shuffle_buffer must be >= 0")
 
@@ -143,9 +143,7 @@ class TrainConfig:
     the update and go on."""
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "grad_accum_steps", "max_steps", "log_interval"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        at_least_one(self, "batch_size", "grad_accum_steps", "max_steps", "log_interval")
         if self.lr <= 0 or self.min_lr < 0:
             raise ValueError("lr must be > 0 and min_lr >= 0")
         if self.warmup_steps < 0:

@@ -7,6 +7,8 @@ from typing import ClassVar, Literal
 
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerBase
 
+from hftrain.checks import at_least_one, in_unit_interval
+
 
 @dataclass
 class GPT2Fields:
@@ -32,13 +34,10 @@ class GPT2Fields:
     """Share the input embedding with the output projection, as GPT-2 does."""
 
     def __post_init__(self) -> None:
-        for name in ("n_layer", "n_head", "n_embd"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        at_least_one(self, "n_layer", "n_head", "n_embd")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        in_unit_interval(self, "dropout")
 
 
 def build_gpt2(

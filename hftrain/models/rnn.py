@@ -7,6 +7,7 @@ from typing import ClassVar, Literal
 
 from transformers import PreTrainedTokenizerBase
 
+from hftrain.checks import at_least_one, in_unit_interval
 from hftrain.models.recurrent import RecurrentForCausalLM, RecurrentLMConfig
 
 
@@ -34,12 +35,8 @@ class RecurrentFields:
     """Embeddings and the output layer start from U(-init_range, init_range)."""
 
     def __post_init__(self) -> None:
-        for name in ("embedding_size", "hidden_size", "num_layers"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("embedding_dropout", "dropout", "output_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        at_least_one(self, "embedding_size", "hidden_size", "num_layers")
+        in_unit_interval(self, "embedding_dropout", "dropout", "output_dropout")
 
 
 def build_recurrent(
