@@ -1,4 +1,4 @@
-"""Command line: `hftrain {tokenizer,train,generate} ...`.
+"""Command line: `hftrain {tokenizer,train,eval,generate,push} ...`.
 
 Mistakes in the user's input (recipe keys, paths, data) end with one line on stderr and exit
 status 2; tracebacks are kept for bugs.
@@ -84,6 +84,42 @@ def cmd_generate(args: argparse.Namespace) -> None:
             print("-" * 40)
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from accelerate import Accelerator
+
+    from hftrain.data import text_stream, texts
+    from hftrain.evaluation import evaluate_texts, export_block_size
+    from hftrain.generation import load_export
+    from hftrain.recipe import DataConfig
+
+    model, tokenizer = load_export(args.export, trust_remote_code=args.trust_remote_code)
+    block_size = args.block_size or export_block_size(args.export, model)
+    stride = args.stride or block_size
+    if not 1 <= stride <= block_size:
+        raise HftrainError(f"--stride must be between 1 and the block size ({block_size})")
+    source = DataConfig(train_files=args.data, val_fraction=0.0, text_column=args.text_column,
+                        sample_by=args.sample_by)
+    accelerator = Accelerator()
+    result = evaluate_texts(model.to(accelerator.device), tokenizer,
+                            texts(text_stream(source, "train")), accelerator, block_size,
+                            stride, args.batch_size)
+    print(f"{', '.join(args.data)}: loss {result['loss']:.4f} | perplexity "
+          f"{result['perplexity']:.3f} | bits/byte {result['bits_per_byte']:.4f} | "
+          f"{result['tokens']:,} tokens (block {block_size}, stride {stride})")
+
+
+def cmd_push(args: argparse.Namespace) -> None:
+    from hftrain.hub import push
+
+    export = Path(args.export)
+    folder = Path(args.folder) if args.folder else export.parent / "hub"
+    files = push(export, args.repo_id, folder, private=args.private, dry_run=args.dry_run)
+    verb = "would upload" if args.dry_run else "uploaded"
+    print(f"{verb} {len(files)} files from {folder} to https://huggingface.co/{args.repo_id}:")
+    for name in files:
+        print(f"  {name}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hftrain",
@@ -102,6 +138,31 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "train":
             p.add_argument("--resume", action="store_true",
                            help="continue from the newest checkpoint (checkpoint.resume=auto)")
+    e = sub.add_parser("eval", help="perplexity and bits per byte of an export on text files")
+    e.add_argument("export", help="an export folder (run_dir/final) or Hub id")
+    e.add_argument("--data", nargs="+", required=True,
+                   help="text (.txt), JSON Lines or Parquet files; each document is scored alone")
+    e.add_argument("--block-size", type=int, default=None,
+                   help="tokens of context per window (default: the training recipe's)")
+    e.add_argument("--stride", type=int, default=None,
+                   help="tokens between windows (default: block size, no overlap); smaller "
+                        "strides give every token more context and cost more forward passes")
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--text-column", default="text", help="column of JSON Lines/Parquet files")
+    e.add_argument("--sample-by", choices=["document", "paragraph", "line"], default="document",
+                   help="what one document of a .txt file is")
+    e.add_argument("--trust-remote-code", action="store_true",
+                   help="allow model code shipped with the export (recurrent models)")
+    e.set_defaults(func=cmd_eval)
+    h = sub.add_parser("push", help="upload an export with a model card to the Hugging Face Hub")
+    h.add_argument("export", help="an export folder (run_dir/final)")
+    h.add_argument("--repo-id", required=True, help="user/name or org/name on the Hub")
+    h.add_argument("--private", action="store_true", help="create the repository as private")
+    h.add_argument("--dry-run", action="store_true",
+                   help="write the folder that would be uploaded and list it; upload nothing")
+    h.add_argument("--folder", default=None,
+                   help="where to stage the upload (default: <run_dir>/hub)")
+    h.set_defaults(func=cmd_push)
     g = sub.add_parser("generate", help="sample text from an exported model")
     g.add_argument("export", help="an export folder (run_dir/final) or Hub id")
     g.add_argument("--prompt", default="")

@@ -7,16 +7,18 @@ or per-process means instead would weight a half-padded batch like a full one.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import evaluate
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hftrain.data import IGNORE_INDEX
+from hftrain.data import IGNORE_INDEX, batched
+from hftrain.errors import HftrainError
 
 METRIC_PATH = Path(__file__).parent / "metrics" / "perplexity"
 
@@ -100,3 +102,62 @@ def evaluate_lm(
     return perplexity_metric().compute(
         nll_sum=[nll], token_count=[int(tokens)], byte_count=[int(n_bytes)]
     )
+
+
+def text_windows(ids: list[int], block_size: int, stride: int) -> Iterator[np.ndarray]:
+    """Sliding windows over one text's tokens that score every target exactly once.
+
+    Window k reads tokens [k * stride, k * stride + block_size] and scores only the targets
+    the previous window did not reach, so each target is predicted from up to block_size
+    tokens of context, at least block_size - stride of them after the first window. With
+    stride = block_size the windows are the packed blocks of in-training evaluation. Yields
+    (2, block_size + 1) arrays: token ids, and labels (IGNORE_INDEX where not scored or past
+    the end).
+    """
+    if not 1 <= stride <= block_size:
+        raise ValueError(f"stride must be between 1 and block_size ({block_size}), got {stride}")
+    tokens = np.asarray(ids, dtype=np.int64)
+    last = len(tokens) - 1  # index of the last target; index 0 is never a target
+    scored_until = 0
+    for begin in range(0, max(last, 1), stride):
+        end = min(begin + block_size, last)
+        window = np.full((2, block_size + 1), IGNORE_INDEX, dtype=np.int64)
+        window[0, : end - begin + 1] = tokens[begin : end + 1]
+        first_new = scored_until + 1 - begin  # position in the window of the first new target
+        window[1, first_new : end - begin + 1] = tokens[scored_until + 1 : end + 1]
+        yield window
+        scored_until = end
+        if end == last:
+            return
+
+
+def evaluate_texts(model: Any, tokenizer: Any, texts: Iterable[str], accelerator: Any,
+                   block_size: int, stride: int | None = None,
+                   batch_size: int = 16) -> dict[str, float]:
+    """Corpus perplexity and bits per byte of `texts`, each scored on its own (text + EOS) with
+    sliding windows (`text_windows`); windows of different texts share padded batches, and
+    padding is never scored."""
+    backend = tokenizer.backend_tokenizer
+    eos = [tokenizer.eos_token_id]
+
+    def windows() -> Iterator[np.ndarray]:
+        for text in texts:
+            ids = backend.encode(text, add_special_tokens=False).ids + eos
+            yield from text_windows(ids, block_size, stride or block_size)
+
+    batches = batched(windows(), batch_size, tokenizer.pad_token_id)
+    return evaluate_lm(model, batches, accelerator, token_byte_lengths(tokenizer))
+
+
+def export_block_size(export: str, model: Any) -> int:
+    """The block size the export was trained with (its hftrain_recipe.yaml), else the model's
+    maximum positions."""
+    recipe = Path(export) / "hftrain_recipe.yaml"
+    if recipe.is_file():
+        import yaml
+
+        return int(yaml.safe_load(recipe.read_text(encoding="utf-8"))["data"]["block_size"])
+    positions = getattr(model.config, "n_positions", None)
+    if positions is None:
+        raise HftrainError(f"cannot tell the block size of '{export}'; pass --block-size")
+    return int(positions)

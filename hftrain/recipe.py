@@ -73,6 +73,13 @@ class DataConfig:
     """Split of the Hub dataset to train on."""
     val_split: str | None = None
     """Split of the Hub dataset to validate on; when unset, `val_fraction` is held out."""
+    kind: Literal["text", "sft"] = "text"
+    """`text`: language modelling on documents, every token scored. `sft`: supervised
+    fine-tuning on records `{"prompt", "completion"}` or `{"messages": [...]}` (rendered with
+    the tokenizer's chat template); only completion / assistant tokens are scored."""
+    packing: bool = True
+    """`sft`: pack examples (each ending with EOS) into full blocks, as text is packed; false:
+    one example per block, padded (never scored) or cut to block_size + 1 tokens."""
     format: Literal["auto", "text", "json", "parquet"] = "auto"
     """File format; `auto` picks it from the file extension."""
     text_column: str = "text"
@@ -192,6 +199,20 @@ class SampleConfig:
 
 
 @dataclass
+class HubConfig:
+    push_to_hub: bool = False
+    """After training, upload final/ with a model card (as `hftrain push` does). The token
+    comes from HF_TOKEN or `hf auth login`; never put it in a recipe."""
+    repo_id: str | None = None
+    """user/name or org/name of the model repository."""
+    private: bool = False
+
+    def __post_init__(self) -> None:
+        if self.push_to_hub and not self.repo_id:
+            raise ValueError("push_to_hub needs hub.repo_id")
+
+
+@dataclass
 class Recipe:
     run: RunConfig = field(default_factory=RunConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -202,6 +223,7 @@ class Recipe:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -239,6 +261,9 @@ def recipe_from_dict(raw: dict[str, Any], source: str = "<recipe>") -> Recipe:
     recipe = _build(Recipe, raw, prefix="", source=source, field_types=field_types)
     if recipe.train.stateful and not recipe.model.supports_stateful:
         raise RecipeError(f"{source}: train.stateful needs a recurrent model, not '{arch}'")
+    if recipe.train.stateful and recipe.data.kind == "sft":
+        raise RecipeError(f"{source}: train.stateful reads a continuous text stream; "
+                          "it does not combine with data.kind: sft")
     return recipe
 
 

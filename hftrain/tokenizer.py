@@ -15,6 +15,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 from hftrain.atomic import atomic_directory
 from hftrain.errors import DataError, HftrainError
 from hftrain.recipe import TokenizerConfig
+from hftrain.sft import DEFAULT_CHAT_TEMPLATE
 
 PAD, BOS, EOS, UNK = "<|pad|>", "<|bos|>", "<|eos|>", "<|unk|>"
 SPECIAL_TOKENS = [PAD, BOS, EOS, UNK]
@@ -36,7 +37,7 @@ def build_tokenizer(
         backend = _byte_level_bpe(counted, config.vocab_size, config.min_frequency)
     if counted.chars == 0:
         raise DataError(f"the training corpus is empty: {source}")
-    return PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         pad_token=PAD,
         bos_token=BOS,
@@ -44,6 +45,8 @@ def build_tokenizer(
         unk_token=UNK,
         model_max_length=model_max_length,
     )
+    tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE  # so chat data can fine-tune what it trains
+    return tokenizer
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:

@@ -30,7 +30,9 @@ from hftrain.data import IGNORE_INDEX, DataStreams, describe_source, text_stream
 from hftrain.errors import HftrainError, TrainingDiverged
 from hftrain.evaluation import evaluate_lm, token_byte_lengths, token_nll
 from hftrain.generation import generate_text
+from hftrain.hub import push
 from hftrain.models import build_model
+from hftrain.models.base import is_lora
 from hftrain.optim import build_optimizer, build_scheduler
 from hftrain.recipe import Recipe, dump_recipe
 from hftrain.tokenizer import build_tokenizer, load_tokenizer, save_tokenizer
@@ -64,11 +66,13 @@ class TrainResult:
 def prepare_tokenizer(recipe: Recipe) -> tuple[Any, bool]:
     """The recipe's tokenizer and whether it was built now (and so still needs saving).
 
-    Order of preference: `tokenizer.name_or_path`; a tokenizer already in the run folder (from
-    `hftrain tokenizer`); otherwise one built from the training stream.
+    Order of preference: `tokenizer.name_or_path`; the tokenizer of `model.init_from`; a
+    tokenizer already in the run folder (from `hftrain tokenizer`); otherwise one built from
+    the training stream.
     """
-    if recipe.tokenizer.name_or_path:
-        return load_tokenizer(recipe.tokenizer.name_or_path), False
+    if recipe.tokenizer.name_or_path or recipe.model.init_from:
+        name = recipe.tokenizer.name_or_path or recipe.model.init_from
+        return load_tokenizer(name, trust_remote_code=recipe.model.trust_remote_code), False
     saved = Path(recipe.run.output_dir) / "tokenizer"
     if (saved / "tokenizer.json").is_file() and not recipe.run.overwrite:
         return load_tokenizer(str(saved)), False
@@ -155,7 +159,7 @@ def train(recipe: Recipe) -> TrainResult:
                            loop.interrupted, loop.last_checkpoint)
 
     val = loop.evaluate(max_batches=None)
-    final_dir = export(accelerator, model, tokenizer, recipe, run_dir)
+    final_dir, unwrapped = export(accelerator, model, tokenizer, recipe, run_dir)
     sample = ""
     if accelerator.is_main_process:
         plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
@@ -163,6 +167,8 @@ def train(recipe: Recipe) -> TrainResult:
             unwrapped, tokenizer, recipe.sample.prompt,
             recipe.sample.max_new_tokens, recipe.sample.temperature, recipe.sample.top_k,
         )
+        if recipe.hub.push_to_hub:
+            push(final_dir, recipe.hub.repo_id, run_dir / "hub", private=recipe.hub.private)
     accelerator.end_training()
     return TrainResult(unwrapped.eval(), run_dir, final_dir, val, sample, train_seconds,
                        loop.step, 0, loop.last_checkpoint)
@@ -396,24 +402,28 @@ class TrainingLoop:
 
 
 def export(accelerator: Accelerator, model: Any, tokenizer: Any, recipe: Recipe,
-           run_dir: Path) -> Path:
+           run_dir: Path) -> tuple[Path, Any]:
     """Write `final/`: safetensors weights, config, tokenizer, generation config, recipe.
+    Returns the folder and the model saved there (LoRA adapters merged).
 
     Plain `transformers` loads it with `AutoModelForCausalLM` and `AutoTokenizer`.
     """
     final_dir = run_dir / "final"
-    # torch.compile's wrapper prefixes every key with `_orig_mod.`: the export must not.
-    state_dict = {k.removeprefix("_orig_mod."): v
-                  for k, v in accelerator.get_state_dict(model).items()}
+    unwrapped = bare_model(accelerator, model)
+    if is_lora(unwrapped):  # LoRA: fold the adapters in; the export is a plain model
+        unwrapped = unwrapped.merge_and_unload()
+        state_dict = unwrapped.state_dict()
+    else:  # torch.compile's wrapper prefixes every key with `_orig_mod.`: the export must not
+        state_dict = {k.removeprefix("_orig_mod."): v
+                      for k, v in accelerator.get_state_dict(model).items()}
     if accelerator.is_main_process:
-        unwrapped = bare_model(accelerator, model)
         unwrapped.generation_config = generation_config(recipe, tokenizer)
         with atomic_directory(final_dir) as tmp:
             unwrapped.save_pretrained(tmp, state_dict=state_dict)
             tokenizer.save_pretrained(tmp)
             dump_recipe(recipe, tmp / "hftrain_recipe.yaml")
     accelerator.wait_for_everyone()
-    return final_dir
+    return final_dir, unwrapped
 
 
 def generation_config(recipe: Recipe, tokenizer: Any) -> GenerationConfig:

@@ -20,6 +20,25 @@ def test_shakespeare_char_recipe_reaches_nanogpt_loss(tmp_path, monkeypatch):
     assert result.val["loss"] <= 1.90
     text = CORPUS.read_text(encoding="utf-8")
     assert_export_agrees(result, independent_check(result.final_dir, text, tmp_path))
+    assert_smaller_strides_score_no_worse(result, text[-20_000:])
+
+
+def assert_smaller_strides_score_no_worse(result, text: str) -> None:
+    """`hftrain eval`'s sliding windows on a trained model: the same tokens scored, with more
+    context as the stride shrinks, never a higher perplexity (an untrained model, which does
+    not use context, gives no such guarantee; hence here)."""
+    from accelerate import Accelerator
+
+    from hftrain.evaluation import evaluate_texts
+    from hftrain.tokenizer import load_tokenizer
+
+    tok, acc = load_tokenizer(str(result.final_dir)), Accelerator(cpu=True)
+    previous = evaluate_texts(result.model, tok, [text], acc, block_size=64, stride=64)
+    for stride in (32, 16, 8):
+        current = evaluate_texts(result.model, tok, [text], acc, block_size=64, stride=stride)
+        assert current["tokens"] == previous["tokens"] == len(text)
+        assert current["perplexity"] <= previous["perplexity"]
+        previous = current
 
 
 @pytest.mark.slow

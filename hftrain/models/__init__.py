@@ -1,8 +1,9 @@
 """Model registry: a plain dict from the recipe's `model.arch` to its fields and builder.
 
 A new architecture adds one entry: a dataclass describing its recipe fields (checked like every
-other recipe section) and a function that turns those fields, the tokenizer and the block size
-into a `PreTrainedModel`.
+other recipe section, based on `ModelFields`) and a function that turns those fields, the
+tokenizer and the block size into a `PreTrainedModel`. Starting from a pretrained model
+(`init_from`) and LoRA work the same for every entry.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+from hftrain.models.base import add_lora, load_pretrained
 from hftrain.models.gpt2 import GPT2Fields, build_gpt2
 from hftrain.models.rnn import RecurrentFields, build_recurrent
 
@@ -29,5 +31,12 @@ MODELS: dict[str, ModelSpec] = {
 
 
 def build_model(fields: Any, tokenizer: Any, block_size: int) -> Any:
-    """Build the model a recipe's `model:` section describes."""
-    return MODELS[fields.arch].build(fields, tokenizer, block_size)
+    """The model a recipe's `model:` section describes: freshly initialised, or loaded from
+    `init_from` (the family `arch` names must match), with LoRA adapters if asked for."""
+    if fields.init_from:
+        model = load_pretrained(fields, fields.arch, block_size)
+        if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+            model.resize_token_embeddings(len(tokenizer))
+    else:
+        model = MODELS[fields.arch].build(fields, tokenizer, block_size)
+    return add_lora(model, fields) if fields.lora_r else model

@@ -8,10 +8,11 @@ from typing import ClassVar, Literal
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerBase
 
 from hftrain.checks import at_least_one, in_unit_interval
+from hftrain.models.base import ModelFields
 
 
 @dataclass
-class GPT2Fields:
+class GPT2Fields(ModelFields):
     """The `model:` section of a recipe with `arch: gpt2`."""
 
     supports_stateful: ClassVar[bool] = False
@@ -34,6 +35,7 @@ class GPT2Fields:
     """Share the input embedding with the output projection, as GPT-2 does."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         at_least_one(self, "n_layer", "n_head", "n_embd")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")

@@ -8,11 +8,12 @@ from typing import ClassVar, Literal
 from transformers import PreTrainedTokenizerBase
 
 from hftrain.checks import at_least_one, in_unit_interval
+from hftrain.models.base import ModelFields
 from hftrain.models.recurrent import RecurrentForCausalLM, RecurrentLMConfig
 
 
 @dataclass
-class RecurrentFields:
+class RecurrentFields(ModelFields):
     """The `model:` section of a recipe with `arch: lstm | gru | rnn_tanh | rnn_relu`."""
 
     supports_stateful: ClassVar[bool] = True
@@ -35,6 +36,7 @@ class RecurrentFields:
     """Embeddings and the output layer start from U(-init_range, init_range)."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         at_least_one(self, "embedding_size", "hidden_size", "num_layers")
         in_unit_interval(self, "embedding_dropout", "dropout", "output_dropout")
 

@@ -1,0 +1,173 @@
+"""Publish an export on the Hub: the exact folder (weights, tokenizer, the recurrent model's
+code, the resolved recipe, the loss curve and a model card) is staged locally first, so a
+dry run shows precisely what an upload sends.
+
+The token is never handled here: `huggingface_hub` reads it from `HF_TOKEN` or the login
+cache when it talks to the Hub, and nothing hftrain writes contains it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import yaml
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+from huggingface_hub.errors import HfHubHTTPError
+
+from hftrain.errors import HftrainError
+from hftrain.tracking import read_metrics
+
+CARD_TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ model_name }}
+
+A {{ description }} trained with hftrain{{ init_note }}.
+
+## Training
+
+| | |
+|---|---|
+| architecture | {{ architecture }} |
+| parameters | {{ parameters }} |
+| tokenizer | {{ tokenizer }} |
+| training data | {{ train_data }} |
+| steps x global batch | {{ steps }} x {{ global_batch }} blocks of {{ block_size }} tokens |
+| optimizer | {{ optimizer }} |
+{% if validation %}| validation ({{ val_data }}) | {{ validation }} |
+{% endif %}
+{% if plot %}![training and validation loss](loss.png)
+{% endif %}
+The full recipe is `hftrain_recipe.yaml` in this repository.
+
+## How to use
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("{{ repo_id }}"{{ remote }})
+tokenizer = AutoTokenizer.from_pretrained("{{ repo_id }}"{{ remote }})
+ids = tokenizer("{{ prompt }}", return_tensors="pt").input_ids
+print(tokenizer.decode(model.generate(ids, max_new_tokens=100)[0]))
+```
+{% if remote %}
+This is a recurrent model whose code (`modeling_recurrent.py`) ships in this repository:
+read it before passing `trust_remote_code=True`.
+{% endif %}"""
+
+
+def stage(export: Path, folder: Path, repo_id: str) -> list[str]:
+    """Write `folder`: the export, the run's loss curve and a model card. Returns the files."""
+    if not (export / "config.json").is_file():
+        raise HftrainError(f"not an export folder (no config.json): {export}")
+    if folder.exists():
+        shutil.rmtree(folder)
+    shutil.copytree(export, folder)
+    run_dir = export.parent
+    plot = run_dir / "loss.png"
+    if plot.is_file():
+        shutil.copy2(plot, folder / "loss.png")
+    card = model_card(folder, repo_id, _last_evaluation(run_dir / "metrics.jsonl"))
+    card.save(folder / "README.md")
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+def _last_evaluation(metrics: Path) -> dict[str, Any] | None:
+    if not metrics.is_file():
+        return None
+    evaluations = [r for r in read_metrics(metrics) if "val_loss" in r]
+    return evaluations[-1] if evaluations else None
+
+
+def model_card(folder: Path, repo_id: str, val: dict[str, Any] | None) -> ModelCard:
+    """The model card: Hub metadata (library, tags, datasets, the perplexity result) and how
+    the model was made and is loaded, from the export's config and recipe."""
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    recipe_path = folder / "hftrain_recipe.yaml"
+    recipe = yaml.safe_load(recipe_path.read_text(encoding="utf-8")) if recipe_path.is_file() \
+        else {}
+    data, model, train = recipe.get("data", {}), recipe.get("model", {}), recipe.get("train", {})
+    recurrent = config.get("model_type") == "hftrain_recurrent"
+    arch = config.get("cell", config.get("model_type", "causal-lm"))
+    dataset_name = data.get("dataset") or ", ".join(Path(f).name for f in data.get("val_files")
+                                                   or data.get("train_files") or []) or "custom"
+    card_data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=["hftrain", "causal-lm", arch, *(["custom_code"] if recurrent else [])],
+        datasets=[data["dataset"]] if data.get("dataset") else None,
+        model_name=repo_id,
+        eval_results=[
+            EvalResult(task_type="text-generation", dataset_type=data.get("dataset") or "custom",
+                       dataset_name=dataset_name, metric_type="perplexity",
+                       metric_value=round(val["val_ppl"], 4), dataset_split="validation"),
+        ] if val else None,
+    )
+    n_params = _parameter_count(folder)
+    return ModelCard.from_template(
+        card_data,
+        template_str=CARD_TEMPLATE,
+        model_name=repo_id.split("/")[-1],
+        repo_id=repo_id,
+        description=f"{'recurrent (' + arch.upper() + ')' if recurrent else arch.upper()} "
+                    "causal language model",
+        init_note=f", fine-tuned from `{model['init_from']}`" if model.get("init_from") else "",
+        architecture=_architecture(config),
+        parameters=f"{n_params / 1e6:.2f} M" if n_params else "unknown",
+        tokenizer=recipe.get("tokenizer", {}).get("kind", "from the base model"),
+        train_data=data.get("dataset") or ", ".join(data.get("train_files") or []) or "unknown",
+        val_data=dataset_name,
+        steps=train.get("max_steps", "?"),
+        global_batch=train.get("batch_size", 0) * train.get("grad_accum_steps", 1),
+        block_size=data.get("block_size", "?"),
+        optimizer=f"{train.get('optimizer', '?')}, lr {train.get('lr', '?')}, "
+                  f"{train.get('scheduler', '?')} schedule",
+        validation=(f"loss {val['val_loss']:.4f}, perplexity {val['val_ppl']:.3f}, bits per "
+                    f"byte {val['val_bpb']:.4f} over {val['val_tokens']:,} tokens") if val else "",
+        plot=(folder / "loss.png").is_file(),
+        remote=", trust_remote_code=True" if recurrent else "",
+        prompt=recipe.get("sample", {}).get("prompt", "") or "",
+    )
+
+
+def _architecture(config: dict[str, Any]) -> str:
+    if config.get("model_type") == "hftrain_recurrent":
+        return (f"{config['cell']}: {config['num_layers']} layers, hidden {config['hidden_size']},"
+                f" embedding {config['embedding_size']}")
+    return (f"{config.get('model_type')}: {config.get('n_layer')} layers, {config.get('n_head')} "
+            f"heads, width {config.get('n_embd')}, context {config.get('n_positions')}")
+
+
+def _parameter_count(folder: Path) -> int:
+    """Parameters stored in the safetensors file (tied weights are stored once)."""
+    from safetensors import safe_open
+
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        return 0
+    with safe_open(str(weights), "np") as f:
+        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118
+
+
+def push(export: Path, repo_id: str, folder: Path, private: bool = False,
+         dry_run: bool = False) -> list[str]:
+    """Stage the export in `folder`; unless `dry_run`, create the repo and upload the folder.
+    Returns the staged files."""
+    files = stage(export, folder, repo_id)
+    if dry_run:
+        return files
+    api = HfApi()
+    try:
+        url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        api.upload_folder(repo_id=url.repo_id, folder_path=str(folder), repo_type="model",
+                          commit_message="Upload model trained with hftrain")
+    except (HfHubHTTPError, OSError, ValueError) as exc:
+        first_line = str(exc).split("\n")[0]
+        raise HftrainError(f"pushing to {repo_id} failed ({type(exc).__name__}): {first_line}; "
+                           f"the staged folder is {folder}") from None
+    return files

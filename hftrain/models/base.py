@@ -1,0 +1,90 @@
+"""What every architecture's `model:` section shares: where the weights start, and LoRA.
+
+A fine-tuning recipe names a pretrained model in `init_from`; the architecture fields of the
+recipe are then read from that model's config, and `arch` only has to name its family.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from hftrain.checks import in_unit_interval
+from hftrain.errors import HftrainError
+
+
+@dataclass
+class ModelFields:
+    arch: str = ""
+    """The architecture (each subclass narrows it to its own names)."""
+    init_from: str | None = None
+    """Start from a pretrained causal LM: an hftrain export folder or a Hub id, loaded with
+    `from_pretrained` together with its tokenizer (unless `tokenizer.name_or_path` names
+    another). The architecture fields of this section are then taken from it."""
+    trust_remote_code: bool = False
+    """Allow model or tokenizer code shipped with `init_from` to run. Off unless you say so:
+    hftrain's own recurrent models load without it wherever hftrain is installed."""
+    lora_r: int = 0
+    """Rank of LoRA adapters (PEFT, `pip install hftrain[lora]`); 0 trains every weight.
+    Only the adapters train; the export merges them into plain weights."""
+    lora_alpha: int = 16
+    """LoRA scaling numerator: updates are scaled by lora_alpha / lora_r."""
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] | None = None
+    """Module names to adapt; unset: PEFT's default for the model type (GPT-2: c_attn)."""
+
+    def __post_init__(self) -> None:
+        if self.lora_r < 0:
+            raise ValueError(f"lora_r must be >= 0, got {self.lora_r}")
+        in_unit_interval(self, "lora_dropout")
+
+
+def load_pretrained(fields: Any, family: str, block_size: int) -> Any:
+    """The `init_from` model, checked against the recipe: same family, long enough context."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            fields.init_from, trust_remote_code=fields.trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        first_line = str(exc).split("\n")[0]
+        raise HftrainError(f"cannot load model.init_from '{fields.init_from}': {first_line}") \
+            from None
+    loaded = getattr(model.config, "cell", None) or model.config.model_type
+    if loaded != family:
+        raise HftrainError(
+            f"model.arch is '{fields.arch}' but model.init_from '{fields.init_from}' holds a "
+            f"'{loaded}' model; set model.arch to match it"
+        )
+    positions = getattr(model.config, "n_positions", None)
+    if positions is not None and block_size > positions:
+        raise HftrainError(
+            f"data.block_size {block_size} is longer than the {positions} positions of "
+            f"model.init_from '{fields.init_from}'"
+        )
+    return model
+
+
+def add_lora(model: Any, fields: ModelFields) -> Any:
+    """Wrap `model` with PEFT LoRA adapters; only they stay trainable."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise HftrainError("model.lora_r needs PEFT: pip install 'hftrain[lora]'") from None
+    config = LoraConfig(
+        r=fields.lora_r,
+        lora_alpha=fields.lora_alpha,
+        lora_dropout=fields.lora_dropout,
+        target_modules=fields.lora_target_modules,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:
+        raise HftrainError(f"model.lora_target_modules: {exc}".split("\n")[0]) from None
+
+
+def is_lora(model: Any) -> bool:
+    """Whether `model` is a PEFT model with adapters to merge before export."""
+    return hasattr(model, "merge_and_unload")

@@ -1,0 +1,89 @@
+"""Supervised fine-tuning records -> token ids and labels that count only the answer.
+
+Two record shapes are read (JSON Lines, Parquet or a Hub dataset):
+
+- `{"prompt": str, "completion": str}`: the prompt followed by the completion and EOS, as
+  plain text (TRL's "standard" format); only the completion and EOS are scored.
+- `{"messages": [{"role": ..., "content": ...}, ...]}`: a conversation rendered with the
+  tokenizer's chat template; only the assistant turns are scored.
+
+The mask comes from rendering the conversation one message at a time: the text an assistant
+message adds to the rendered prefix is scored, everything else is context. Each piece is
+tokenized on its own, so no token straddles a scored/unscored boundary.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from hftrain.errors import DataError
+
+IGNORE_INDEX = -100
+
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|bos|>{{ message['role'] }}\n{{ message['content'] }}<|eos|>"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|bos|>assistant\n{% endif %}"
+)
+"""Set on every tokenizer hftrain builds: each turn is `<|bos|>role\\ncontent<|eos|>`, so
+a fine-tuned model ends its answer with EOS, which stops `generate`."""
+
+SFT_COLUMNS = ("prompt", "completion", "messages")
+
+
+def record_segments(record: dict[str, Any], tokenizer: Any) -> list[tuple[str, bool]]:
+    """The record's text as consecutive (text, scored) pieces."""
+    if record.get("messages") is not None:
+        return _conversation_segments(record["messages"], tokenizer)
+    prompt, completion = record.get("prompt"), record.get("completion")
+    if not isinstance(prompt, str) or not isinstance(completion, str):
+        raise DataError("a fine-tuning record needs string 'prompt' and 'completion' fields "
+                        f"or a 'messages' list; got keys {sorted(k for k in record if record[k])}")
+    return [(prompt, False), (completion + tokenizer.eos_token, True)]
+
+
+def _conversation_segments(messages: list[dict], tokenizer: Any) -> list[tuple[str, bool]]:
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError("'messages' records need a tokenizer with a chat template; this one "
+                        "has none (set tokenizer.chat_template on it, or use prompt/completion)")
+    segments: list[tuple[str, bool]] = []
+    rendered = ""
+    for i, message in enumerate(messages):
+        is_answer = message.get("role") == "assistant"
+        if is_answer:  # the generation prompt ("<|bos|>assistant\n") is context
+            prefix = _render(tokenizer, messages[:i], add_generation_prompt=True)
+            segments.append((_extension(rendered, prefix), False))
+            rendered = prefix
+        text = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        segments.append((_extension(rendered, text), is_answer))
+        rendered = text
+    return [(text, scored) for text, scored in segments if text]
+
+
+def _render(tokenizer: Any, messages: list[dict], add_generation_prompt: bool) -> str:
+    if not messages:
+        return ""
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+
+
+def _extension(before: str, after: str) -> str:
+    if not after.startswith(before):
+        raise DataError("the tokenizer's chat template does not render a conversation as an "
+                        "extension of its first messages, so assistant turns cannot be masked")
+    return after[len(before):]
+
+
+def encode_record(record: dict[str, Any], tokenizer: Any) -> np.ndarray:
+    """A (2, n) array: token ids, and labels (the id where scored, IGNORE_INDEX elsewhere)."""
+    backend = tokenizer.backend_tokenizer
+    pieces = record_segments(record, tokenizer)
+    encodings = backend.encode_batch_fast([text for text, _ in pieces], add_special_tokens=False)
+    ids = [np.asarray(e.ids, dtype=np.int64) for e in encodings]
+    labels = [i if scored else np.full_like(i, IGNORE_INDEX) for i, (_, scored) in
+              zip(ids, pieces, strict=True)]
+    return np.stack([np.concatenate(ids), np.concatenate(labels)])
