@@ -162,3 +162,17 @@ def test_push_uploads_exactly_the_staged_files_and_never_the_token(runs, tmp_pat
     for name, content in files.items():
         assert SECRET.encode() not in content, name
     assert SECRET not in capsys.readouterr().out
+
+
+def test_recipe_hub_section_pushes_after_training(tmp_path, corpus_file, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    monkeypatch.setattr("hftrain.hub.HfApi", RecordingApi)
+    RecordingApi.calls = []
+    raw = tiny_recipe_dict(corpus_file, tmp_path / "run", train={"max_steps": 5})
+    raw["hub"] = {"push_to_hub": True, "repo_id": "me/from-recipe"}
+    result = train(recipe_from_dict(raw))
+    (_, repo, kwargs), (_, _, files) = RecordingApi.calls
+    assert repo == "me/from-recipe" and kwargs["private"] is False
+    assert {"README.md", "model.safetensors", "hftrain_recipe.yaml"} <= set(files)
+    recipe_text = (result.run_dir / "recipe.yaml").read_text()
+    assert SECRET not in recipe_text and all(SECRET.encode() not in c for c in files.values())
