@@ -119,7 +119,7 @@ def model_card(folder: Path, repo_id: str, val: dict[str, Any] | None) -> ModelC
         init_note=f", fine-tuned from `{model['init_from']}`" if model.get("init_from") else "",
         architecture=_architecture(config),
         parameters=f"{n_params / 1e6:.2f} M" if n_params else "unknown",
-        tokenizer=recipe.get("tokenizer", {}).get("kind", "from the base model"),
+        tokenizer=_tokenizer_origin(recipe),
         train_data=data.get("dataset") or ", ".join(data.get("train_files") or []) or "unknown",
         val_data=dataset_name,
         steps=train.get("max_steps", "?"),
@@ -133,6 +133,17 @@ def model_card(folder: Path, repo_id: str, val: dict[str, Any] | None) -> ModelC
         remote=", trust_remote_code=True" if recurrent else "",
         prompt=recipe.get("sample", {}).get("prompt", "") or "",
     )
+
+
+def _tokenizer_origin(recipe: dict[str, Any]) -> str:
+    """How the tokenizer was made: built by the recipe, or reused from another model."""
+    reused = recipe.get("tokenizer", {}).get("name_or_path") or \
+        recipe.get("model", {}).get("init_from")
+    if reused:
+        return f"reused from `{reused}`"
+    tokenizer = recipe.get("tokenizer", {})
+    kind = tokenizer.get("kind", "unknown")
+    return kind if kind == "char" else f"{kind}, {tokenizer.get('vocab_size')} tokens"
 
 
 def _architecture(config: dict[str, Any]) -> str:

@@ -128,6 +128,7 @@ def test_dry_run_folder_loads_without_hftrain_and_its_card_parses(runs, tmp_path
     assert result.metric_type == "perplexity"
     assert result.metric_value == pytest.approx(runs[arch].val["perplexity"], rel=1e-3)
     assert ("trust_remote_code=True" in card.text) == (arch == "lstm")
+    assert "| tokenizer | char |" in card.text
 
 
 class RecordingApi:
