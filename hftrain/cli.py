@@ -95,8 +95,6 @@ def cmd_eval(args: argparse.Namespace) -> None:
     model, tokenizer = load_export(args.export, trust_remote_code=args.trust_remote_code)
     block_size = args.block_size or export_block_size(args.export, model)
     stride = args.stride or block_size
-    if not 1 <= stride <= block_size:
-        raise HftrainError(f"--stride must be between 1 and the block size ({block_size})")
     source = DataConfig(train_files=args.data, val_fraction=0.0, text_column=args.text_column,
                         sample_by=args.sample_by)
     accelerator = Accelerator()

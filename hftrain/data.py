@@ -424,10 +424,11 @@ class DataStreams:
         source = describe_source(self.config, "train")
         if n_tokens == 0:
             raise DataError(f"the training corpus is empty: {source}")
-        if self.config.kind == "sft":  # examples carry their own EOS
-            n_documents = 0 if self.config.packing else needed
-        if n_tokens + n_documents < needed:
+        if self.config.kind == "sft" and not self.config.packing:
+            return  # one padded example per block: any length fills a block
+        with_eos = n_tokens + (n_documents if self.config.kind == "text" else 0)  # sft has its own
+        if with_eos < needed:
             raise DataError(
-                f"the training corpus ({source}) has {n_tokens + n_documents} tokens with EOS, "
+                f"the training corpus ({source}) has {with_eos} tokens with EOS, "
                 f"fewer than data.block_size + 1 = {needed}; lower data.block_size or add data"
             )

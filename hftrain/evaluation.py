@@ -112,10 +112,8 @@ def text_windows(ids: list[int], block_size: int, stride: int) -> Iterator[np.nd
     tokens of context, at least block_size - stride of them after the first window. With
     stride = block_size the windows are the packed blocks of in-training evaluation. Yields
     (2, block_size + 1) arrays: token ids, and labels (IGNORE_INDEX where not scored or past
-    the end).
+    the end). Needs 1 <= stride <= block_size (`evaluate_texts` checks it).
     """
-    if not 1 <= stride <= block_size:
-        raise ValueError(f"stride must be between 1 and block_size ({block_size}), got {stride}")
     tokens = np.asarray(ids, dtype=np.int64)
     last = len(tokens) - 1  # index of the last target; index 0 is never a target
     scored_until = 0
@@ -137,13 +135,17 @@ def evaluate_texts(model: Any, tokenizer: Any, texts: Iterable[str], accelerator
     """Corpus perplexity and bits per byte of `texts`, each scored on its own (text + EOS) with
     sliding windows (`text_windows`); windows of different texts share padded batches, and
     padding is never scored."""
+    stride = stride or block_size
+    if not 1 <= stride <= block_size:
+        raise HftrainError(f"the stride must be between 1 and the block size ({block_size}), "
+                           f"got {stride}")
     backend = tokenizer.backend_tokenizer
     eos = [tokenizer.eos_token_id]
 
     def windows() -> Iterator[np.ndarray]:
         for text in texts:
             ids = backend.encode(text, add_special_tokens=False).ids + eos
-            yield from text_windows(ids, block_size, stride or block_size)
+            yield from text_windows(ids, block_size, stride)
 
     batches = batched(windows(), batch_size, tokenizer.pad_token_id)
     return evaluate_lm(model, batches, accelerator, token_byte_lengths(tokenizer))

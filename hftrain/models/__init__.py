@@ -34,7 +34,7 @@ def build_model(fields: Any, tokenizer: Any, block_size: int) -> Any:
     """The model a recipe's `model:` section describes: freshly initialised, or loaded from
     `init_from` (the family `arch` names must match), with LoRA adapters if asked for."""
     if fields.init_from:
-        model = load_pretrained(fields, fields.arch, block_size)
+        model = load_pretrained(fields, block_size)
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:
             model.resize_token_embeddings(len(tokenizer))
     else:

@@ -39,8 +39,9 @@ class ModelFields:
         in_unit_interval(self, "lora_dropout")
 
 
-def load_pretrained(fields: Any, family: str, block_size: int) -> Any:
-    """The `init_from` model, checked against the recipe: same family, long enough context."""
+def load_pretrained(fields: Any, block_size: int) -> Any:
+    """The `init_from` model, checked against the recipe: the family `arch` names (GPT-2's
+    model_type, or a recurrent model's cell), and a long enough context."""
     from transformers import AutoModelForCausalLM
 
     try:
@@ -52,7 +53,7 @@ def load_pretrained(fields: Any, family: str, block_size: int) -> Any:
         raise HftrainError(f"cannot load model.init_from '{fields.init_from}': {first_line}") \
             from None
     loaded = getattr(model.config, "cell", None) or model.config.model_type
-    if loaded != family:
+    if loaded != fields.arch:
         raise HftrainError(
             f"model.arch is '{fields.arch}' but model.init_from '{fields.init_from}' holds a "
             f"'{loaded}' model; set model.arch to match it"
