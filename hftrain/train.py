@@ -24,6 +24,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from transformers import GenerationConfig
 
+from hftrain.allocator import keep_freed_heap_memory
 from hftrain.atomic import atomic_directory
 from hftrain.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from hftrain.data import IGNORE_INDEX, DataStreams, describe_source, text_stream, texts
@@ -110,6 +111,8 @@ def train(recipe: Recipe) -> TrainResult:
         project_dir=str(run_dir),
         dynamo_backend="inductor" if recipe.train.compile else None,
     )
+    if accelerator.device.type == "cpu":
+        keep_freed_heap_memory()
     set_seed(recipe.run.seed)
     resume_from = None
     if recipe.checkpoint.resume == "auto" and not recipe.run.overwrite:
