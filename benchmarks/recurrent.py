@@ -1,6 +1,6 @@
 """Recurrent LMs against plain PyTorch: training throughput, generation cost, PTB quality.
 
-    python benchmarks/recurrent.py throughput [--recipe R]   # tokens/s, alternating rounds
+    python benchmarks/recurrent.py throughput [--recipe R]   # tokens/s, paired steps
     python benchmarks/recurrent.py generation [--recipe R]   # s/token at 64 vs 1024 context
     python benchmarks/recurrent.py quality [--epochs 10]     # PTB test perplexity, same budget
 
@@ -14,6 +14,7 @@ improving). It reads the same token ids as hftrain, so only the model and loop c
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import statistics
 import time
@@ -21,7 +22,7 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from timing import alternating_rounds, hftrain_loop, report
+from timing import hftrain_loop, paired_steps, report
 from torch import nn
 
 from hftrain.data import DataStreams, text_stream, texts
@@ -101,7 +102,7 @@ def throughput(args) -> None:
     recipe, tokenizer = setup(args.recipe, [])
     streams = DataStreams(recipe.data, tokenizer, recipe.run.seed, stateful=True)
     batch_iter = streams.train_batches(recipe.train.batch_size)
-    batches = [next(batch_iter) for _ in range(args.steps)]
+    batches = [next(batch_iter) for _ in range(args.batches)]
     model = build_model(recipe.model, tokenizer, recipe.data.block_size)
     loop = hftrain_loop(recipe, model, streams)
     fields, ntokens = recipe.model, len(tokenizer)
@@ -109,26 +110,27 @@ def throughput(args) -> None:
                             fields.num_layers, fields.dropout)
     plain_data = [(b["input_ids"].t().contiguous(), b["labels"].t().contiguous()) for b in batches]
 
-    def hftrain_round():
-        for batch in batches:
-            loop.optimizer_step([batch])
+    hftrain_batches, plain_batches = itertools.cycle(batches), itertools.cycle(plain_data)
+    plain_state = None
 
-    def plain_round():
-        hidden = None
+    def hftrain_step():
+        loop.optimizer_step([next(hftrain_batches)])
+
+    def plain_step():
+        nonlocal plain_state
+        x, y = next(plain_batches)
         plain.train()
-        for x, y in plain_data:
-            hidden = None if hidden is None else tuple(h.detach() for h in hidden)
-            plain.zero_grad()
-            output, hidden = plain(x, hidden)
-            F.cross_entropy(output.view(-1, ntokens), y.reshape(-1)).backward()
-            torch.nn.utils.clip_grad_norm_(plain.parameters(), recipe.train.grad_clip)
-            for p in plain.parameters():
-                p.data.add_(p.grad, alpha=-recipe.train.lr)
+        hidden = None if plain_state is None else tuple(h.detach() for h in plain_state)
+        plain.zero_grad()
+        output, plain_state = plain(x, hidden)
+        F.cross_entropy(output.view(-1, ntokens), y.reshape(-1)).backward()
+        torch.nn.utils.clip_grad_norm_(plain.parameters(), recipe.train.grad_clip)
+        for p in plain.parameters():
+            p.data.add_(p.grad, alpha=-recipe.train.lr)
 
-    tokens = args.steps * batches[0]["input_ids"].numel()
-    rates = alternating_rounds({"hftrain": hftrain_round, "plain": plain_round}, args.rounds,
-                               tokens)
-    report(rates, f"{args.recipe} | {args.rounds} alternating rounds of {args.steps} steps")
+    rates = paired_steps({"hftrain": hftrain_step, "plain": plain_step}, args.steps,
+                         args.warmup, batches[0]["input_ids"].numel())
+    report(rates, f"{args.recipe} | {args.steps} paired steps after {args.warmup} warm-up")
 
 
 def generation(args) -> None:
@@ -196,8 +198,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("part", choices=["throughput", "generation", "quality"])
     parser.add_argument("--recipe", default="recipes/ptb/lstm-word.yaml")
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=6, help="generation: timed runs")
+    parser.add_argument("--steps", type=int, default=400, help="throughput: timed steps per side")
+    parser.add_argument("--warmup", type=int, default=20, help="throughput: untimed steps")
+    parser.add_argument("--batches", type=int, default=40, help="throughput: batches cycled")
     parser.add_argument("--epochs", type=int, default=10)
     args = parser.parse_args()
     {"throughput": throughput, "generation": generation, "quality": quality}[args.part](args)

@@ -1,6 +1,6 @@
 """What the benchmarks share: hftrain's training loop set up as `hftrain train` sets it up,
-and alternating-rounds timing (noise on a shared machine hits both sides alike; the figure
-reported is the ratio of median throughputs)."""
+and paired-step timing (the sides take turns one training step at a time, so noise on a
+shared machine hits both alike; the figure reported is the median of the per-pair ratios)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 from accelerate import Accelerator
 
+from hftrain.allocator import keep_freed_heap_memory
 from hftrain.optim import build_optimizer, build_scheduler
 from hftrain.tracking import MetricsLog
 from hftrain.train import TrainingLoop
@@ -21,6 +22,8 @@ def hftrain_loop(recipe, model, streams) -> TrainingLoop:
     """`model` prepared by Accelerate with the recipe's optimizer and schedule, in the loop
     hftrain trains with (no logging); call `optimizer_step([batch])` to time a step."""
     accelerator = Accelerator()
+    if accelerator.device.type == "cpu":
+        keep_freed_heap_memory()  # process-wide, so the plain side gets it too
     optimizer = build_optimizer(model, recipe.train)
     scheduler = build_scheduler(optimizer, recipe.train)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -28,31 +31,39 @@ def hftrain_loop(recipe, model, streams) -> TrainingLoop:
                         MetricsLog(None, enabled=False), byte_lengths=None)
 
 
-def alternating_rounds(sides: dict[str, Callable[[], None]], rounds: int,
-                       tokens_per_round: int) -> dict[str, list[float]]:
-    """Run every side once to warm up, then `rounds` rounds each, in alternating order;
-    return tokens/s of every round, per side."""
+def paired_steps(sides: dict[str, Callable[[], None]], steps: int, warmup: int,
+                 tokens_per_step: int) -> dict[str, list[float]]:
+    """Time `steps` training steps of every side, one step each in turn (ABBA order), after
+    `warmup` untimed steps each; return tokens/s of every step, per side.
+
+    Interleaving single steps, rather than rounds of many, matters on a shared VM: a burst of
+    stolen CPU lasts seconds, so it falls on both steps of a pair instead of on one side's
+    whole round, and the median of the per-pair ratios ignores the pairs it spoils.
+    """
     for run in sides.values():
-        run()
+        for _ in range(warmup):
+            run()
     rates: dict[str, list[float]] = {name: [] for name in sides}
     order = list(sides.items())
-    for r in range(rounds):
-        for name, run in order if r % 2 == 0 else reversed(order):
+    for i in range(steps):
+        for name, run in order if i % 2 == 0 else reversed(order):
             start = time.perf_counter()
             run()
-            rates[name].append(tokens_per_round / (time.perf_counter() - start))
+            rates[name].append(tokens_per_step / (time.perf_counter() - start))
     return rates
 
 
 def report(rates: dict[str, list[float]], title: str) -> float:
-    """Print each side's median and rounds and the first side's ratio to the second."""
+    """Print each side's median tokens/s and the first side's speed relative to the second:
+    the median over steps of the ratio within each pair (quartiles alongside)."""
     print(f"{title} | {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
-    medians = {name: statistics.median(values) for name, values in rates.items()}
     for name, values in rates.items():
-        rounds = ", ".join(f"{x:,.0f}" for x in values)
-        print(f"{name:8s}: {medians[name]:10,.0f} tokens/s  (rounds: {rounds})")
-    first, second = list(medians)
-    ratio = medians[first] / medians[second]
-    print(f"ratio {first}/{second}: {ratio:.3f}")
+        print(f"{name:8s}: {statistics.median(values):10,.0f} tokens/s median "
+              f"over {len(values)} steps")
+    first, second = rates.values()
+    pair_ratios = [a / b for a, b in zip(first, second, strict=True)]
+    q1, ratio, q3 = statistics.quantiles(pair_ratios, n=4)
+    names = "/".join(rates)
+    print(f"ratio {names}: {ratio:.3f} (median of per-step pairs; quartiles {q1:.3f}-{q3:.3f})")
     return ratio

@@ -1,20 +1,21 @@
 """Training-step throughput: hftrain's loop against a minimal plain-PyTorch loop.
 
 Both sides train the identical model (same recipe, same initial weights, same optimizer
-settings) on the identical batches, in the same process. They run in alternating rounds so
-that machine noise hits both alike; the figure that matters is the ratio of tokens/s.
+settings) on the identical batches, in the same process. They take turns one step at a time
+so that machine noise hits both alike; the figure that matters is the ratio of tokens/s.
 
-    python benchmarks/train_step.py [RECIPE] [--rounds 6] [--steps 50]
+    python benchmarks/train_step.py [RECIPE] [--steps 400] [--warmup 20]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 
 import torch
 import torch.nn.functional as F
-from timing import alternating_rounds, hftrain_loop, report
+from timing import hftrain_loop, paired_steps, report
 
 from hftrain.data import DataStreams
 from hftrain.models import build_model
@@ -38,8 +39,9 @@ def plain_pytorch_step(model, optimizer, scheduler, batch, grad_clip):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("recipe", nargs="?", default="recipes/shakespeare/gpt2-char.yaml")
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--steps", type=int, default=50, help="steps per round and side")
+    parser.add_argument("--steps", type=int, default=400, help="timed steps per side")
+    parser.add_argument("--warmup", type=int, default=20, help="untimed steps per side")
+    parser.add_argument("--batches", type=int, default=50, help="distinct batches, cycled")
     args = parser.parse_args()
 
     recipe = load_recipe(args.recipe, ["run.output_dir=/tmp/hftrain-bench"])
@@ -47,7 +49,7 @@ def main() -> None:
     tokenizer, _ = prepare_tokenizer(recipe)
     streams = DataStreams(recipe.data, tokenizer, seed=recipe.run.seed)
     batch_iter = streams.train_batches(recipe.train.batch_size)
-    batches = [next(batch_iter) for _ in range(args.steps)]
+    batches = [next(batch_iter) for _ in range(args.batches)]
 
     model = build_model(recipe.model, tokenizer, recipe.data.block_size)
     plain_model = copy.deepcopy(model)
@@ -55,19 +57,19 @@ def main() -> None:
     plain_sched = build_scheduler(plain_opt, recipe.train)
 
     loop = hftrain_loop(recipe, model, streams)
-    tokens_per_round = args.steps * batches[0]["input_ids"].numel()
+    hftrain_batches, plain_batches = itertools.cycle(batches), itertools.cycle(batches)
 
-    def hftrain_round():
-        for batch in batches:
-            loop.optimizer_step([batch])
+    def hftrain_step():
+        loop.optimizer_step([next(hftrain_batches)])
 
-    def plain_round():
-        for batch in batches:
-            plain_pytorch_step(plain_model, plain_opt, plain_sched, batch, recipe.train.grad_clip)
+    def plain_step():
+        plain_pytorch_step(plain_model, plain_opt, plain_sched, next(plain_batches),
+                           recipe.train.grad_clip)
 
-    rates = alternating_rounds({"hftrain": hftrain_round, "plain": plain_round}, args.rounds,
-                               tokens_per_round)
-    report(rates, f"recipe {args.recipe}")
+    rates = paired_steps({"hftrain": hftrain_step, "plain": plain_step}, args.steps,
+                         args.warmup, batches[0]["input_ids"].numel())
+    report(rates, f"recipe {args.recipe} | {args.steps} paired steps after {args.warmup} warm-up")
+
 
 if __name__ == "__main__":
     main()
