@@ -107,7 +107,7 @@ def throughput(args) -> None:
     loop = hftrain_loop(recipe, model, streams)
     fields, ntokens = recipe.model, len(tokenizer)
     plain = ClassicRNNModel(ntokens, fields.embedding_size, fields.hidden_size,
-                            fields.num_layers, fields.dropout)
+                            fields.num_layers, fields.dropout).train()
     plain_data = [(b["input_ids"].t().contiguous(), b["labels"].t().contiguous()) for b in batches]
 
     hftrain_batches, plain_batches = itertools.cycle(batches), itertools.cycle(plain_data)
@@ -119,7 +119,6 @@ def throughput(args) -> None:
     def plain_step():
         nonlocal plain_state
         x, y = next(plain_batches)
-        plain.train()
         hidden = None if plain_state is None else tuple(h.detach() for h in plain_state)
         plain.zero_grad()
         output, plain_state = plain(x, hidden)

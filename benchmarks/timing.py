@@ -22,8 +22,7 @@ def hftrain_loop(recipe, model, streams) -> TrainingLoop:
     """`model` prepared by Accelerate with the recipe's optimizer and schedule, in the loop
     hftrain trains with (no logging); call `optimizer_step([batch])` to time a step."""
     accelerator = Accelerator()
-    if accelerator.device.type == "cpu":
-        keep_freed_heap_memory()  # process-wide, so the plain side gets it too
+    keep_freed_heap_memory(accelerator.device)  # process-wide: the plain side gets it too
     optimizer = build_optimizer(model, recipe.train)
     scheduler = build_scheduler(optimizer, recipe.train)
     model, optimizer = accelerator.prepare(model, optimizer)

@@ -111,8 +111,7 @@ def train(recipe: Recipe) -> TrainResult:
         project_dir=str(run_dir),
         dynamo_backend="inductor" if recipe.train.compile else None,
     )
-    if accelerator.device.type == "cpu":
-        keep_freed_heap_memory()
+    keep_freed_heap_memory(accelerator.device)
     set_seed(recipe.run.seed)
     resume_from = None
     if recipe.checkpoint.resume == "auto" and not recipe.run.overwrite:
