@@ -3,18 +3,42 @@ model field classes, which cannot import recipe.py). The recipe loader adds key 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
+
+# Each check is written so that NaN fails it (every comparison with NaN is false); the recipe
+# loader already refuses non-finite floats, this also covers sections built in code.
+
+
+def _require(fields: Any, names: tuple[str, ...], ok: Callable[[Any], bool], what: str) -> None:
+    """Raise `ValueError("<name> must be <what>, got <value>")` for the first named field whose
+    value fails `ok`. Unset (None) optional fields are skipped: unset means "not used"."""
+    for name in names:
+        value = getattr(fields, name)
+        if value is not None and not ok(value):
+            raise ValueError(f"{name} must be {what}, got {value}")
 
 
 def at_least_one(fields: Any, *names: str) -> None:
     """Each named field is a count: 1 or more."""
-    for name in names:
-        if getattr(fields, name) < 1:
-            raise ValueError(f"{name} must be >= 1, got {getattr(fields, name)}")
+    _require(fields, names, lambda v: v >= 1, ">= 1")
+
+
+def positive(fields: Any, *names: str) -> None:
+    """Each named field is greater than 0."""
+    _require(fields, names, lambda v: v > 0, "> 0")
+
+
+def non_negative(fields: Any, *names: str) -> None:
+    """Each named field is 0 or more."""
+    _require(fields, names, lambda v: v >= 0, ">= 0")
 
 
 def in_unit_interval(fields: Any, *names: str) -> None:
     """Each named field is a rate or fraction in [0, 1)."""
-    for name in names:
-        if not 0.0 <= getattr(fields, name) < 1.0:
-            raise ValueError(f"{name} must be in [0, 1), got {getattr(fields, name)}")
+    _require(fields, names, lambda v: 0.0 <= v < 1.0, "in [0, 1)")
+
+
+def in_range(fields: Any, low: float, high: float, *names: str) -> None:
+    """Each named field lies in [low, high], both ends included."""
+    _require(fields, names, lambda v: low <= v <= high, f"in [{low}, {high}]")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,8 +18,9 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from hftrain.checks import at_least_one, in_unit_interval
+from hftrain.checks import at_least_one, in_range, in_unit_interval, non_negative, positive
 from hftrain.errors import RecipeError
 from hftrain.models import MODELS, GPT2Fields
 
@@ -28,12 +30,16 @@ class RunConfig:
     output_dir: str = "runs/default"
     """Folder the run writes: recipe.yaml, metrics.jsonl, tokenizer/ and final/."""
     seed: int = 1337
-    """Seeds Python, NumPy and torch, the data shuffle and the model initialisation."""
+    """Seeds Python, NumPy and torch, the data shuffle and the model initialisation;
+    0 to 2**32 - 1 (NumPy's range)."""
     overwrite: bool = False
     """Replace a finished run found in output_dir instead of refusing to start."""
     trackers: list[str] | None = None
     """Accelerate trackers to log to (`tensorboard`, `trackio`, `wandb`, ...); unset: TensorBoard
     if it is installed. metrics.jsonl is always written."""
+
+    def __post_init__(self) -> None:
+        in_range(self, 0, 2**32 - 1, "seed")
 
 
 @dataclass
@@ -52,6 +58,7 @@ class TokenizerConfig:
     """Reuse an existing tokenizer (a local folder or a Hub id) instead of building one."""
 
     def __post_init__(self) -> None:
+        at_least_one(self, "vocab_size", "min_frequency")
         if self.kind == "byte_bpe" and self.vocab_size < 260:
             raise ValueError("vocab_size must be >= 260 for byte_bpe (256 bytes + specials)")
 
@@ -96,11 +103,9 @@ class DataConfig:
     text at a time, which costs validation loss."""
 
     def __post_init__(self) -> None:
-        if self.block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        at_least_one(self, "block_size")
         in_unit_interval(self, "val_fraction")
-        if self.shuffle_buffer < 0:
-            raise ValueError("shuffle_buffer must be >= 0")
+        non_negative(self, "shuffle_buffer")
 
 
 @dataclass
@@ -114,20 +119,25 @@ class TrainConfig:
     """Optimizer steps to train for."""
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = 1e-3
-    """Peak learning rate, reached at the end of warmup."""
+    """Peak learning rate, reached at the end of warmup; > 0."""
     min_lr: float = 1e-4
-    """Learning rate the `cosine_with_min_lr` schedule decays to."""
+    """Learning rate the `cosine_with_min_lr` schedule decays to: 0 to lr (other schedules
+    ignore it, so there it may exceed lr)."""
     scheduler: Literal["cosine_with_min_lr", "cosine", "linear", "constant_with_warmup"] = (
         "cosine_with_min_lr"
     )
     """A `transformers.get_scheduler` schedule, stepped once per optimizer step."""
     warmup_steps: int = 100
+    """Steps of linear warmup from 0 to lr; >= 0. More than max_steps is allowed (a short
+    trial run of a long recipe): the rate then never reaches lr and never decays."""
     weight_decay: float = 0.1
-    """Applied to matrices and embeddings only, never to biases or norms."""
+    """Applied to matrices and embeddings only, never to biases or norms; >= 0."""
     beta1: float = 0.9
+    """AdamW's first-moment decay, in [0, 1)."""
     beta2: float = 0.99
+    """AdamW's second-moment decay, in [0, 1)."""
     momentum: float = 0.0
-    """SGD momentum."""
+    """SGD momentum, in [0, 1)."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this; 0 disables clipping."""
     stateful: bool = False
@@ -144,17 +154,19 @@ class TrainConfig:
     than it saves for small models."""
     peak_tflops: float | None = None
     """Peak TFLOP/s of one device, for the model-FLOPs-utilisation estimate; unset: known GPUs
-    are looked up, and CPU runs report no MFU."""
+    are looked up, and CPU runs report no MFU. > 0 when set."""
     on_nan: Literal["stop", "skip"] = "stop"
     """A non-finite loss: `stop` the run (the newest checkpoint stays as it was), or `skip`
     the update and go on."""
 
     def __post_init__(self) -> None:
         at_least_one(self, "batch_size", "grad_accum_steps", "max_steps", "log_interval")
-        if self.lr <= 0 or self.min_lr < 0:
-            raise ValueError("lr must be > 0 and min_lr >= 0")
-        if self.warmup_steps < 0:
-            raise ValueError("warmup_steps must be >= 0")
+        positive(self, "lr", "peak_tflops")
+        non_negative(self, "min_lr", "warmup_steps", "weight_decay", "grad_clip")
+        in_unit_interval(self, "beta1", "beta2", "momentum")
+        if self.scheduler == "cosine_with_min_lr" and self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must be <= lr ({self.lr}): the "
+                             "cosine_with_min_lr schedule decays from lr down to min_lr")
 
 
 @dataclass
@@ -169,8 +181,8 @@ class CheckpointConfig:
     (`hftrain train RECIPE --resume` sets it)."""
 
     def __post_init__(self) -> None:
-        if self.interval < 0 or self.keep < 1:
-            raise ValueError("interval must be >= 0 and keep >= 1")
+        non_negative(self, "interval")
+        at_least_one(self, "keep")
 
 
 @dataclass
@@ -181,11 +193,11 @@ class EvalConfig:
     """Blocks (or, in stateful evaluation, lanes) per evaluation batch on each process."""
     max_batches: int | None = None
     """Cap on evaluation batches during training (each process reads this many of its own,
-    which together make this many global batches); the final evaluation reads everything."""
+    which together make this many global batches); the final evaluation reads everything.
+    >= 1 when set."""
 
     def __post_init__(self) -> None:
-        if self.interval < 1 or self.batch_size < 1:
-            raise ValueError("interval and batch_size must be >= 1")
+        at_least_one(self, "interval", "batch_size", "max_batches")
 
 
 @dataclass
@@ -193,9 +205,15 @@ class SampleConfig:
     prompt: str = ""
     """Text the sample printed after training continues; empty starts a new document."""
     max_new_tokens: int = 200
+    """Tokens to generate, >= 0; 0 prints no sample at all."""
     temperature: float = 0.8
-    """0 means greedy decoding."""
+    """>= 0; 0 means greedy decoding."""
     top_k: int | None = 200
+    """Sample from the k most likely tokens, >= 1; unset: from all of them."""
+
+    def __post_init__(self) -> None:
+        non_negative(self, "max_new_tokens", "temperature")
+        at_least_one(self, "top_k")
 
 
 @dataclass
@@ -204,12 +222,20 @@ class HubConfig:
     """After training, upload final/ with a model card (as `hftrain push` does). The token
     comes from HF_TOKEN or `hf auth login`; never put it in a recipe."""
     repo_id: str | None = None
-    """user/name or org/name of the model repository."""
+    """user/name or org/name of the model repository (a bare name: under your account)."""
     private: bool = False
 
     def __post_init__(self) -> None:
         if self.push_to_hub and not self.repo_id:
             raise ValueError("push_to_hub needs hub.repo_id")
+        if self.repo_id is not None:
+            try:
+                validate_repo_id(self.repo_id)
+            except HFValidationError:
+                raise ValueError(
+                    f"repo_id must look like 'name' or 'owner/name' (letters, digits, '-', '_' "
+                    f"and '.'; no '--' or '..'; at most 96 characters), got '{self.repo_id}'"
+                ) from None
 
 
 @dataclass
@@ -232,10 +258,19 @@ class Recipe:
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read a recipe file, apply `section.key=value` overrides, and validate every key."""
     path = Path(path)
+    if path.is_dir():
+        raise RecipeError(f"{path}: is a directory, not a recipe file")
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{path}: not a UTF-8 text file (byte 0x{exc.object[exc.start]:02x} "
+                          f"at offset {exc.start})") from None
+    except OSError as exc:
+        raise RecipeError(f"cannot read recipe file {path}: {exc.strerror or exc}") from None
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path}: not valid YAML: {exc}".replace("\n", " ")) from None
     raw = {} if raw is None else raw
@@ -271,11 +306,21 @@ def _apply_override(raw: dict[str, Any], override: str, source: Path) -> None:
     key, sep, text = override.partition("=")
     if not sep or not key:
         raise RecipeError(f"override '{override}' must look like section.key=value")
-    value = yaml.safe_load(text) if text else ""
-    node = raw
     *parents, leaf = key.split(".")
+    if not all(part.strip() for part in (*parents, leaf)):
+        raise RecipeError(f"override '{override}': key '{key}' has an empty part; "
+                          "it must look like section.key=value")
+    try:
+        value = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise RecipeError(f"override '{override}': the value of {key} is not valid YAML "
+                          f"({problem}); quote it if it is a string") from None
+    node = raw
     for part in parents:
-        child = node.setdefault(part, {})
+        if node.get(part) is None:  # a missing section, or one left empty in the file
+            node[part] = {}
+        child = node[part]
         if not isinstance(child, dict):
             raise RecipeError(f"override '{override}': '{part}' in {source} is not a section")
         node = child
@@ -305,11 +350,20 @@ def _build(cls: type, raw: Any, prefix: str, source: str, field_types: dict[str,
     try:
         return cls(**kwargs)
     except ValueError as exc:
-        raise RecipeError(f"{source}: {where}: {exc}") from None
+        # "lr must be > 0" names its field: print it as the full key, "train.lr must be > 0".
+        message = str(exc)
+        if message.split(" ", 1)[0] in names:
+            raise RecipeError(f"{source}: {prefix}{message}") from None
+        raise RecipeError(f"{source}: {where}: {message}") from None
+
+
+_YAML11_BOOLS = {False: ("no", "off", "false"), True: ("yes", "on", "true")}
+"""What YAML 1.1 may have read as a bool, for choices spelled like one (`mixed_precision: no`)."""
 
 
 def _coerce(value: Any, annotation: Any, key: str, source: str) -> Any:
-    """Check `value` against a field's type; ints are accepted where floats are expected."""
+    """Check `value` against a field's type; ints are accepted where floats are expected, and
+    floats must be finite."""
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if origin in (Union, types.UnionType):
@@ -323,6 +377,9 @@ def _coerce(value: Any, annotation: Any, key: str, source: str) -> Any:
                 errors.append(exc)
         raise errors[0]
     if origin is Literal:
+        if isinstance(value, bool):  # YAML 1.1 reads an unquoted no/off/yes/on as a bool
+            spellings = _YAML11_BOOLS[value]
+            value = next((a for a in args if a in spellings), value)
         if value not in args:
             choices = ", ".join(repr(a) for a in args)
             raise RecipeError(f"{source}: {key} must be one of {choices}, got {value!r}")
@@ -333,13 +390,18 @@ def _coerce(value: Any, annotation: Any, key: str, source: str) -> Any:
         if not isinstance(value, list):
             raise RecipeError(f"{source}: {key} expects a list, got {value!r}")
         return [_coerce(v, args[0], f"{key}[{i}]", source) for i, v in enumerate(value)]
-    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if annotation is float and isinstance(value, str):  # YAML 1.1 reads `3e-4` as a string
+    # An int, a float, or a string: YAML 1.1 reads `3e-4` as a string.
+    if annotation is float and isinstance(value, int | float | str) and not isinstance(value, bool):
         try:
-            return float(value)
+            number: float | None = float(value)
+        except OverflowError:  # an int beyond any float
+            number = math.inf
         except ValueError:
-            pass
+            number = None
+        if number is not None:
+            if not math.isfinite(number):  # .nan, .inf, and the strings 'nan', 'inf', ...
+                raise RecipeError(f"{source}: {key} must be a finite number, got {value!r}")
+            return number
     if annotation is Any or (isinstance(value, annotation) and not (
         annotation is int and isinstance(value, bool)
     )):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from hftrain.checks import in_unit_interval
+from hftrain.checks import in_unit_interval, non_negative, positive
 from hftrain.errors import HftrainError
 
 
@@ -28,14 +28,15 @@ class ModelFields:
     """Rank of LoRA adapters (PEFT, `pip install hftrain[lora]`); 0 trains every weight.
     Only the adapters train; the export merges them into plain weights."""
     lora_alpha: int = 16
-    """LoRA scaling numerator: updates are scaled by lora_alpha / lora_r."""
+    """LoRA scaling numerator, > 0: updates are scaled by lora_alpha / lora_r."""
     lora_dropout: float = 0.0
+    """Dropout on the adapters' input, in [0, 1)."""
     lora_target_modules: list[str] | None = None
     """Module names to adapt; unset: PEFT's default for the model type (GPT-2: c_attn)."""
 
     def __post_init__(self) -> None:
-        if self.lora_r < 0:
-            raise ValueError(f"lora_r must be >= 0, got {self.lora_r}")
+        non_negative(self, "lora_r")
+        positive(self, "lora_alpha")
         in_unit_interval(self, "lora_dropout")
 
 

@@ -7,7 +7,7 @@ from typing import ClassVar, Literal
 
 from transformers import PreTrainedTokenizerBase
 
-from hftrain.checks import at_least_one, in_unit_interval
+from hftrain.checks import at_least_one, in_unit_interval, non_negative
 from hftrain.models.base import ModelFields
 from hftrain.models.recurrent import RecurrentForCausalLM, RecurrentLMConfig
 
@@ -33,12 +33,13 @@ class RecurrentFields(ModelFields):
     tie_embeddings: bool = True
     """Share the input embedding with the output layer (projected if hidden_size differs)."""
     init_range: float = 0.1
-    """Embeddings and the output layer start from U(-init_range, init_range)."""
+    """Embeddings and the output layer start from U(-init_range, init_range); >= 0."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         at_least_one(self, "embedding_size", "hidden_size", "num_layers")
         in_unit_interval(self, "embedding_dropout", "dropout", "output_dropout")
+        non_negative(self, "init_range")
 
 
 def build_recurrent(
