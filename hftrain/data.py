@@ -4,6 +4,10 @@ The stream is never materialised: documents flow from `load_dataset(..., streami
 through a batched tokenizing `map`, and are cut into fixed-length blocks as they arrive.
 Each block holds `block_size + 1` tokens and overlaps the next by one, so inputs are
 `block[:-1]` and targets `block[1:]`: every token after the first is a target exactly once.
+
+A row that cannot be read or used (not UTF-8, malformed JSON, a null text) stops the stream
+with a DataError naming its file and line, and so does a data file that changes while a run
+reads it (`hftrain.data_check`).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import glob
 import itertools
 import random
+import weakref
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,9 +25,10 @@ import torch
 from datasets import IterableDataset, load_dataset
 from datasets.distributed import split_dataset_by_node
 
-from hftrain.errors import DataError
+from hftrain.data_check import Source, check_unchanged, explain, fingerprint
+from hftrain.errors import DataError, RecordError
 from hftrain.recipe import DataConfig
-from hftrain.sft import IGNORE_INDEX, SFT_COLUMNS, encode_record
+from hftrain.sft import IGNORE_INDEX, SFT_COLUMNS, encode_record, record_problem, value_kind
 
 __all__ = ["IGNORE_INDEX", "DataStreams", "pack_blocks", "pack_arrays", "collate"]
 
@@ -61,8 +67,19 @@ def _file_format(files: list[str], configured: str) -> str:
 def _load_files(files: list[str], config: DataConfig) -> IterableDataset:
     fmt = _file_format(files, config.format)
     kwargs: dict[str, Any] = {"sample_by": config.sample_by} if fmt == "text" else {}
-    ds = load_dataset(fmt, data_files=files, split="train", streaming=True, **kwargs)
+    try:  # a Parquet file's schema is read here (a file that is not Parquet fails now)
+        ds = load_dataset(fmt, data_files=files, split="train", streaming=True, **kwargs)
+    except Exception as exc:
+        error = explain(exc, _files_source(files, config))
+        if error is None:
+            raise
+        raise error from exc
     return _columns(ds, config, ", ".join(files))
+
+
+def _files_source(files: list[str], config: DataConfig) -> Source:
+    return Source(", ".join(files), tuple(files), _file_format(files, config.format),
+                  config.kind, config.text_column)
 
 
 def _columns(ds: IterableDataset, config: DataConfig, source: str) -> IterableDataset:
@@ -90,15 +107,35 @@ def _hold_out(ds: IterableDataset, fraction: float, keep: str) -> IterableDatase
     """Split every document at 1 - fraction of its characters: `head` trains, `tail` validates."""
 
     def cut(example: dict[str, str]) -> dict[str, str]:
-        text = example["text"]
+        text = _checked_text(example["text"])
         at = int(len(text) * (1.0 - fraction))
         return {"text": text[:at] if keep == "head" else text[at:]}
 
     return ds.map(cut)
 
 
+_SOURCES: weakref.WeakKeyDictionary[IterableDataset, Source] = weakref.WeakKeyDictionary()
+"""Where each stream `text_stream` returned reads from, so that `texts` can name the file and
+line of a row it cannot read."""
+
+
 def text_stream(config: DataConfig, split: str) -> IterableDataset:
     """The documents of `split` ("train" or "val") as a stream of {"text": str} rows."""
+    ds = _text_stream(config, split)
+    _SOURCES[ds] = stream_source(config, split)
+    return ds
+
+
+def stream_source(config: DataConfig, split: str) -> Source:
+    """Where `split` reads from: the files (as `text_stream` reads them) or the Hub dataset."""
+    if config.dataset:
+        return Source(f"dataset {config.dataset}", (), "", config.kind, config.text_column)
+    if split == "val" and config.val_files:
+        return _files_source(resolve_files(config.val_files, "data.val_files"), config)
+    return _files_source(resolve_files(config.train_files, "data.train_files"), config)
+
+
+def _text_stream(config: DataConfig, split: str) -> IterableDataset:
     if config.dataset:
         held_out = config.val_split is None
         hub_split = config.val_split if split == "val" and not held_out else config.train_split
@@ -143,14 +180,44 @@ def describe_source(config: DataConfig, split: str) -> str:
 
 def texts(ds: IterableDataset) -> Iterator[str]:
     """The text of every row: a document, or a fine-tuning record's prompt, completion and
-    message contents (what a tokenizer built for fine-tuning data learns from)."""
+    message contents (what a tokenizer built for fine-tuning data learns from). A row that
+    cannot be read or used stops it with a DataError naming the file and line."""
+    return guarded(_row_texts(ds), _SOURCES.get(ds))
+
+
+def _row_texts(ds: IterableDataset) -> Iterator[str]:
     for row in ds:
         if "text" in row:
-            yield row["text"]
+            yield _checked_text(row["text"])
         else:
+            problem = record_problem(row)
+            if problem:
+                raise RecordError(f"a fine-tuning record is malformed: {problem}")
             parts = [row.get("prompt"), row.get("completion")]
             parts += [m.get("content") for m in row.get("messages") or []]
             yield "\n".join(p for p in parts if isinstance(p, str))
+
+
+def _checked_text(text: Any) -> str:
+    """A row's text, which must be a string: a null (or a number) stops the stream at once."""
+    if not isinstance(text, str):
+        raise RecordError(f"a row's text is {value_kind(text)}, not a string")
+    return text
+
+
+def guarded(rows: Iterable[Any], source: Source | None) -> Iterator[Any]:
+    """`rows`, except that an error reading them (a byte that is not UTF-8, a malformed JSON
+    line, a null text, a file deleted mid-stream) becomes a DataError naming the file and line
+    (`data_check.explain`). Errors that do not come from the data keep their traceback."""
+    try:
+        yield from rows
+    except Exception as exc:
+        if isinstance(exc, DataError) and not isinstance(exc, RecordError):
+            raise  # already says what is wrong where (a missing file, an empty corpus)
+        error = explain(exc, source)
+        if error is None:
+            raise
+        raise error from exc
 
 
 def tokenize(ds: IterableDataset, tokenizer: Any) -> IterableDataset:
@@ -162,7 +229,8 @@ def tokenize(ds: IterableDataset, tokenizer: Any) -> IterableDataset:
     backend = tokenizer.backend_tokenizer
 
     def encode(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
-        encodings = backend.encode_batch_fast(batch["text"], add_special_tokens=False)
+        batch_texts = [_checked_text(text) for text in batch["text"]]
+        encodings = backend.encode_batch_fast(batch_texts, add_special_tokens=False)
         return {"input_ids": [e.ids for e in encodings]}
 
     return ds.map(encode, batched=True, batch_size=256, remove_columns=["text"])
@@ -330,10 +398,17 @@ class DataStreams:
         self.world_size = world_size
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id
+        self.sources: dict[str, Source] = {}
+        self.fingerprints: dict[str, tuple[int, int]] = {}
+        """(size, mtime_ns) of every local file read, taken when its stream is first built."""
 
     def _source(self, split: str) -> tuple[IterableDataset, bool]:
         """The split's documents for this rank, and whether they were split by shard."""
         ds = text_stream(self.config, split)
+        self.sources[split] = source = _SOURCES.get(ds) or stream_source(self.config, split)
+        for path in source.files:
+            if path not in self.fingerprints:
+                self.fingerprints[path] = fingerprint(path)
         by_shard = self.world_size > 1 and ds.n_shards % self.world_size == 0
         if by_shard:
             ds = split_dataset_by_node(ds, rank=self.rank, world_size=self.world_size)
@@ -355,10 +430,11 @@ class DataStreams:
 
     def _checked_epoch(self, ds: IterableDataset) -> Iterator[Any]:
         n_documents = n_tokens = 0
-        for row in _documents(ds):
+        for row in guarded(_documents(ds), self.sources.get("train")):
             n_documents += 1
             n_tokens += row.shape[-1] if isinstance(row, np.ndarray) else len(row)
             yield row
+        check_unchanged(self.fingerprints)  # a file cut short mid-epoch ends it early
         self._check_length(n_tokens, n_documents)
 
     def _blocks(self, documents: Iterable[Any], pad_tail: bool) -> Iterator[np.ndarray]:
@@ -379,8 +455,9 @@ class DataStreams:
         return batched(self._my_blocks(blocks, by_shard), batch_size, self.pad_id)
 
     def val_batches(self, batch_size: int) -> Iterator[dict[str, Any]]:
+        check_unchanged(self.fingerprints)  # every file read so far, training files included
         ds, by_shard = self._source("val")
-        documents = _documents(self._encode(ds))
+        documents = guarded(_documents(self._encode(ds)), self.sources["val"])
         if self.stateful:
             return self._lane_batches([documents], batch_size, True, by_shard)
         blocks = self._blocks(documents, pad_tail=True)

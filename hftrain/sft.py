@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from hftrain.errors import DataError
+from hftrain.errors import DataError, RecordError
 
 IGNORE_INDEX = -100
 
@@ -34,15 +34,56 @@ a fine-tuned model ends its answer with EOS, which stops `generate`."""
 SFT_COLUMNS = ("prompt", "completion", "messages")
 
 
+def value_kind(value: Any) -> str:
+    """What a JSON value is, for messages: "null", "a number", "a list", ..."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, dict):
+        return "an object"
+    return "a list" if isinstance(value, (list, tuple)) else f"a {type(value).__name__}"
+
+
+def record_problem(record: dict[str, Any]) -> str | None:
+    """What is wrong with a fine-tuning record's shape, or None when it can be encoded.
+
+    Both are unusable, but a raw JSON record (`hftrain.data_check`) tells an absent field from
+    a null one; in a `datasets` row the fields a record lacks are already None."""
+    messages = record.get("messages")
+    if messages is not None:
+        if not isinstance(messages, (list, tuple)):
+            return f"'messages' is {value_kind(messages)}, not a list of {{role, content}} objects"
+        for i, message in enumerate(messages, 1):
+            if not isinstance(message, dict):
+                return (f"message {i} of 'messages' is {value_kind(message)}, not a "
+                        "{role, content} object")
+            for key in ("role", "content"):
+                if not isinstance(message.get(key), str):
+                    return (f"'{key}' of message {i} of 'messages' is "
+                            f"{value_kind(message.get(key))}, not a string")
+        return None
+    for key in ("prompt", "completion"):
+        if not isinstance(record.get(key), str):
+            what = f"no '{key}'" if key not in record else \
+                f"'{key}' is {value_kind(record[key])}, not a string"
+            return (f"{what} (a fine-tuning record needs string 'prompt' and 'completion' "
+                    "fields, or a 'messages' list)")
+    return None
+
+
 def record_segments(record: dict[str, Any], tokenizer: Any) -> list[tuple[str, bool]]:
     """The record's text as consecutive (text, scored) pieces."""
+    problem = record_problem(record)
+    if problem:
+        raise RecordError(f"a fine-tuning record is malformed: {problem}")
     if record.get("messages") is not None:
         return _conversation_segments(record["messages"], tokenizer)
-    prompt, completion = record.get("prompt"), record.get("completion")
-    if not isinstance(prompt, str) or not isinstance(completion, str):
-        raise DataError("a fine-tuning record needs string 'prompt' and 'completion' fields "
-                        f"or a 'messages' list; got keys {sorted(k for k in record if record[k])}")
-    return [(prompt, False), (completion + tokenizer.eos_token, True)]
+    return [(record["prompt"], False), (record["completion"] + tokenizer.eos_token, True)]
 
 
 def _conversation_segments(messages: list[dict], tokenizer: Any) -> list[tuple[str, bool]]:
