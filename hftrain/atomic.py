@@ -1,11 +1,22 @@
-"""Write a folder completely or not at all."""
+"""Write a file or a folder completely or not at all."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Replace `path` with `text`: readers see the old content or the new, never a part."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 @contextmanager
@@ -13,9 +24,11 @@ def atomic_directory(target: Path) -> Iterator[Path]:
     """Yield a temporary sibling of `target` to write into; rename it into place on success.
 
     A crash or an exception inside the block removes the temporary folder and leaves `target`
-    as it was, so readers only ever see a complete folder.
+    as it was, so readers only ever see a complete folder. An existing `target` is moved aside
+    before the new one takes its name and deleted only after.
     """
     tmp = target.with_name(f".{target.name}.tmp")
+    old = target.with_name(f".{target.name}.old")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -23,6 +36,8 @@ def atomic_directory(target: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    shutil.rmtree(old, ignore_errors=True)
     if target.exists():
-        shutil.rmtree(target)
+        target.rename(old)
     tmp.rename(target)
+    shutil.rmtree(old, ignore_errors=True)

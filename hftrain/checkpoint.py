@@ -1,12 +1,23 @@
-"""Checkpoints: Accelerate's state plus the loop's position, written atomically, last K kept.
+"""Checkpoints: weights, optimizer and RNG through Accelerate, everything else as JSON and
+safetensors; written atomically, checked on load, the last K kept.
 
-A checkpoint is `<run>/checkpoints/step-00000120/`: what `accelerator.save_state` writes
-(model weights as safetensors, optimizer, the registered scheduler, every process's RNG
-states) and `hftrain_state.json` (step, tokens seen, micro-batches consumed from the data
-stream) with, for stateful recurrent training, the carried state in `loop_state.safetensors`.
-It is written under a temporary name and renamed into place only when complete, so a crash
-while saving never leaves a half checkpoint where `latest_checkpoint` would find it, and never
-touches the previous one.
+A checkpoint is `<run>/checkpoints/step-00000120/`:
+
+- what `accelerator.save_state` writes: the weights (safetensors), the optimizer and every
+  process's RNG states. Accelerate reads the last two back with `torch.load(weights_only=True)`,
+  which refuses to run code hidden in a pickle. hftrain registers nothing with
+  `register_for_checkpointing`: Accelerate loads such objects with `weights_only=False`.
+- `scheduler.json`: the learning-rate schedule's position.
+- `rank{N}_loop_state.safetensors`: tensors the loop carries (the recurrent state, the loss of
+  the current log window).
+- `hftrain_state.json`, written last: the loop's counters, what defines the run's trajectory
+  (see `hftrain.resume`), and a manifest of every other file with its size and SHA-256.
+
+The folder is written under a temporary name and renamed only when complete, so a crash while
+saving never leaves a half checkpoint where `newest_intact_checkpoint` would look, and never
+touches the previous one. On resume the manifest is checked before anything is loaded: a
+truncated, missing, altered or unreadable file marks the checkpoint damaged, and the newest
+intact one before it is used instead.
 
 The data position is restored by replay: the seeded stream is rebuilt and the consumed
 micro-batches are read again and dropped, which repeats tokenization but no model work and is
@@ -15,9 +26,11 @@ exact by construction (the same blocks, in the same order).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,61 +38,139 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
+from hftrain.errors import HftrainError
+
 STATE_FILE = "hftrain_state.json"
+SCHEDULER_FILE = "scheduler.json"
 LOOP_TENSORS = "loop_state.safetensors"
 _NAME = re.compile(r"^step-(\d{8})$")
+_STALE = re.compile(r"^\.step-\d{8}\.tmp$")
+
+
+class CheckpointError(HftrainError):
+    """A checkpoint could not be written (full disk, read-only folder) or read."""
 
 
 def checkpoints_root(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint, or None. Temporary folders are never complete."""
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoints whose state file was written (the last step of a save), oldest first."""
     root = checkpoints_root(run_dir)
     if not root.is_dir():
-        return None
-    complete = [p for p in root.iterdir()
-                if _NAME.match(p.name) and (p / STATE_FILE).is_file()]
-    return max(complete, key=lambda p: p.name, default=None)
+        return []
+    return sorted(p for p in root.iterdir() if _NAME.match(p.name) and (p / STATE_FILE).is_file())
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint, or None. Temporary folders are never complete."""
+    complete = complete_checkpoints(run_dir)
+    return complete[-1] if complete else None
+
+
+def newest_intact_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint that passes `damage`; each damaged newer one gets a warning."""
+    for path in reversed(complete_checkpoints(run_dir)):
+        problem = damage(path)
+        if problem is None:
+            return path
+        print(f"hftrain: warning: skipping damaged checkpoint {path}: {problem}",
+              file=sys.stderr)
+    return None
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    return json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+
+
+def damage(path: Path) -> str | None:
+    """What is wrong with a checkpoint, or None when every file is as it was written."""
+    try:
+        state = read_state(path)
+        files = state["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"{STATE_FILE} is unreadable ({type(exc).__name__})"
+    for name, expected in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        size = file.stat().st_size
+        if size != expected["size"]:
+            return f"{name} has {size} bytes, {expected['size']} were written"
+        if _sha256(file) != expected["sha256"]:
+            return f"{name} was altered after it was written (SHA-256 differs)"
+    return None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: dict[str, Any],
-                    tensors: dict[str, torch.Tensor], keep: int) -> Path:
-    """Write a checkpoint for `state["step"]` on every process; keep the newest `keep`."""
+                    scheduler: Any, tensors: dict[str, torch.Tensor], keep: int) -> Path:
+    """Write a checkpoint for `state["step"]` on every process; keep the newest `keep`.
+
+    A write that fails (a full disk, say) removes its temporary folder and raises
+    CheckpointError; the checkpoints before it are untouched.
+    """
     root = checkpoints_root(run_dir)
     target = root / f"step-{state['step']:08d}"
     tmp = root / f".{target.name}.tmp"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    if tensors:
-        rank = accelerator.process_index
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
         save_file({k: v.contiguous().cpu() for k, v in tensors.items()},
-                  tmp / f"rank{rank}_{LOOP_TENSORS}")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))  # written last: "complete"
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-        _prune(root, keep)
+                  tmp / f"rank{accelerator.process_index}_{LOOP_TENSORS}")
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            (tmp / SCHEDULER_FILE).write_text(json.dumps(scheduler.state_dict()),
+                                              encoding="utf-8")
+            files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
+                     for p in sorted(tmp.iterdir()) if p.is_file()}
+            manifest = json.dumps({**state, "files": files}, indent=2)
+            (tmp / STATE_FILE).write_text(manifest, encoding="utf-8")  # last: "complete"
+            if target.exists():
+                shutil.rmtree(target)
+            tmp.rename(target)
+            _prune(root, keep)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(run_dir)
+        kept = f"{previous} is intact" if previous else "there is no earlier checkpoint"
+        raise CheckpointError(f"could not write checkpoint {target} ({exc.strerror or exc}); "
+                              f"{kept}") from None
     accelerator.wait_for_everyone()
     return target
 
 
 def _prune(root: Path, keep: int) -> None:
+    """Keep the newest `keep` checkpoints; remove older ones and folders left by killed saves
+    (only the lock holder saves, so no other process is writing them)."""
     complete = sorted(p for p in root.iterdir() if _NAME.match(p.name))
     for old in complete[:-keep]:
         shutil.rmtree(old)
+    for stale in (p for p in root.iterdir() if _STALE.match(p.name)):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
-def load_checkpoint(accelerator: Accelerator, path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Restore Accelerate's state from `path`; return the loop's state and carried tensors."""
-    accelerator.load_state(str(path))
-    state = json.loads((path / STATE_FILE).read_text())
-    tensor_file = path / f"rank{accelerator.process_index}_{LOOP_TENSORS}"
-    tensors = load_file(tensor_file) if tensor_file.exists() else {}
+def load_checkpoint(accelerator: Accelerator, path: Path,
+                    scheduler: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Restore Accelerate's state and the schedule from `path` (checked with `damage` first);
+    return the loop's state and its carried tensors."""
+    try:
+        accelerator.load_state(str(path))
+        scheduler.load_state_dict(json.loads((path / SCHEDULER_FILE).read_text()))
+        tensors = load_file(path / f"rank{accelerator.process_index}_{LOOP_TENSORS}")
+    except Exception as exc:  # noqa: BLE001 - anything a damaged file raises: one line
+        raise CheckpointError(f"cannot load checkpoint {path}: {type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+    state = read_state(path)
     return state, {name: t.to(accelerator.device) for name, t in tensors.items()}

@@ -9,8 +9,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from hftrain.errors import HftrainError
 
@@ -26,47 +29,92 @@ def _quiet_libraries() -> None:
     logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
+    # Their "Failed to load JSON from file ..." comes just before the error it describes,
+    # which hftrain reports itself as one line naming the file and line (hftrain.data_check).
+    for builder in ("json.json", "parquet.parquet"):
+        logging.getLogger(f"datasets.packaged_modules.{builder}").setLevel(logging.CRITICAL)
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
 
 
 def cmd_tokenizer(args: argparse.Namespace) -> None:
     from hftrain.recipe import load_recipe
-    from hftrain.tokenizer import save_tokenizer
-    from hftrain.train import prepare_tokenizer
+    from hftrain.run_folder import (
+        check_new_run_target,
+        check_writable_target,
+        has_run,
+        run_lock,
+    )
+    from hftrain.train import prepare_tokenizer, protected_paths, save_run_tokenizer
 
     recipe = load_recipe(args.recipe, args.overrides)
+    run_dir = Path(recipe.run.output_dir)
+    check_writable_target(run_dir, protected_paths(recipe, Path(args.recipe)), "run.output_dir")
+    check_new_run_target(run_dir, overwrite=True)  # never into a folder hftrain did not make
     tokenizer, built = prepare_tokenizer(recipe)
-    folder = Path(recipe.run.output_dir) / "tokenizer"
-    if built:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        save_tokenizer(tokenizer, folder)
-        print(f"built a {recipe.tokenizer.kind} tokenizer of {len(tokenizer)} tokens: {folder}")
-    else:
+    folder = run_dir / "tokenizer"
+    if not built:
         print(f"tokenizer already present ({len(tokenizer)} tokens); nothing to build")
+        return
+    with run_lock(run_dir):
+        if has_run(run_dir):
+            raise HftrainError(f"{run_dir} holds a run trained with its tokenizer; build the "
+                               "new one into another run.output_dir")
+        save_run_tokenizer(tokenizer, recipe, folder)
+    print(f"built a {recipe.tokenizer.kind} tokenizer of {len(tokenizer)} tokens: {folder}")
+
+
+def resume_command(args: argparse.Namespace) -> str:
+    """The command that continues this run: the same recipe and overrides, plus --resume."""
+    kept = [o for o in args.overrides if not o.startswith(("run.overwrite=", "checkpoint.resume="))]
+    launcher = "hftrain" if "WORLD_SIZE" not in os.environ else "<the same launcher> -m hftrain"
+    return f"{launcher} train {shlex.join([args.recipe, *kept])} --resume"
 
 
 def cmd_train(args: argparse.Namespace) -> None:
     from accelerate import PartialState
 
+    from hftrain.errors import RunStopped
     from hftrain.recipe import load_recipe
     from hftrain.train import train
 
     overrides = [*args.overrides, *(["checkpoint.resume=auto"] if args.resume else [])]
     recipe = load_recipe(args.recipe, overrides)
-    result = train(recipe)
-    if result.interrupted:
+    try:
+        result = train(recipe, Path(args.recipe))
+    except RunStopped as stop:
         if PartialState().is_main_process:
-            print(f"hftrain: stopped at step {result.step}; checkpoint saved to "
-                  f"{result.checkpoint}. Continue with: hftrain train {args.recipe} --resume",
-                  file=sys.stderr)
+            print(f"hftrain: stopped during {stop.phase}; the run's last step is checkpointed. "
+                  f"Finish it with: {resume_command(args)}", file=sys.stderr)
+        sys.exit(128 + stop.signum)
+    except Exception as exc:
+        checkpoint = getattr(exc, "checkpoint", None)
+        if checkpoint is None:
+            raise
+        if isinstance(exc, HftrainError):
+            raise HftrainError(f"{exc}. The run is saved at {checkpoint}; continue it with: "
+                               f"{resume_command(args)}") from None
+        print(f"hftrain: the run is saved at {checkpoint}; continue it with: "
+              f"{resume_command(args)}", file=sys.stderr)
+        raise
+    if not PartialState().is_main_process:  # asked only now: Accelerator() set the state up
+        return
+    if result.already_finished:
+        print(f"{result.run_dir} already finished its {result.step} steps (export: "
+              f"{result.final_dir}); nothing to do. Raise train.max_steps to train on")
+        return
+    if result.interrupted:
+        print(f"hftrain: stopped at step {result.step}; checkpoint saved to "
+              f"{result.checkpoint}. Continue with: {resume_command(args)}", file=sys.stderr)
         sys.exit(128 + result.interrupted)
-    if PartialState().is_main_process:
-        val = result.val
-        print(f"validation: loss {val['loss']:.4f} | perplexity {val['perplexity']:.3f} | "
-              f"bits/byte {val['bits_per_byte']:.4f} | {val['tokens']:,} tokens")
-        print(f"trained {recipe.train.max_steps} steps in {result.train_seconds:.1f} s; "
-              f"model exported to {result.final_dir}")
+    val = result.val
+    print(f"validation: loss {val['loss']:.4f} | perplexity {val['perplexity']:.3f} | "
+          f"bits/byte {val['bits_per_byte']:.4f} | {val['tokens']:,} tokens")
+    resumed = f" (resumed at step {result.step - result.steps_run})" if \
+        result.steps_run < result.step else ""
+    print(f"trained {result.steps_run} steps{resumed} in {result.train_seconds:.1f} s; "
+          f"model exported to {result.final_dir}")
+    if result.sample:
         print(f"sample:\n{result.sample}")
 
 
@@ -94,16 +142,36 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     model, tokenizer = load_export(args.export, trust_remote_code=args.trust_remote_code)
     block_size = args.block_size or export_block_size(args.export, model)
+    positions = getattr(model.config, "n_positions", None)
+    if positions is not None and block_size > positions:
+        raise HftrainError(f"--block-size {block_size} is more than the {positions} positions "
+                           f"of the model in {args.export} (config n_positions)")
     stride = args.stride or block_size
+    if stride > block_size:
+        raise HftrainError(f"--stride {stride} is more than the block size ({block_size}); "
+                           "windows would skip tokens: use 1 <= --stride <= --block-size")
     source = DataConfig(train_files=args.data, val_fraction=0.0, text_column=args.text_column,
                         sample_by=args.sample_by)
+    documents = _some_text(texts(text_stream(source, "train")), ", ".join(args.data))
     accelerator = Accelerator()
-    result = evaluate_texts(model.to(accelerator.device), tokenizer,
-                            texts(text_stream(source, "train")), accelerator, block_size,
-                            stride, args.batch_size)
+    result = evaluate_texts(model.to(accelerator.device), tokenizer, documents, accelerator,
+                            block_size, stride, args.batch_size)
     print(f"{', '.join(args.data)}: loss {result['loss']:.4f} | perplexity "
           f"{result['perplexity']:.3f} | bits/byte {result['bits_per_byte']:.4f} | "
           f"{result['tokens']:,} tokens (block {block_size}, stride {stride})")
+
+
+def _some_text(documents: Iterable[str], source: str) -> Iterator[str]:
+    """`documents`, checked to hold some text once they are all read (nothing to score is
+    an error, not a perplexity)."""
+    from hftrain.errors import DataError
+
+    empty = True
+    for text in documents:
+        empty = empty and not text
+        yield text
+    if empty:
+        raise DataError(f"no text to score in {source}")
 
 
 def cmd_push(args: argparse.Namespace) -> None:
@@ -118,8 +186,55 @@ def cmd_push(args: argparse.Namespace) -> None:
         print(f"  {name}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a mistake reported as one line like every other hftrain error (by
+    default the usage block comes first and buries it; --help still shows the usage)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"hftrain: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _int_at_least(minimum: int) -> Any:
+    """An argparse type: a whole number >= `minimum`."""
+
+    def whole_number(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return whole_number
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
+
+
+def _temperature(text: str) -> float:
+    import math
+
+    value = _number(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0 (0 = greedy), got {text}")
+    return value
+
+
+def _top_p(text: str) -> float:
+    value = _number(text)
+    if not 0 < value <= 1:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"must be > 0 and <= 1, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="hftrain",
         description="Train language models on the Hugging Face stack from one YAML recipe.",
         epilog="example: hftrain train recipes/shakespeare/gpt2-char.yaml train.max_steps=100",
@@ -140,12 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("export", help="an export folder (run_dir/final) or Hub id")
     e.add_argument("--data", nargs="+", required=True,
                    help="text (.txt), JSON Lines or Parquet files; each document is scored alone")
-    e.add_argument("--block-size", type=int, default=None,
+    e.add_argument("--block-size", type=_int_at_least(1), default=None,
                    help="tokens of context per window (default: the training recipe's)")
-    e.add_argument("--stride", type=int, default=None,
+    e.add_argument("--stride", type=_int_at_least(1), default=None,
                    help="tokens between windows (default: block size, no overlap); smaller "
                         "strides give every token more context and cost more forward passes")
-    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--batch-size", type=_int_at_least(1), default=16)
     e.add_argument("--text-column", default="text", help="column of JSON Lines/Parquet files")
     e.add_argument("--sample-by", choices=["document", "paragraph", "line"], default="document",
                    help="what one document of a .txt file is")
@@ -164,11 +279,13 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="sample text from an exported model")
     g.add_argument("export", help="an export folder (run_dir/final) or Hub id")
     g.add_argument("--prompt", default="")
-    g.add_argument("--max-new-tokens", type=int, default=200)
-    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    g.add_argument("--top-k", type=int, default=200)
-    g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--num-samples", type=int, default=1)
+    g.add_argument("--max-new-tokens", type=_int_at_least(1), default=200)
+    g.add_argument("--temperature", type=_temperature, default=0.8, help="0 = greedy")
+    g.add_argument("--top-k", type=_int_at_least(1), default=200,
+                   help="sample from the k most likely tokens")
+    g.add_argument("--top-p", type=_top_p, default=None,
+                   help="sample from the most likely tokens that hold this much probability")
+    g.add_argument("--num-samples", type=_int_at_least(1), default=1)
     g.add_argument("--seed", type=int, default=1337)
     g.add_argument("--trust-remote-code", action="store_true",
                    help="allow model code shipped with the export (recurrent models)")
@@ -177,7 +294,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse stops filling `overrides` at the first option: `train R --resume a=1` leaves
+    # `a=1` over. Overrides may come before or after options.
+    if extra and hasattr(args, "overrides") and all("=" in e and e[0] != "-" for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _quiet_libraries()
     try:
         args.func(args)

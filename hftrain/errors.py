@@ -13,5 +13,23 @@ class DataError(HftrainError):
     """A data source is missing, empty or too short for the recipe. The message names the path."""
 
 
+class RecordError(DataError):
+    """One row of a data stream is unusable (a null text, a malformed fine-tuning record).
+
+    Raised where the row is read, which does not know its file or line; `hftrain.data` turns
+    it into a DataError that names them (see `hftrain.data_check`)."""
+
+
 class TrainingDiverged(HftrainError):
     """The loss became NaN or infinite. The message names the step and the checkpoint kept."""
+
+
+class RunStopped(BaseException):
+    """SIGTERM or Ctrl-C after training ended (final evaluation, export, sample, push): the
+    run's final checkpoint is already written, so the process stops at once. A BaseException,
+    like KeyboardInterrupt, so that no `except Exception` swallows it."""
+
+    def __init__(self, signum: int, phase: str) -> None:
+        super().__init__(f"signal {signum} during {phase}")
+        self.signum = signum
+        self.phase = phase

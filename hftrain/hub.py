@@ -65,16 +65,41 @@ def stage(export: Path, folder: Path, repo_id: str) -> list[str]:
     """Write `folder`: the export, the run's loss curve and a model card. Returns the files."""
     if not (export / "config.json").is_file():
         raise HftrainError(f"not an export folder (no config.json): {export}")
-    if folder.exists():
-        shutil.rmtree(folder)
-    shutil.copytree(export, folder)
+    _claim_staging_folder(folder, export)
+    shutil.copytree(export, folder, dirs_exist_ok=True)
     run_dir = export.parent
     plot = run_dir / "loss.png"
     if plot.is_file():
         shutil.copy2(plot, folder / "loss.png")
     card = model_card(folder, repo_id, _last_evaluation(run_dir / "metrics.jsonl"))
     card.save(folder / "README.md")
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
+                  if p.is_file() and p.name != STAGING_MARKER)
+
+
+STAGING_MARKER = ".hftrain-staging"
+"""Marks a folder `stage` made, so that it is the only kind of folder a new staging replaces;
+it is not uploaded."""
+
+
+def _claim_staging_folder(folder: Path, export: Path) -> None:
+    """Make `folder` an empty staging folder of hftrain's own, or refuse: it may be new,
+    empty, or a staging folder hftrain made before, and never the export, the run folder, or
+    a folder that holds either."""
+    target, exported = folder.resolve(), export.resolve()
+    if target == exported.parent or target == exported or target in exported.parents \
+            or exported in target.parents:
+        raise HftrainError(f"--folder {folder} is, holds or lies inside the export or its run "
+                           "folder; stage the upload in a folder of its own (default: RUN/hub)")
+    if folder.exists():
+        if not folder.is_dir():
+            raise HftrainError(f"--folder {folder} is a file, not a folder")
+        if not (folder / STAGING_MARKER).is_file() and any(folder.iterdir()):
+            raise HftrainError(f"--folder {folder} is not empty and was not staged by hftrain; "
+                               "give a new or empty folder")
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    (folder / STAGING_MARKER).write_text("staged by hftrain push; replaced by the next one\n")
 
 
 def _last_evaluation(metrics: Path) -> dict[str, Any] | None:
@@ -176,8 +201,11 @@ def push(export: Path, repo_id: str, folder: Path, private: bool = False,
     try:
         url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         api.upload_folder(repo_id=url.repo_id, folder_path=str(folder), repo_type="model",
+                          ignore_patterns=[STAGING_MARKER],
                           commit_message="Upload model trained with hftrain")
-    except (HfHubHTTPError, OSError, ValueError) as exc:
+    # No answer at all (no network, DNS, timeout) comes as the HTTP client's own error, e.g.
+    # httpx2.ConnectError under huggingface_hub 2.x: the base class HfHubHTTPError extends.
+    except (HfHubHTTPError, HfHubHTTPError.__mro__[1], OSError, ValueError) as exc:
         first_line = str(exc).split("\n")[0]
         raise HftrainError(f"pushing to {repo_id} failed ({type(exc).__name__}): {first_line}; "
                            f"the staged folder is {folder}") from None

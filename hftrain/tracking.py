@@ -12,20 +12,28 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from hftrain.atomic import atomic_write_text
+from hftrain.errors import HftrainError
+
 
 class MetricsLog:
     """Appends one JSON object per logged step or evaluation to `metrics.jsonl`, and sends the
-    same figures to the Accelerate trackers (TensorBoard, trackio, W&B) if any were set up."""
+    same figures to the Accelerate trackers (TensorBoard, trackio, W&B) if any were set up.
+
+    `lines` counts the records in the file; a checkpoint stores it, and a resumed run cuts the
+    file back to that many records, dropping what the interrupted run wrote after it."""
 
     def __init__(self, path: Path | None, enabled: bool, accelerator: Any = None) -> None:
         self.path = path
         self.enabled = enabled
         self.accelerator = accelerator
+        self.lines = 0
 
     def write(self, record: dict[str, Any]) -> None:
         if self.accelerator is not None and self.accelerator.trackers:
             values = {k: v for k, v in record.items() if k != "step"}
             self.accelerator.log(values, step=record["step"])
+        self.lines += 1
         if not self.enabled:
             return
         clean = {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v)
@@ -33,17 +41,31 @@ class MetricsLog:
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(clean) + "\n")
 
-
-    def keep_until(self, step: int) -> None:
-        """Drop records after `step`: a resumed run writes them again."""
+    def truncate(self, n_records: int) -> None:
+        """Keep the first `n_records` records, replacing the file atomically: a kill while
+        this runs leaves the old file or the new one, never an empty or partial one."""
+        self.lines = n_records
         if not self.enabled or not self.path.exists():
             return
-        kept = [json.dumps(r) for r in read_metrics(self.path) if r["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        kept = [json.dumps(r) + "\n" for r in read_metrics(self.path)[:n_records]]
+        atomic_write_text(self.path, "".join(kept))
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The records of a metrics.jsonl. A torn last line (the process was killed while writing
+    it) is ignored; a damaged line elsewhere is an error naming it."""
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if number == len(lines):
+                break
+            raise HftrainError(f"{path}:{number}: not a JSON record") from None
+    return records
 
 
 def progress_bar(total: int, enabled: bool) -> tqdm:

@@ -1,17 +1,22 @@
-"""The training run on Accelerate: validate inputs, build, loop, evaluate, export.
+"""The training run on Accelerate: check inputs, build, loop, evaluate, export.
 
-Order matters for "bad input loses nothing": the tokenizer is built and the first batches are
-pulled from both data splits *before* the run folder is created, so a missing file, an empty
-corpus or an over-long block fails with nothing written.
+Order matters for "bad input loses nothing": what to do with the run folder is decided, the
+tokenizer is built, the first batches are pulled from both data splits and the model,
+optimizer and schedule are built *before* the run folder is written, so a missing file, an
+empty corpus, an over-long block or a bad setting fails with nothing written.
+
+And for "a run is never lost after its first step": once the folder is started, a failure
+during training leaves a checkpoint of the last completed step (one process; with several,
+the newest interval checkpoint), and the run is checkpointed at its last step before the final
+evaluation, export, sample and push, so `--resume` redoes only what is missing.
 """
 
 from __future__ import annotations
 
+import glob
 import itertools
 import os
-import shutil
 import signal
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -25,10 +30,10 @@ from accelerate.utils import set_seed
 from transformers import GenerationConfig
 
 from hftrain.allocator import keep_freed_heap_memory
-from hftrain.atomic import atomic_directory
-from hftrain.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from hftrain.atomic import atomic_directory, atomic_write_text
+from hftrain.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from hftrain.data import IGNORE_INDEX, DataStreams, describe_source, text_stream, texts
-from hftrain.errors import HftrainError, TrainingDiverged
+from hftrain.errors import HftrainError, RecipeError, TrainingDiverged
 from hftrain.evaluation import evaluate_lm, token_byte_lengths, token_nll
 from hftrain.generation import generate_text
 from hftrain.hub import push
@@ -36,6 +41,16 @@ from hftrain.models import build_model
 from hftrain.models.base import is_lora
 from hftrain.optim import build_optimizer, build_scheduler
 from hftrain.recipe import Recipe, dump_recipe
+from hftrain.resume import Plan, plan_run, trajectory
+from hftrain.run_folder import (
+    check_new_run_target,
+    check_writable_target,
+    clear_run_folder,
+    is_run_folder,
+    run_lock,
+    write_marker,
+)
+from hftrain.signals import StopRequest
 from hftrain.tokenizer import build_tokenizer, load_tokenizer, save_tokenizer
 from hftrain.tracking import (
     MetricsLog,
@@ -48,11 +63,15 @@ from hftrain.tracking import (
     progress_bar,
 )
 
+TOKENIZER_RECORD = "hftrain_tokenizer.json"
+"""Written next to a tokenizer hftrain builds into a run folder: the recipe settings it was
+built with, checked when a later command reuses it."""
+
 
 @dataclass
 class TrainResult:
     model: Any
-    """The trained model, unwrapped from Accelerate, in eval mode."""
+    """The trained model, unwrapped from Accelerate, in eval mode (None if nothing ran)."""
     run_dir: Path
     final_dir: Path | None
     val: dict[str, float]
@@ -62,13 +81,18 @@ class TrainResult:
     interrupted: int = 0
     """The signal (SIGTERM, SIGINT) that stopped the run early after a checkpoint; 0 if none."""
     checkpoint: Path | None = None
+    steps_run: int = 0
+    """Optimizer steps this call made (fewer than `step` after a resume)."""
+    already_finished: bool = False
+    """`--resume` found the run finished at its max_steps: nothing was done."""
 
 
 def prepare_tokenizer(recipe: Recipe) -> tuple[Any, bool]:
     """The recipe's tokenizer and whether it was built now (and so still needs saving).
 
     Order of preference: `tokenizer.name_or_path`; the tokenizer of `model.init_from`; a
-    tokenizer already in the run folder (from `hftrain tokenizer`); otherwise one built from
+    tokenizer already in the run folder (from `hftrain tokenizer`, or the run being resumed),
+    which must have been built with the recipe's tokenizer settings; otherwise one built from
     the training stream.
     """
     if recipe.tokenizer.name_or_path or recipe.model.init_from:
@@ -76,32 +100,113 @@ def prepare_tokenizer(recipe: Recipe) -> tuple[Any, bool]:
         return load_tokenizer(name, trust_remote_code=recipe.model.trust_remote_code), False
     saved = Path(recipe.run.output_dir) / "tokenizer"
     if (saved / "tokenizer.json").is_file() and not recipe.run.overwrite:
+        check_saved_tokenizer(saved, recipe)
         return load_tokenizer(str(saved)), False
     corpus = texts(text_stream(recipe.data, "train"))
     source = describe_source(recipe.data, "train")
     return build_tokenizer(recipe.tokenizer, corpus, recipe.data.block_size, source), True
 
 
-def refuse_finished_run(run_dir: Path, overwrite: bool) -> None:
-    if (run_dir / "metrics.jsonl").exists() and not overwrite:
-        raise HftrainError(
-            f"{run_dir} already holds a run; choose another run.output_dir "
-            "or pass run.overwrite=true to replace it"
-        )
+def tokenizer_record(recipe: Recipe) -> dict[str, Any]:
+    """What a built tokenizer depends on: the tokenizer section and the text it learned from."""
+    settings = recipe.to_dict()["tokenizer"]
+    return {**{f"tokenizer.{k}": v for k, v in settings.items()},
+            "built from": describe_source(recipe.data, "train")}
 
 
-def start_run_folder(run_dir: Path, recipe: Recipe, tokenizer: Any, built: bool) -> None:
-    """Called once every input has been checked: only now does the run write anything."""
-    if recipe.run.overwrite and run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+def check_saved_tokenizer(folder: Path, recipe: Recipe) -> None:
+    """Refuse a tokenizer in the run folder that the recipe's tokenizer section did not build
+    (e.g. `hftrain tokenizer` with kind char, then `train` with kind byte_bpe)."""
+    import json
+
+    record_file = folder / TOKENIZER_RECORD
+    if not record_file.is_file():
+        return
+    saved = json.loads(record_file.read_text(encoding="utf-8"))
+    current = tokenizer_record(recipe)
+    changed = [f"{k} ({saved.get(k)!r} -> {current.get(k)!r})" for k in sorted(current)
+               if k != "built from" and saved.get(k) != current.get(k)]
+    if changed:
+        raise RecipeError(f"{folder} was built with other settings than the recipe's: "
+                          f"{'; '.join(changed)}. Use another run.output_dir, or "
+                          "run.overwrite=true to rebuild it")
+
+
+def save_run_tokenizer(tokenizer: Any, recipe: Recipe, folder: Path) -> None:
+    import json
+
+    save_tokenizer(tokenizer, folder)
+    atomic_write_text(folder / TOKENIZER_RECORD, json.dumps(tokenizer_record(recipe), indent=2))
+
+
+def protected_paths(recipe: Recipe, recipe_path: Path | None) -> list[Path]:
+    """The recipe and the local data files: a run folder must never contain them. (A run's
+    own recipe.yaml is hftrain's: `hftrain train runs/x/recipe.yaml --resume` is fine.)"""
+    patterns = [*recipe.data.train_files, *recipe.data.val_files]
+    paths = [Path(p) for pattern in patterns
+             for p in (glob.glob(pattern) if glob.has_magic(pattern) else [pattern])]
+    own_recipe = Path(recipe.run.output_dir) / "recipe.yaml"
+    if recipe_path and not (own_recipe.exists() and own_recipe.samefile(recipe_path)):
+        paths.append(recipe_path)
+    return paths
+
+
+def start_run_folder(run_dir: Path, recipe: Recipe, tokenizer: Any, built: bool,
+                     plan: Plan) -> None:
+    """Called under the run lock once every input has been checked: only now does the run
+    write anything. The folder is checked again, since another process may have started a
+    run in it after `plan_run` looked."""
+    if plan.checkpoint is None and not plan.restart:
+        check_new_run_target(run_dir, recipe.run.overwrite)
+        if recipe.run.overwrite and is_run_folder(run_dir):
+            clear_run_folder(run_dir)
+            write_marker(run_dir)
     if built:
-        save_tokenizer(tokenizer, run_dir / "tokenizer")
-    dump_recipe(recipe, run_dir / "recipe.yaml")
+        save_run_tokenizer(tokenizer, recipe, run_dir / "tokenizer")
+    tmp = run_dir / ".recipe.yaml.tmp"  # on resume: the run's settings with their new lengths
+    dump_recipe(recipe, tmp)
+    os.replace(tmp, run_dir / "recipe.yaml")
 
 
-def train(recipe: Recipe) -> TrainResult:
-    """Run a recipe end to end: tokenizer, data, model, training, evaluation, export, sample."""
+@dataclass
+class RunParts:
+    """Everything a run is built from, made (and so checked) before the run folder is written."""
+
+    tokenizer: Any
+    tokenizer_built: bool
+    streams: DataStreams
+    batches: Iterator[dict[str, torch.Tensor]]
+    """The training stream, its first batch already pulled and put back in front."""
+    first_batch: dict[str, torch.Tensor]
+    model: Any
+    optimizer: Any
+    scheduler: Any
+
+
+def build_parts(recipe: Recipe, accelerator: Accelerator) -> RunParts:
+    """Tokenizer, data (one batch of each split pulled), model, optimizer, schedule and the
+    generation settings: a bad file or setting fails here, with nothing written."""
+    tokenizer, built = prepare_tokenizer(recipe)
+    streams = DataStreams(recipe.data, tokenizer, seed=recipe.run.seed,
+                          stateful=recipe.train.stateful, rank=accelerator.process_index,
+                          world_size=accelerator.num_processes)
+    train_batches = streams.train_batches(recipe.train.batch_size)
+    first_batch = next(train_batches)
+    streams.check_val(recipe.eval.batch_size)
+    model = build_model(recipe.model, tokenizer, recipe.data.block_size)
+    optimizer = build_optimizer(model.to(accelerator.device), recipe.train)
+    scheduler = build_scheduler(optimizer, recipe.train)
+    model.generation_config = generation_config(recipe, tokenizer)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    batches = itertools.chain([first_batch], train_batches)
+    return RunParts(tokenizer, built, streams, batches, first_batch, model, optimizer, scheduler)
+
+
+def train(recipe: Recipe, recipe_path: Path | None = None) -> TrainResult:
+    """Run a recipe end to end: tokenizer, data, model, training, evaluation, export, sample.
+
+    `recipe_path` is the file the recipe came from, which the run folder must not contain.
+    """
     run_dir = Path(recipe.run.output_dir)
     trackers = default_trackers() if recipe.run.trackers is None else recipe.run.trackers
     accelerator = Accelerator(
@@ -113,67 +218,91 @@ def train(recipe: Recipe) -> TrainResult:
     )
     keep_freed_heap_memory(accelerator.device)
     set_seed(recipe.run.seed)
-    resume_from = None
-    if recipe.checkpoint.resume == "auto" and not recipe.run.overwrite:
-        resume_from = latest_checkpoint(run_dir)
-    if resume_from is None:
-        refuse_finished_run(run_dir, recipe.run.overwrite)
+    check_writable_target(run_dir, protected_paths(recipe, recipe_path), "run.output_dir")
+    plan = plan_run(recipe, run_dir, recipe.checkpoint.resume == "auto",
+                    accelerator.num_processes)
+    if plan.finished:
+        return TrainResult(None, run_dir, run_dir / "final", {}, "", 0.0,
+                           recipe.train.max_steps, already_finished=True)
+    parts = build_parts(recipe, accelerator)
+    with run_lock(run_dir, enabled=accelerator.is_main_process), StopRequest() as stop:
+        if accelerator.is_main_process:
+            start_run_folder(run_dir, recipe, parts.tokenizer, parts.tokenizer_built, plan)
+        accelerator.wait_for_everyone()
+        if trackers:
+            accelerator.init_trackers("hftrain", config=flat_config(recipe.to_dict()))
+        log = MetricsLog(run_dir / "metrics.jsonl", accelerator.is_main_process, accelerator)
+        loop = TrainingLoop(recipe, accelerator, parts.model, parts.optimizer, parts.scheduler,
+                            parts.streams, log, token_byte_lengths(parts.tokenizer), run_dir)
+        if plan.checkpoint is not None:
+            loop.resume(plan.checkpoint, parts.batches)
+            accelerator.print(f"resumed from {plan.checkpoint} at step {loop.step}")
+        elif plan.restart:
+            log.truncate(0)
+            accelerator.print(f"{run_dir} has no checkpoint: training starts again at step 0")
+        _print_global_batch(accelerator, recipe, parts.first_batch)
+        try:
+            return _train_and_finish(loop, parts, stop)
+        except Exception as exc:  # the CLI tells how to resume from the newest checkpoint
+            if getattr(exc, "checkpoint", None) is None and loop.last_checkpoint is not None:
+                exc.checkpoint = loop.last_checkpoint
+            raise
 
-    tokenizer, built = prepare_tokenizer(recipe)
-    streams = DataStreams(recipe.data, tokenizer, seed=recipe.run.seed,
-                          stateful=recipe.train.stateful, rank=accelerator.process_index,
-                          world_size=accelerator.num_processes)
-    train_batches = streams.train_batches(recipe.train.batch_size)
-    first_batch = next(train_batches)
-    streams.check_val(recipe.eval.batch_size)
-    if accelerator.is_main_process and resume_from is None:
-        start_run_folder(run_dir, recipe, tokenizer, built)
 
-    model = build_model(recipe.model, tokenizer, recipe.data.block_size)
-    optimizer = build_optimizer(model.to(accelerator.device), recipe.train)
-    scheduler = build_scheduler(optimizer, recipe.train)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
+def _train_and_finish(loop: TrainingLoop, parts: RunParts, stop: StopRequest) -> TrainResult:
+    first_step, started = loop.step, time.perf_counter()
+    loop.run(parts.batches, stop)
+    result = TrainResult(None, loop.run_dir, None, {}, "", time.perf_counter() - started,
+                         loop.step, loop.interrupted, loop.last_checkpoint,
+                         loop.step - first_step)
+    if loop.interrupted:
+        result.model = bare_model(loop.accelerator, loop.model).eval()
+    else:
+        _finish(loop, parts.tokenizer, result, stop)
+    return result
 
-    if trackers:
-        accelerator.init_trackers("hftrain", config=flat_config(recipe.to_dict()))
-    log = MetricsLog(run_dir / "metrics.jsonl", accelerator.is_main_process, accelerator)
-    loop = TrainingLoop(recipe, accelerator, model, optimizer, scheduler, streams, log,
-                        token_byte_lengths(tokenizer), run_dir)
-    batches = itertools.chain([first_batch], train_batches)
-    if resume_from is not None:
-        loop.resume(resume_from, batches)
-        accelerator.print(f"resumed from {resume_from} at step {loop.step}")
+
+def _finish(loop: TrainingLoop, tokenizer: Any, result: TrainResult, stop: StopRequest) -> None:
+    """After the last step, with the run checkpointed: final evaluation, export, mark the run
+    finished, plot, sample, push. A failure here leaves a run `--resume` finishes."""
+    accelerator, recipe, run_dir = loop.accelerator, loop.recipe, loop.run_dir
+    stop.raise_from_now_on("the final evaluation")
+    result.val = loop.evaluate(max_batches=None)
+    stop.raise_from_now_on("the export")
+    try:
+        result.final_dir, model = export(accelerator, loop.model, tokenizer, recipe, run_dir)
+    except OSError as exc:
+        raise HftrainError(f"could not write the export {run_dir / 'final'} "
+                           f"({exc.strerror or exc})") from None
+    result.model = model.eval()
+    stop.raise_from_now_on("the sample and push, after the run finished")
+    if accelerator.is_main_process:
+        write_marker(run_dir, finished_step=loop.step)
+        plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
+        if recipe.sample.max_new_tokens > 0:
+            result.sample = generate_text(
+                model, tokenizer, recipe.sample.prompt, recipe.sample.max_new_tokens,
+                recipe.sample.temperature, recipe.sample.top_k,
+            )
+        if recipe.hub.push_to_hub:
+            try:
+                push(result.final_dir, recipe.hub.repo_id, run_dir / "hub",
+                     private=recipe.hub.private)
+            except HftrainError as exc:
+                raise HftrainError(f"{exc}. The run is finished and exported; retry with: "
+                                   f"hftrain push {result.final_dir} --repo-id "
+                                   f"{recipe.hub.repo_id}") from None
+    accelerator.end_training()
+
+
+def _print_global_batch(accelerator: Accelerator, recipe: Recipe, batch: dict) -> None:
     cfg = recipe.train
     blocks = cfg.batch_size * cfg.grad_accum_steps * accelerator.num_processes
     accelerator.print(
-        f"global batch: {blocks} blocks x {first_batch['input_ids'].shape[1]} tokens "
+        f"global batch: {blocks} blocks x {batch['input_ids'].shape[1]} tokens "
         f"(batch_size {cfg.batch_size} x grad_accum_steps {cfg.grad_accum_steps} x "
         f"{accelerator.num_processes} process{'es' if accelerator.num_processes > 1 else ''})"
     )
-    started = time.perf_counter()
-    with StopRequest() as stop:
-        loop.run(batches, stop)
-    train_seconds = time.perf_counter() - started
-    unwrapped = bare_model(accelerator, model)
-    if loop.interrupted:
-        return TrainResult(unwrapped.eval(), run_dir, None, {}, "", train_seconds, loop.step,
-                           loop.interrupted, loop.last_checkpoint)
-
-    val = loop.evaluate(max_batches=None)
-    final_dir, unwrapped = export(accelerator, model, tokenizer, recipe, run_dir)
-    sample = ""
-    if accelerator.is_main_process:
-        plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
-        sample = generate_text(
-            unwrapped, tokenizer, recipe.sample.prompt,
-            recipe.sample.max_new_tokens, recipe.sample.temperature, recipe.sample.top_k,
-        )
-        if recipe.hub.push_to_hub:
-            push(final_dir, recipe.hub.repo_id, run_dir / "hub", private=recipe.hub.private)
-    accelerator.end_training()
-    return TrainResult(unwrapped.eval(), run_dir, final_dir, val, sample, train_seconds,
-                       loop.step, 0, loop.last_checkpoint)
 
 
 def bare_model(accelerator: Accelerator, model: Any) -> Any:
@@ -184,31 +313,6 @@ def bare_model(accelerator: Accelerator, model: Any) -> Any:
 def _cpu_data_parallel() -> bool:
     """Several processes (torchrun) and no GPU: Accelerate must be told to use gloo on CPU."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-
-
-class StopRequest:
-    """Turns SIGTERM and the first Ctrl-C into a request to checkpoint and stop after the
-    current step (a second Ctrl-C stops at once). Handlers are restored on exit."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self) -> None:
-        self.signum = 0
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopRequest:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum == signal.SIGINT and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __exit__(self, *exc: Any) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
 
 
 class TrainingLoop:
@@ -242,12 +346,39 @@ class TrainingLoop:
         self.state = None  # the recurrent state carried across windows (stateful training)
 
     def run(self, batches: Iterator[dict[str, torch.Tensor]], stop: StopRequest) -> None:
-        """Train to `max_steps`, or until `stop` asks; the bar is closed however it ends."""
+        """Train to `max_steps`, or until `stop` asks; the bar is closed however it ends.
+
+        Either way the last step is checkpointed. If a step fails (bad data, a data file
+        deleted, a full disk), the last completed step is checkpointed before the error goes
+        on, so fixing the cause and `--resume` loses nothing; with several processes the
+        others may be waiting in a collective, so only the interval checkpoints are kept.
+        """
         cfg = self.recipe.train
         self.model.train()
-        with progress_bar(cfg.max_steps, self.accelerator.is_main_process) as bar:
-            bar.update(self.step)  # a resumed run starts part-way
-            self._run(batches, stop, bar)
+        try:
+            with progress_bar(cfg.max_steps, self.accelerator.is_main_process) as bar:
+                bar.update(self.step)  # a resumed run starts part-way
+                self._run(batches, stop, bar)
+        except Exception as exc:
+            self._save_after_failure(exc)
+            raise
+        if not self._checkpointed():
+            self.save_checkpoint()
+
+    def _checkpointed(self) -> bool:
+        last = self.last_checkpoint
+        return last is not None and last.name == f"step-{self.step:08d}"
+
+    def _save_after_failure(self, exc: Exception) -> None:
+        """Checkpoint the last completed step after a failure, when that is safe and new."""
+        if (self.accelerator.num_processes > 1 or self.step == 0 or self._checkpointed()
+                or isinstance(exc, (CheckpointError, TrainingDiverged))):
+            return
+        try:  # keep every earlier checkpoint too: this one was not planned
+            self.save_checkpoint(keep=self.recipe.checkpoint.keep + 1)
+        except CheckpointError:
+            return
+        exc.checkpoint = self.last_checkpoint  # the CLI prints how to resume from it
 
     def _run(self, batches: Iterator[dict[str, torch.Tensor]], stop: StopRequest,
              bar: Any) -> None:
@@ -255,10 +386,10 @@ class TrainingLoop:
         window_start = time.perf_counter()
         while self.step < cfg.max_steps:
             micro_batches = [next(batches) for _ in range(cfg.grad_accum_steps)]
-            self.micro_batches += len(micro_batches)
             lr = self.scheduler.get_last_lr()[0]
             loss, n_tokens = self.optimizer_step(micro_batches)
             self.step += 1
+            self.micro_batches += len(micro_batches)
             self.tokens_seen += n_tokens
             self.window_tokens += n_tokens
             if loss is not None:
@@ -308,21 +439,29 @@ class TrainingLoop:
         flag = torch.tensor(float(signum), device=self.accelerator.device)
         return bool(self.accelerator.reduce(flag, "max").item())
 
-    def save_checkpoint(self) -> Path:
-        state = {"step": self.step, "tokens_seen": self.tokens_seen,
-                 "micro_batches": self.micro_batches, "skipped_steps": self.skipped_steps,
-                 "window_steps": self.window_steps, "window_tokens": self.window_tokens}
+    def state_dict(self) -> dict[str, Any]:
+        """The loop's resumable position (JSON); with the run's trajectory, which a resume
+        must match, and how many metrics.jsonl records belong to the run so far."""
+        return {"step": self.step, "tokens_seen": self.tokens_seen,
+                "micro_batches": self.micro_batches, "skipped_steps": self.skipped_steps,
+                "window_steps": self.window_steps, "window_tokens": self.window_tokens,
+                "metrics_lines": self.log.lines,
+                "trajectory": trajectory(self.recipe, self.accelerator.num_processes)}
+
+    def save_checkpoint(self, keep: int | None = None) -> Path:
         tensors = {f"state_{i}": t for i, t in enumerate(self.state or ())}
         tensors["window_loss"] = self.window_loss
-        self.last_checkpoint = save_checkpoint(self.accelerator, self.run_dir, state, tensors,
-                                               self.recipe.checkpoint.keep)
+        self.last_checkpoint = save_checkpoint(
+            self.accelerator, self.run_dir, self.state_dict(), self.scheduler, tensors,
+            keep or self.recipe.checkpoint.keep)
         return self.last_checkpoint
 
     def resume(self, path: Path, batches: Iterator[dict[str, torch.Tensor]]) -> None:
-        """Continue from a checkpoint: Accelerate's state (weights, optimizer, scheduler, RNG),
-        the counters, the carried recurrent state, and the data stream replayed to where the
-        checkpoint was taken. Log lines written after it (by the run that died) are dropped."""
-        state, tensors = load_checkpoint(self.accelerator, path)
+        """Continue from a checkpoint: Accelerate's state (weights, optimizer, RNG), the
+        schedule, the counters, the carried recurrent state, and the data stream replayed to
+        where the checkpoint was taken. Log records written after it (by the run that died,
+        or the final evaluation of a run being continued) are dropped."""
+        state, tensors = load_checkpoint(self.accelerator, path, self.scheduler)
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.skipped_steps = state["skipped_steps"]
         self.window_steps, self.window_tokens = state["window_steps"], state["window_tokens"]
@@ -332,7 +471,7 @@ class TrainingLoop:
             next(batches)
         self.micro_batches = state["micro_batches"]
         self.last_checkpoint = path
-        self.log.keep_until(self.step)
+        self.log.truncate(state["metrics_lines"])
 
     def optimizer_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[Any, int]:
         """One update from several micro-batches; returns (mean token loss, tokens processed).
@@ -387,7 +526,8 @@ class TrainingLoop:
         kept = f"the newest checkpoint ({newest}) is untouched" if newest else "no checkpoint"
         raise TrainingDiverged(
             f"the training loss is {total.item()} at step {self.step + 1}; stopped before "
-            f"updating the model ({kept}). Lower train.lr, or set train.on_nan=skip"
+            f"updating the model ({kept}). Lower train.lr in a new run, or --resume with "
+            "train.on_nan=skip"
         )
 
     def evaluate(self, max_batches: int | None) -> dict[str, float]:
@@ -438,6 +578,6 @@ def generation_config(recipe: Recipe, tokenizer: Any) -> GenerationConfig:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        max_new_tokens=sample.max_new_tokens,
+        max_new_tokens=sample.max_new_tokens or None,  # 0: no sample, no default length
         **sampling,
     )

@@ -6,7 +6,9 @@ own process). Usage:
 Every optimizer step appends "step digest" to RECORD_FILE (the digest of the micro-batches it
 trained on; under torchrun, to RECORD_FILE.rankN). KILL_AT_STEP > 0 sends SIGKILL to this
 process at the start of that step; KILL_ON_SAVE > 0 sends it in the middle of that checkpoint
-save (after Accelerate's files, before hftrain's completion marker).
+save (after Accelerate's files, before hftrain's completion marker). With the environment
+variable SIGNAL_IN=PHASE:SIGNAL (PHASE `final_eval` or `export`, SIGNAL `TERM` or `KILL`) the
+process sends itself that signal when the phase begins.
 """
 
 import hashlib
@@ -17,6 +19,7 @@ import sys
 import accelerate
 
 import hftrain.checkpoint
+import hftrain.train
 from hftrain.cli import main
 from hftrain.train import TrainingLoop
 
@@ -57,6 +60,20 @@ def dying_save_state(self, output_dir=None, **kwargs):
     return result
 
 
+def signal_when(phase: str, original):
+    """Wrap `original` so that it first sends the signal SIGNAL_IN names for `phase`."""
+    wanted, _, name = os.environ.get("SIGNAL_IN", "").partition(":")
+
+    def wrapper(*args, **kwargs):
+        if wanted == phase and (phase != "final_eval" or kwargs.get("max_batches", 0) is None):
+            os.kill(os.getpid(), getattr(signal, f"SIG{name}"))
+        return original(*args, **kwargs)
+
+    return wrapper
+
+
+TrainingLoop.evaluate = signal_when("final_eval", TrainingLoop.evaluate)
+hftrain.train.export = signal_when("export", hftrain.train.export)
 TrainingLoop.optimizer_step = recording_step
 accelerate.Accelerator.save_state = dying_save_state
 assert hftrain.checkpoint.Accelerator is accelerate.Accelerator

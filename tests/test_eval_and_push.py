@@ -140,9 +140,13 @@ class RecordingApi:
         self.calls.append(("create_repo", repo_id, kwargs))
         return type("RepoUrl", (), {"repo_id": repo_id})()
 
-    def upload_folder(self, repo_id, folder_path, **kwargs):
+    def upload_folder(self, repo_id, folder_path, ignore_patterns=(), **kwargs):
+        """Uploads what the real one would: the folder's files less `ignore_patterns`."""
+        from fnmatch import fnmatch
+
         root = Path(folder_path)
-        files = {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+        files = {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()
+                 and not any(fnmatch(str(p.relative_to(root)), pat) for pat in ignore_patterns)}
         self.calls.append(("upload_folder", repo_id, files))
 
 

@@ -1,0 +1,80 @@
+"""What checkpoint safety costs: hftrain's `save_checkpoint` (Accelerate's `save_state` plus
+the schedule as JSON, the loop tensors, a SHA-256 manifest and an atomic rename) against a bare
+`accelerator.save_state`, on GPT-2 124M with its AdamW state; and the manifest check a resume
+runs before loading. The two saves alternate, so a burst of load on a shared machine hits both.
+
+    python benchmarks/checkpoint.py [--rounds 4] [--dir /tmp/ckpt-bench]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from hftrain.checkpoint import damage, load_checkpoint, save_checkpoint
+from hftrain.optim import build_scheduler
+from hftrain.recipe import TrainConfig
+
+
+def gpt2_124m_with_adam_state(accelerator: Accelerator):
+    config = GPT2Config(n_layer=12, n_head=12, n_embd=768, vocab_size=50304, n_positions=1024)
+    model = GPT2LMHeadModel(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = torch.randint(0, 50304, (1, 32))
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()  # creates exp_avg / exp_avg_sq: the optimizer file is 2x the weights
+    optimizer.zero_grad(set_to_none=True)
+    scheduler = build_scheduler(optimizer, TrainConfig(max_steps=1000, warmup_steps=10))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return model, optimizer, scheduler
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--dir", default="/tmp/ckpt-bench")
+    args = parser.parse_args()
+    root = Path(args.dir)
+    shutil.rmtree(root, ignore_errors=True)
+    accelerator = Accelerator(cpu=True)
+    model, optimizer, scheduler = gpt2_124m_with_adam_state(accelerator)
+    params = sum(p.numel() for p in model.parameters())
+    state = {"step": 1, "tokens_seen": 0, "micro_batches": 1, "metrics_lines": 0}
+    tensors = {"window_loss": torch.zeros(())}
+    bare, safe, verify, load = [], [], [], []
+    for i in range(args.rounds):
+        t0 = time.perf_counter()
+        accelerator.save_state(str(root / f"bare-{i}"))
+        bare.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        path = save_checkpoint(accelerator, root / f"run-{i}", {**state, "step": i + 1},
+                               scheduler, tensors, keep=1)
+        safe.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        assert damage(path) is None
+        verify.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        load_checkpoint(accelerator, path, scheduler)
+        load.append(time.perf_counter() - t0)
+        size = sum(f.stat().st_size for f in path.iterdir())
+        shutil.rmtree(root / f"bare-{i}")
+        shutil.rmtree(root / f"run-{i}")
+    shutil.rmtree(root, ignore_errors=True)
+    med = statistics.median
+    print(f"GPT-2 124M ({params / 1e6:.1f} M parameters), AdamW state, {args.rounds} rounds")
+    print(f"accelerator.save_state:      {med(bare):.2f} s (median)")
+    print(f"hftrain save_checkpoint:     {med(safe):.2f} s (median), "
+          f"ratio {med(s / b for s, b in zip(safe, bare, strict=True)):.2f}x")
+    print(f"manifest check (resume):     {med(verify):.2f} s; load_checkpoint {med(load):.2f} s")
+    print(f"checkpoint size: {size / 1e9:.2f} GB")
+
+
+if __name__ == "__main__":
+    main()

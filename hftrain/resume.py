@@ -1,0 +1,121 @@
+"""What `hftrain train` does with a run folder: start, resume, finish, or refuse.
+
+`--resume` continues *the same run* or refuses. Every checkpoint records the run's trajectory:
+the recipe without the keys below, plus the number of processes. A resumed run whose recipe
+differs in any other key (the model, the tokenizer, the data, the batch, the optimizer and its
+schedule, the precision) would silently mix two runs and export a recipe that describes
+neither, so it is refused with the changed keys listed.
+
+Keys that may change on resume: they decide how long the run goes on, what it reports and
+where, and what happens after training, not which updates it makes. Raising
+`train.max_steps` continues a finished run, on the learning-rate schedule of the new length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hftrain.checkpoint import latest_checkpoint, newest_intact_checkpoint, read_state
+from hftrain.errors import HftrainError
+from hftrain.recipe import Recipe
+from hftrain.run_folder import check_new_run_target, has_run, is_run_folder, read_marker
+
+MAY_CHANGE_ON_RESUME = (
+    "run.output_dir", "run.overwrite", "run.trackers",
+    "train.max_steps", "train.log_interval", "train.on_nan", "train.peak_tflops",
+    "train.compile",
+    "checkpoint.", "eval.", "sample.", "hub.",
+)
+
+
+def trajectory(recipe: Recipe, processes: int) -> dict[str, Any]:
+    """The flat `section.key -> value` settings that define which updates a run makes."""
+    flat = _flatten(recipe.to_dict())
+    kept = {k: v for k, v in flat.items()
+            if not any(k == m or (m.endswith(".") and k.startswith(m))
+                       for m in MAY_CHANGE_ON_RESUME)}
+    return {**kept, "processes": processes}
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def changed_keys(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """`key (old -> new)` for every key whose value differs."""
+    keys = sorted(set(saved) | set(current))
+    return [f"{k} ({saved.get(k)!r} -> {current.get(k)!r})" for k in keys
+            if saved.get(k) != current.get(k)]
+
+
+@dataclass
+class Plan:
+    """What to do: start a new run (`checkpoint` None, `restart` False), continue from
+    `checkpoint`, or start the run in the folder over (`restart`: it died before its first
+    checkpoint, so nothing is lost)."""
+
+    checkpoint: Path | None = None
+    restart: bool = False
+    finished: bool = False
+    """The run already reached `train.max_steps` and was exported: nothing to do."""
+
+
+def plan_run(recipe: Recipe, run_dir: Path, resume: bool, processes: int) -> Plan:
+    """Decide from the folder's contents; refuse (HftrainError, one line) what would lose data
+    or mix two runs. Writes nothing."""
+    if resume and recipe.run.overwrite:
+        raise HftrainError("--resume continues the run in run.output_dir and run.overwrite=true "
+                           "replaces it: pass one of them")
+    if not resume or not run_dir.is_dir() or not has_run(run_dir):
+        check_new_run_target(run_dir, recipe.run.overwrite)
+        return Plan()
+    if not is_run_folder(run_dir) and not (run_dir / "recipe.yaml").is_file():
+        raise HftrainError(f"{run_dir} does not hold an hftrain run to resume")
+    checkpoint = newest_intact_checkpoint(run_dir)
+    current = trajectory(recipe, processes)
+    if checkpoint is None:
+        if latest_checkpoint(run_dir) is not None:
+            raise HftrainError(f"every checkpoint in {run_dir / 'checkpoints'} is damaged; "
+                               "start a new run (another run.output_dir or run.overwrite=true)")
+        saved = _recipe_trajectory(run_dir / "recipe.yaml", processes)
+        _refuse_changes(saved, current, run_dir / "recipe.yaml")
+        return Plan(restart=True)
+    state = read_state(checkpoint)
+    _refuse_changes(state.get("trajectory", {}), current, checkpoint)
+    step, max_steps = state["step"], recipe.train.max_steps
+    if step > max_steps:
+        raise HftrainError(f"the newest checkpoint ({checkpoint}) is at step {step}, past "
+                           f"train.max_steps={max_steps}; raise train.max_steps to go on")
+    finished = step == max_steps and read_marker(run_dir).get("finished_step") == step
+    return Plan(checkpoint=checkpoint, finished=finished)
+
+
+def _recipe_trajectory(path: Path, processes: int) -> dict[str, Any]:
+    from hftrain.recipe import recipe_from_dict
+
+    try:
+        saved = recipe_from_dict(yaml.safe_load(path.read_text(encoding="utf-8")), str(path))
+    except (OSError, yaml.YAMLError, HftrainError):
+        return {}
+    return trajectory(saved, processes)
+
+
+def _refuse_changes(saved: dict[str, Any], current: dict[str, Any], where: Path) -> None:
+    if not saved:
+        return
+    changed = changed_keys(saved, current)
+    if changed:
+        raise HftrainError(
+            f"--resume would continue the run of {where} with a different recipe: "
+            f"{'; '.join(changed)}. Resume with the run's own settings, or start a new run"
+        )

@@ -1,0 +1,451 @@
+"""Lose nothing, let nothing in: what hftrain does with folders, checkpoints and resumes when
+a user (or the machine) gets something wrong. One test per observed failure (issue 10,
+items 1-11); each asserts what the user sees and what is left on disk."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shlex
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, tiny_recipe_dict
+
+import hftrain.tracking
+import hftrain.train
+from hftrain.checkpoint import STATE_FILE, latest_checkpoint
+from hftrain.cli import main
+from hftrain.run_folder import LOCK, MARKER, run_lock
+from hftrain.tracking import read_metrics
+
+FAULTS = REPO / "tests" / "fault_injection.py"
+
+
+def recipe_file(tmp_path: Path, corpus: Path, out: Path, **train) -> Path:
+    data = tiny_recipe_dict(corpus, out)
+    data["train"].update({"max_steps": 20, **train})
+    data["checkpoint"] = {"interval": 10, "keep": 2}
+    path = tmp_path / f"{out.name}.yaml"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    """Run the CLI in-process: exit code, stdout, stderr."""
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("hftrain: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def val_records(run_dir: Path) -> list[dict]:
+    return [r for r in read_metrics(run_dir / "metrics.jsonl") if "val_loss" in r]
+
+
+@pytest.fixture
+def finished(tmp_path, corpus_file, capsys):
+    """A finished 20-step run (checkpoints at 10 and 20) and its recipe file."""
+    recipe = recipe_file(tmp_path, corpus_file, tmp_path / "run")
+    code, _, err = cli(["train", str(recipe)], capsys)
+    assert code == 0, err
+    return recipe, tmp_path / "run"
+
+
+# 1. run.overwrite deletes only folders hftrain made --------------------------------------
+
+
+@pytest.mark.parametrize("target", ["cwd", "data folder", "foreign folder"])
+def test_overwrite_never_deletes_what_hftrain_did_not_make(target, tmp_path, corpus_file,
+                                                           capsys, monkeypatch):
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("precious")
+    monkeypatch.chdir(foreign)
+    out = {"cwd": Path("."), "data folder": corpus_file.parent, "foreign folder": foreign}[target]
+    recipe = recipe_file(tmp_path, corpus_file, tmp_path / "x")
+    before = snapshot(tmp_path)
+    code, _, err = cli(["train", str(recipe), f"run.output_dir={out}", "run.overwrite=true"],
+                       capsys)
+    assert code == 2 and "run.output_dir" in one_error_line(err)
+    assert snapshot(tmp_path) == before  # nothing deleted, nothing written
+
+
+def test_overwrite_replaces_a_run_hftrain_made(finished, capsys):
+    recipe, run_dir = finished
+    (run_dir / "checkpoints" / "step-00000010" / "stale").write_text("x")
+    code, _, err = cli(["train", str(recipe), "run.overwrite=true", "train.max_steps=5"], capsys)
+    assert code == 0, err
+    assert (run_dir / MARKER).is_file()
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step-00000005"]
+
+
+# 2. the push staging folder ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", ["run folder", "export", "user folder", "parent"])
+def test_push_dry_run_never_deletes_the_folder_it_is_given(target, finished, tmp_path, capsys):
+    _, run_dir = finished
+    user = tmp_path / "docs"
+    user.mkdir()
+    (user / "thesis.tex").write_text("precious")
+    folder = {"run folder": run_dir, "export": run_dir / "final", "user folder": user,
+              "parent": tmp_path}[target]
+    before = snapshot(tmp_path)
+    code, _, err = cli(["push", str(run_dir / "final"), "--repo-id", "me/m", "--dry-run",
+                        "--folder", str(folder)], capsys)
+    assert code == 2 and "--folder" in one_error_line(err)
+    assert snapshot(tmp_path) == before
+
+
+def test_push_dry_run_restages_its_own_folder(finished, capsys):
+    _, run_dir = finished
+    for _ in range(2):  # the second replaces what the first staged
+        code, out, err = cli(["push", str(run_dir / "final"), "--repo-id", "me/m",
+                              "--dry-run"], capsys)
+        assert code == 0, err
+    assert "README.md" in out and ".hftrain-staging" not in out
+    assert (run_dir / "hub" / "model.safetensors").is_file()
+
+
+# 3. checkpoints hold no pickle that runs -------------------------------------------------
+
+
+class Payload:
+    """Unpickling this writes a file: the proof that a checkpoint ran code."""
+
+    def __init__(self, proof: Path) -> None:
+        self.proof = proof
+
+    def __reduce__(self):
+        return (Path.write_text, (self.proof, "pwned"))
+
+
+def plant(checkpoint: Path, proof: Path, keep_manifest_valid: bool) -> None:
+    """Replace every file of a checkpoint (and add Accelerate's custom-state file) with a
+    pickle payload; optionally rewrite the manifest so the files look as written."""
+    import hashlib
+
+    import torch
+
+    names = [p.name for p in checkpoint.iterdir()] + ["custom_checkpoint_0.pkl"]
+    for name in names:
+        if keep_manifest_valid and name == STATE_FILE:
+            continue
+        if name.endswith((".bin", ".pkl", ".pt")):
+            torch.save({"state": Payload(proof)}, checkpoint / name)
+        else:
+            (checkpoint / name).write_bytes(pickle.dumps(Payload(proof)))
+    if keep_manifest_valid:
+        state = json.loads((checkpoint / STATE_FILE).read_text())
+        state["files"] = {p.name: {"size": p.stat().st_size,
+                                   "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+                          for p in checkpoint.iterdir() if p.name != STATE_FILE}
+        (checkpoint / STATE_FILE).write_text(json.dumps(state))
+
+
+@pytest.mark.parametrize("keep_manifest_valid", [False, True])
+def test_resume_never_runs_a_pickle_planted_in_a_checkpoint(keep_manifest_valid, finished,
+                                                            tmp_path, capsys):
+    recipe, run_dir = finished
+    proof = tmp_path / "proof"
+    for checkpoint in (run_dir / "checkpoints").iterdir():
+        plant(checkpoint, proof, keep_manifest_valid)
+    code, _, err = cli(["train", str(recipe), "--resume", "train.max_steps=30"], capsys)
+    assert not proof.exists()
+    assert code == 2
+    assert "checkpoint" in one_error_line(err)
+
+
+# 4. failures after training began leave a run that --resume finishes ----------------------
+
+
+def test_no_sample_is_fine(tmp_path, corpus_file, capsys):
+    recipe = recipe_file(tmp_path, corpus_file, tmp_path / "run")
+    code, out, err = cli(["train", str(recipe), "sample.max_new_tokens=0"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+    assert "sample:" not in out
+
+
+def test_a_full_disk_during_export_leaves_a_run_that_resume_finishes(tmp_path, corpus_file,
+                                                                     capsys, monkeypatch):
+    recipe = recipe_file(tmp_path, corpus_file, tmp_path / "run")
+    real_export = hftrain.train.export
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(hftrain.train, "export", disk_full)
+    code, _, err = cli(["train", str(recipe)], capsys)
+    line = one_error_line(err)
+    assert code == 2 and "No space left" in line and "--resume" in line
+    run_dir = tmp_path / "run"
+    assert not (run_dir / "final").exists()
+    assert latest_checkpoint(run_dir).name == "step-00000020"
+    monkeypatch.setattr(hftrain.train, "export", real_export)
+    code, out, err = cli(["train", str(recipe), "--resume"], capsys)
+    assert code == 0, err
+    assert "trained 0 steps (resumed at step 20)" in out
+    assert (run_dir / "final" / "model.safetensors").is_file()
+    assert [r["step"] for r in val_records(run_dir)] == [15, 20]  # no duplicate final record
+
+
+def test_a_bad_record_mid_run_keeps_the_steps_done(tmp_path, capsys):
+    """A fine-tuning record with a missing field, met mid-run (the tokenizer is reused, so
+    nothing reads the data ahead): the steps trained so far are checkpointed, the error names
+    the file and line, and fixing the record and --resume finishes the run."""
+    data = tmp_path / "sft.jsonl"
+    records = [{"prompt": f"Q{i}: what is {i}+{i}?", "completion": f" {2 * i}."}
+               for i in range(300)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    recipe = tiny_recipe_dict(data, tmp_path / "tok")
+    recipe["data"].update({"kind": "sft", "shuffle_buffer": 0, "block_size": 32})
+    recipe["train"].update({"max_steps": 60, "batch_size": 4})
+    recipe["sample"] = {"max_new_tokens": 0}
+    path = tmp_path / "sft.yaml"
+    path.write_text(json.dumps(recipe))
+    assert cli(["tokenizer", str(path)], capsys)[0] == 0
+    bad = dict(records[150])
+    del bad["completion"]
+    data.write_text("".join(json.dumps(r) + "\n" for r in [*records[:150], bad, *records[151:]]))
+    reuse = [f"tokenizer.name_or_path={tmp_path / 'tok' / 'tokenizer'}",
+             f"run.output_dir={tmp_path / 'run'}"]
+    code, _, err = cli(["train", str(path), *reuse], capsys)
+    line = one_error_line(err)
+    assert code == 2 and "sft.jsonl line 151" in line and "--resume" in line, line
+    saved = latest_checkpoint(tmp_path / "run")
+    assert saved is not None and 0 < int(saved.name.split("-")[1]) < 60
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    code, out, err = cli(["train", str(path), *reuse, "--resume"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("phase,signame", [("final_eval", "TERM"), ("export", "KILL")])
+def test_a_signal_after_training_leaves_a_run_that_resume_finishes(phase, signame, tmp_path,
+                                                                   corpus_file):
+    recipe = recipe_file(tmp_path, corpus_file, tmp_path / "run")
+    record = tmp_path / "record.txt"
+
+    def launch(*extra: str, signal_in: str = "") -> subprocess.CompletedProcess:
+        env = {**os.environ, "SIGNAL_IN": signal_in}
+        return subprocess.run([sys.executable, str(FAULTS), str(record), "0", "0", "--",
+                               "train", str(recipe), *extra],
+                              capture_output=True, text=True, cwd=REPO, env=env)
+
+    stopped = launch(signal_in=f"{phase}:{signame}")
+    assert stopped.returncode in (128 + signal.SIGTERM, -signal.SIGKILL), stopped.stderr
+    if signame == "TERM":
+        assert "Finish it with:" in stopped.stderr and "Traceback" not in stopped.stderr
+    run_dir = tmp_path / "run"
+    assert not (run_dir / "final").exists()
+    assert latest_checkpoint(run_dir).name == "step-00000020"
+    resumed = launch("--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "trained 0 steps" in resumed.stdout
+    assert (run_dir / "final" / "model.safetensors").is_file()
+    assert [r["step"] for r in val_records(run_dir)] == [15, 20]
+
+
+# 5. one writer per run folder ------------------------------------------------------------
+
+
+def test_a_second_process_on_a_run_folder_refuses(tmp_path, corpus_file):
+    recipe = recipe_file(tmp_path, corpus_file, tmp_path / "run")
+    with run_lock(tmp_path / "run"):  # this test process is the first writer
+        second = subprocess.run([sys.executable, "-m", "hftrain", "train", str(recipe)],
+                                capture_output=True, text=True, cwd=REPO)
+    assert second.returncode == 2
+    assert f"in use by PID {os.getpid()}" in one_error_line(second.stderr)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [LOCK, MARKER]
+
+
+# 6. metrics.jsonl survives a kill while it is rewritten, and a torn last line ----------------
+
+
+def test_a_torn_metrics_line_and_a_killed_rewrite_lose_nothing(finished, capsys, monkeypatch):
+    recipe, run_dir = finished
+    metrics = run_dir / "metrics.jsonl"
+    with metrics.open("a") as f:
+        f.write('{"step": 21, "lo')  # killed mid-write
+    before = metrics.read_text()
+
+    def killed(*args):
+        raise KeyboardInterrupt  # stands for a kill between writing the new file and renaming
+
+    monkeypatch.setattr(hftrain.tracking, "atomic_write_text",
+                        lambda path, text: (path.with_name(".x.tmp").write_text(text),
+                                            killed()))
+    code, _, _ = cli(["train", str(recipe), "--resume", "train.max_steps=30"], capsys)
+    assert code == 130
+    assert metrics.read_text() == before  # the old file, whole
+    monkeypatch.undo()
+    code, _, err = cli(["train", str(recipe), "--resume", "train.max_steps=30"], capsys)
+    assert code == 0, err
+    steps = [r["step"] for r in read_metrics(metrics) if "loss" in r]
+    assert steps == sorted(set(steps)) and steps[-1] == 30
+
+
+# 7. --resume with run.overwrite=true ------------------------------------------------------
+
+
+def test_resume_with_overwrite_refuses_and_keeps_the_checkpoints(finished, capsys):
+    recipe, run_dir = finished
+    before = snapshot(run_dir)
+    code, _, err = cli(["train", str(recipe), "--resume", "run.overwrite=true"], capsys)
+    assert code == 2 and "run.overwrite" in one_error_line(err)
+    assert snapshot(run_dir) == before
+
+
+# 8. --resume continues the same run or refuses --------------------------------------------
+
+
+@pytest.mark.parametrize("override,key", [
+    ("train.batch_size=4", "train.batch_size"), ("train.lr=0.01", "train.lr"),
+    ("model.n_embd=64", "model.n_embd"), ("data.block_size=32", "data.block_size"),
+    ("data.train_files=[other.txt]", "data.train_files"),
+])
+def test_resume_with_a_changed_recipe_refuses(override, key, finished, tmp_path, capsys):
+    recipe, run_dir = finished
+    (tmp_path / "other.txt").write_text("x" * 1000)
+    before = snapshot(run_dir)
+    code, _, err = cli(["train", str(recipe), "--resume", "train.max_steps=30", override],
+                       capsys)
+    line = one_error_line(err)
+    assert code == 2 and key in line
+    assert snapshot(run_dir) == before
+
+
+def test_a_tokenizer_built_with_other_settings_is_refused(tmp_path, corpus_file, capsys):
+    recipe = recipe_file(tmp_path, corpus_file, tmp_path / "run")
+    code, _, err = cli(["tokenizer", str(recipe)], capsys)
+    assert code == 0, err
+    code, _, err = cli(["train", str(recipe), "tokenizer.kind=byte_bpe",
+                        "tokenizer.vocab_size=300"], capsys)
+    assert code == 2 and "tokenizer.kind ('char' -> 'byte_bpe')" in one_error_line(err)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+# 9. the resume hint repeats the overrides -------------------------------------------------
+
+
+def test_the_resume_hint_after_sigterm_resumes_the_same_run(tmp_path, corpus_file):
+    recipe = recipe_file(tmp_path, corpus_file, tmp_path / "default")
+    out = tmp_path / "elsewhere"
+    record = tmp_path / "record.txt"
+    stopped = subprocess.run(
+        [sys.executable, str(FAULTS), str(record), "0", "0", "--", "train", str(recipe),
+         f"run.output_dir={out}", "train.max_steps=25"],
+        capture_output=True, text=True, cwd=REPO,
+        env={**os.environ, "SIGNAL_IN": "final_eval:TERM"})
+    assert stopped.returncode == 128 + signal.SIGTERM
+    hint = stopped.stderr.split("Finish it with: ")[1].splitlines()[0]
+    assert hint.startswith("hftrain train ") and hint.endswith(" --resume")
+    resumed = subprocess.run([sys.executable, "-m", "hftrain", *shlex.split(hint)[1:]],
+                             capture_output=True, text=True, cwd=REPO)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "trained 0 steps (resumed at step 25)" in resumed.stdout
+    assert (out / "final").is_dir() and not (tmp_path / "default").exists()
+
+
+# 10. --resume on a finished run ----------------------------------------------------------
+
+
+def test_resume_on_a_finished_run_does_nothing_until_max_steps_grows(finished, capsys):
+    recipe, run_dir = finished
+    before = snapshot(run_dir)
+    code, out, err = cli(["train", str(recipe), "--resume"], capsys)
+    assert code == 0, err
+    assert "already finished its 20 steps" in out
+    assert snapshot(run_dir) == before
+    code, out, err = cli(["train", str(recipe), "--resume", "train.max_steps=30"], capsys)
+    assert code == 0, err
+    assert "trained 10 steps (resumed at step 20)" in out
+    assert [r["step"] for r in val_records(run_dir)] == [15, 30]
+    assert "max_steps: 30" in (run_dir / "final" / "hftrain_recipe.yaml").read_text()
+
+
+# 11. a damaged newest checkpoint falls back to the one before ----------------------------
+
+
+@pytest.mark.parametrize("damage", ["truncated weights", "missing optimizer", "bad JSON"])
+def test_a_damaged_newest_checkpoint_falls_back(damage, tmp_path, corpus_file, capsys):
+    recipe = recipe_file(tmp_path, corpus_file, tmp_path / "run", max_steps=30)
+    code, _, err = cli(["train", str(recipe), "train.max_steps=20"], capsys)
+    assert code == 0, err
+    newest = tmp_path / "run" / "checkpoints" / "step-00000020"
+    if damage == "truncated weights":
+        weights = newest / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100])
+    elif damage == "missing optimizer":
+        (newest / "optimizer.bin").unlink()
+    else:
+        (newest / STATE_FILE).write_text("{not json")
+    code, out, err = cli(["train", str(recipe), "--resume"], capsys)
+    assert code == 0, err
+    assert f"skipping damaged checkpoint {newest}" in err and "Traceback" not in err
+    assert "trained 20 steps (resumed at step 10)" in out
+
+
+# 13. a full disk while checkpointing, an output folder that cannot be written ----------------
+
+
+def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, corpus_file,
+                                                                      capsys, monkeypatch):
+    import accelerate
+
+    recipe = recipe_file(tmp_path, corpus_file, tmp_path / "run", max_steps=30)
+    real_save = accelerate.Accelerator.save_state
+    saves = {"n": 0}
+
+    def disk_full_on_second_save(self, output_dir=None, **kwargs):
+        saves["n"] += 1
+        real_save(self, output_dir, **kwargs)
+        if saves["n"] == 2:
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(accelerate.Accelerator, "save_state", disk_full_on_second_save)
+    code, _, err = cli(["train", str(recipe)], capsys)
+    line = one_error_line(err)
+    assert code == 2 and "No space left on device" in line and "step-00000010 is intact" in line
+    root = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000010"]  # no half checkpoint
+    monkeypatch.undo()
+    code, out, err = cli(["train", str(recipe), "--resume"], capsys)
+    assert code == 0, err
+    assert "trained 20 steps (resumed at step 10)" in out
+
+
+@pytest.mark.parametrize("where", ["under a file", "read-only"])
+def test_an_output_folder_that_cannot_be_written_is_one_line(where, tmp_path, corpus_file,
+                                                             capsys):
+    if where == "under a file":
+        out = corpus_file / "run"
+    else:
+        parent = tmp_path / "ro"
+        parent.mkdir()
+        parent.chmod(0o555)
+        if os.access(parent, os.W_OK):
+            pytest.skip("this user (root) writes to read-only folders")
+        out = parent / "run"
+    recipe = recipe_file(tmp_path, corpus_file, tmp_path / "run")
+    code, _, err = cli(["train", str(recipe), f"run.output_dir={out}"], capsys)
+    assert code == 2 and "run folder" in one_error_line(err)
