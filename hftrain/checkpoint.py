@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from hftrain.errors import HftrainError
@@ -84,13 +85,36 @@ def read_state(path: Path) -> dict[str, Any]:
     return json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
 
 
+STATE_FIELDS = ("step", "tokens_seen", "micro_batches", "skipped_steps", "window_steps",
+                "window_tokens", "metrics_lines")
+"""The loop counters every state file holds, each an integer >= 0."""
+
+
+def state_digest(state: dict[str, Any]) -> str:
+    """SHA-256 of the state file's content less the digest itself (canonical JSON)."""
+    body = {k: v for k, v in state.items() if k != "state_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 def damage(path: Path) -> str | None:
-    """What is wrong with a checkpoint, or None when every file is as it was written."""
+    """What is wrong with a checkpoint, or None when every file is as it was written: the state
+    file parses, matches its own digest and the folder's step, and every file it lists has
+    the size and SHA-256 it was written with."""
     try:
         state = read_state(path)
-        files = state["files"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError) as exc:
         return f"{STATE_FILE} is unreadable ({type(exc).__name__})"
+    if not isinstance(state, dict) or state.get("state_sha256") != state_digest(state):
+        return f"{STATE_FILE} was altered after it was written"
+    files = state.get("files")
+    counters_ok = all(type(state.get(k)) is int and state[k] >= 0 for k in STATE_FIELDS)
+    if not counters_ok or not isinstance(files, dict) or not files \
+            or not isinstance(state.get("trajectory"), dict) or not state["trajectory"]:
+        return f"{STATE_FILE} lacks the counters, trajectory or file list a checkpoint holds"
+    if path.name != f"step-{state['step']:08d}":
+        return f"it holds step {state['step']}, not the step its name says"
+    if state["micro_batches"] != state["step"] * state["trajectory"].get("train.grad_accum_steps"):
+        return "its data position does not match its step"
     for name, expected in files.items():
         file = path / name
         if not file.is_file():
@@ -135,30 +159,38 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: dict[str, An
                                               encoding="utf-8")
             files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
                      for p in sorted(tmp.iterdir()) if p.is_file()}
-            manifest = json.dumps({**state, "files": files}, indent=2)
-            (tmp / STATE_FILE).write_text(manifest, encoding="utf-8")  # last: "complete"
-            if target.exists():
+            record = {**state, "files": files}
+            record["state_sha256"] = state_digest(record)
+            (tmp / STATE_FILE).write_text(json.dumps(record, indent=2), encoding="utf-8")
+            if target.exists():  # written last: "complete"; a same-step one is replaced
                 shutil.rmtree(target)
             tmp.rename(target)
-            _prune(root, keep)
-    except OSError as exc:
+    except (OSError, RuntimeError, SafetensorError) as exc:  # a full disk, a read-only folder
         shutil.rmtree(tmp, ignore_errors=True)
         previous = latest_checkpoint(run_dir)
         kept = f"{previous} is intact" if previous else "there is no earlier checkpoint"
-        raise CheckpointError(f"could not write checkpoint {target} ({exc.strerror or exc}); "
-                              f"{kept}") from None
+        reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+        raise CheckpointError(f"could not write checkpoint {target} ({reason}); {kept}") from None
+    if accelerator.is_main_process:
+        _prune(root, keep)
     accelerator.wait_for_everyone()
     return target
 
 
 def _prune(root: Path, keep: int) -> None:
-    """Keep the newest `keep` checkpoints; remove older ones and folders left by killed saves
-    (only the lock holder saves, so no other process is writing them)."""
-    complete = sorted(p for p in root.iterdir() if _NAME.match(p.name))
-    for old in complete[:-keep]:
-        shutil.rmtree(old)
-    for stale in (p for p in root.iterdir() if _STALE.match(p.name)):
-        shutil.rmtree(stale, ignore_errors=True)
+    """Keep the newest `keep` complete checkpoints; remove older ones and the folders left by
+    killed saves (only the lock holder saves, so no other process is writing them). Anything
+    else in the folder (a symbolic link, a `step-N` folder without a state file) was not made
+    by hftrain and is left alone. A removal that fails is a warning: the new checkpoint is
+    written."""
+    complete = [p for p in complete_checkpoints(root.parent) if not p.is_symlink()]
+    stale = [p for p in root.iterdir() if _STALE.match(p.name) and not p.is_symlink()]
+    for old in [*complete[:-keep], *stale]:
+        try:
+            shutil.rmtree(old)
+        except OSError as exc:
+            print(f"hftrain: warning: could not remove old checkpoint {old}: {exc.strerror}",
+                  file=sys.stderr)
 
 
 def load_checkpoint(accelerator: Accelerator, path: Path,

@@ -40,7 +40,7 @@ def _quiet_libraries() -> None:
 def cmd_tokenizer(args: argparse.Namespace) -> None:
     from hftrain.recipe import load_recipe
     from hftrain.run_folder import (
-        check_new_run_target,
+        check_ours_or_new,
         check_writable_target,
         has_run,
         run_lock,
@@ -50,7 +50,7 @@ def cmd_tokenizer(args: argparse.Namespace) -> None:
     recipe = load_recipe(args.recipe, args.overrides)
     run_dir = Path(recipe.run.output_dir)
     check_writable_target(run_dir, protected_paths(recipe, Path(args.recipe)), "run.output_dir")
-    check_new_run_target(run_dir, overwrite=True)  # never into a folder hftrain did not make
+    check_ours_or_new(run_dir)
     tokenizer, built = prepare_tokenizer(recipe)
     folder = run_dir / "tokenizer"
     if not built:
@@ -84,8 +84,9 @@ def cmd_train(args: argparse.Namespace) -> None:
         result = train(recipe, Path(args.recipe))
     except RunStopped as stop:
         if PartialState().is_main_process:
-            print(f"hftrain: stopped during {stop.phase}; the run's last step is checkpointed. "
-                  f"Finish it with: {resume_command(args)}", file=sys.stderr)
+            advice = stop.advice or ("the run's last step is checkpointed. Finish it with: "
+                                     f"{resume_command(args)}")
+            print(f"hftrain: stopped during {stop.phase}; {advice}", file=sys.stderr)
         sys.exit(128 + stop.signum)
     except Exception as exc:
         checkpoint = getattr(exc, "checkpoint", None)

@@ -29,7 +29,9 @@ class RunStopped(BaseException):
     run's final checkpoint is already written, so the process stops at once. A BaseException,
     like KeyboardInterrupt, so that no `except Exception` swallows it."""
 
-    def __init__(self, signum: int, phase: str) -> None:
+    def __init__(self, signum: int, phase: str, advice: str | None = None) -> None:
         super().__init__(f"signal {signum} during {phase}")
         self.signum = signum
         self.phase = phase
+        self.advice = advice
+        """What the user should do next, when it is not `--resume` (the run had finished)."""

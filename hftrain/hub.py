@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from hftrain.errors import HftrainError
 from hftrain.tracking import read_metrics
@@ -91,15 +92,20 @@ def _claim_staging_folder(folder: Path, export: Path) -> None:
             or exported in target.parents:
         raise HftrainError(f"--folder {folder} is, holds or lies inside the export or its run "
                            "folder; stage the upload in a folder of its own (default: RUN/hub)")
-    if folder.exists():
-        if not folder.is_dir():
-            raise HftrainError(f"--folder {folder} is a file, not a folder")
-        if not (folder / STAGING_MARKER).is_file() and any(folder.iterdir()):
-            raise HftrainError(f"--folder {folder} is not empty and was not staged by hftrain; "
-                               "give a new or empty folder")
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
-    (folder / STAGING_MARKER).write_text("staged by hftrain push; replaced by the next one\n")
+    if folder.is_symlink():
+        raise HftrainError(f"--folder {folder} is a symbolic link; give the folder itself")
+    try:
+        if folder.exists():
+            if not folder.is_dir():
+                raise HftrainError(f"--folder {folder} is a file, not a folder")
+            if not (folder / STAGING_MARKER).is_file() and any(folder.iterdir()):
+                raise HftrainError(f"--folder {folder} is not empty and was not staged by "
+                                   "hftrain; give a new or empty folder")
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+        (folder / STAGING_MARKER).write_text("staged by hftrain push; replaced by the next one\n")
+    except OSError as exc:
+        raise HftrainError(f"cannot stage the upload in {folder}: {exc.strerror}") from None
 
 
 def _last_evaluation(metrics: Path) -> dict[str, Any] | None:
@@ -194,6 +200,11 @@ def push(export: Path, repo_id: str, folder: Path, private: bool = False,
          dry_run: bool = False) -> list[str]:
     """Stage the export in `folder`; unless `dry_run`, create the repo and upload the folder.
     Returns the staged files."""
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise HftrainError(f"--repo-id '{repo_id}' is not a repository id: use 'name' or "
+                           "'owner/name' (letters, digits, '-', '_', '.')") from None
     files = stage(export, folder, repo_id)
     if dry_run:
         return files

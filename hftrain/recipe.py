@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         in_range(self, 0, 2**32 - 1, "seed")
+        self.output_dir = os.path.expanduser(self.output_dir)  # `key=~/x` escapes the shell
 
 
 @dataclass

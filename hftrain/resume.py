@@ -13,6 +13,7 @@ where, and what happens after training, not which updates it makes. Raising
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,8 +34,11 @@ MAY_CHANGE_ON_RESUME = (
 
 
 def trajectory(recipe: Recipe, processes: int) -> dict[str, Any]:
-    """The flat `section.key -> value` settings that define which updates a run makes."""
+    """The flat `section.key -> value` settings that define which updates a run makes (data
+    files as absolute paths: the same file named from another directory is the same data)."""
     flat = _flatten(recipe.to_dict())
+    for key in ("data.train_files", "data.val_files"):
+        flat[key] = [os.path.abspath(f) for f in flat[key]]
     kept = {k: v for k, v in flat.items()
             if not any(k == m or (m.endswith(".") and k.startswith(m))
                        for m in MAY_CHANGE_ON_RESUME)}
@@ -96,7 +100,8 @@ def plan_run(recipe: Recipe, run_dir: Path, resume: bool, processes: int) -> Pla
     if step > max_steps:
         raise HftrainError(f"the newest checkpoint ({checkpoint}) is at step {step}, past "
                            f"train.max_steps={max_steps}; raise train.max_steps to go on")
-    finished = step == max_steps and read_marker(run_dir).get("finished_step") == step
+    finished = (step == max_steps and read_marker(run_dir).get("finished_step") == step
+                and (run_dir / "final" / "config.json").is_file())
     return Plan(checkpoint=checkpoint, finished=finished)
 
 

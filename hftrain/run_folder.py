@@ -42,9 +42,10 @@ def read_marker(folder: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def write_marker(folder: Path, **fields: Any) -> None:
-    """Create or update the marker, atomically (write a temporary file, then rename)."""
-    data = {"created_by": "hftrain", **read_marker(folder), **fields}
+def write_marker(folder: Path, fresh: bool = False, **fields: Any) -> None:
+    """Create or update (`fresh`: replace) the marker, atomically (a temporary file renamed
+    over it, so the folder is never without one)."""
+    data = {"created_by": "hftrain", **({} if fresh else read_marker(folder)), **fields}
     tmp = folder / f"{MARKER}.tmp"
     tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, folder / MARKER)
@@ -68,73 +69,132 @@ def check_writable_target(folder: Path, protected: Iterable[Path], key: str) -> 
                                "own (e.g. runs/NAME)")
 
 
-def check_new_run_target(folder: Path, overwrite: bool) -> None:
-    """A new run goes to a folder that is new, empty, or hftrain's own (a run there needs
-    `run.overwrite`; a folder with only a tokenizer from `hftrain tokenizer` does not)."""
+def check_ours_or_new(folder: Path) -> None:
+    """hftrain writes only into a folder that is new, empty, or one it made."""
     if not folder.exists():
         return
     if not folder.is_dir():
         raise HftrainError(f"run.output_dir '{folder}' is a file, not a folder")
+    if not is_run_folder(folder) and any(folder.iterdir()):
+        raise HftrainError(
+            f"run.output_dir '{folder}' is not empty and was not made by hftrain; "
+            "choose a new or empty folder (hftrain only replaces folders it created)"
+        )
+
+
+def check_new_run_target(folder: Path, overwrite: bool) -> None:
+    """A new run goes to a folder that is new, empty, or hftrain's own: one that holds a run
+    needs `run.overwrite`, and then nothing the user put there (a folder with only a tokenizer
+    from `hftrain tokenizer` needs neither)."""
+    check_ours_or_new(folder)
     if not is_run_folder(folder):
-        if any(folder.iterdir()):
-            raise HftrainError(
-                f"run.output_dir '{folder}' is not empty and was not made by hftrain; "
-                "choose a new or empty folder (hftrain only replaces folders it created)"
-            )
         return
     if has_run(folder) and not overwrite:
         raise HftrainError(
             f"{folder} already holds a run; continue it with --resume, choose another "
             "run.output_dir, or pass run.overwrite=true to replace it"
         )
+    if overwrite:
+        _refuse_foreign_entries(folder)
+
+
+RUN_ENTRIES = frozenset({
+    "recipe.yaml", "metrics.jsonl", "tokenizer", "final", "checkpoints", "loss.png", "hub",
+    "hftrain",  # the Accelerate trackers' logs (project_dir/hftrain)
+})
+"""What hftrain writes into a run folder, besides the marker, the lock and temporary names
+(`.NAME.tmp`, `.NAME.old`) of atomic writes."""
+
+
+def _made_by_hftrain(entry: Path) -> bool:
+    name = entry.name
+    if name in (MARKER, LOCK) or name in RUN_ENTRIES:
+        return True
+    return name.startswith(".") and name.endswith((".tmp", ".old"))
 
 
 def clear_run_folder(folder: Path) -> None:
-    """Empty a folder hftrain made, keeping the lock this process holds on it."""
+    """Empty a folder hftrain made, keeping the lock this process holds on it and, until
+    everything else is gone, the marker (a kill part-way leaves a folder that is still
+    hftrain's). Refuses, touching nothing, if the user has put anything else in it."""
     if not is_run_folder(folder):
         raise HftrainError(f"refusing to clear '{folder}': it was not made by hftrain")
+    _refuse_foreign_entries(folder)
     for entry in folder.iterdir():
-        if entry.name == LOCK:
+        if entry.name in (LOCK, MARKER):
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry)
         else:
             entry.unlink()
+    write_marker(folder, fresh=True)
 
 
-@contextlib.contextmanager
-def run_lock(folder: Path, enabled: bool = True) -> Iterator[None]:
-    """Hold the run folder's lock for the block, creating the folder and its marker if needed.
+def _refuse_foreign_entries(folder: Path) -> None:
+    foreign = sorted(e.name for e in folder.iterdir() if not _made_by_hftrain(e))
+    if foreign:
+        raise HftrainError(f"{folder} holds files hftrain did not write ({', '.join(foreign)}); "
+                           "move them out before replacing the run, or choose another "
+                           "run.output_dir")
 
-    A second process refuses at once, naming the holder's PID. Only the main process of a
-    multi-process run locks (the others write nothing but their share of a checkpoint).
+
+class RunLock:
+    """The run folder's lock: held from `acquire` until `release` (or the block's end).
+
+    `acquire` creates the folder (and its marker) if needed and refuses at once, naming the
+    holder's PID, when another process holds it. It may be called early, before the run
+    reads the folder's checkpoints, when the folder is already a run folder; calling it again
+    does nothing. Only the main process of a multi-process run locks (the others write only
+    their share of a checkpoint), so `enabled` is False on the others.
     """
-    if not enabled:
-        yield
-        return
-    import fcntl
 
-    created = not folder.exists()
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        handle = (folder / LOCK).open("a+", encoding="utf-8")
-    except OSError as exc:
-        raise HftrainError(f"cannot write the run folder {folder}: {exc.strerror}") from None
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
-        handle.close()
-        raise HftrainError(f"{folder} is in use by {holder}; wait for it to finish, or "
-                           "choose another run.output_dir") from None
-    try:
+    def __init__(self, folder: Path, enabled: bool = True) -> None:
+        self.folder = folder
+        self.enabled = enabled
+        self._handle: Any = None
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+    def acquire(self) -> None:
+        if not self.enabled or self._handle is not None:
+            return
+        import fcntl
+
+        folder = self.folder
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            handle = (folder / LOCK).open("a+", encoding="utf-8")
+        except OSError as exc:
+            raise HftrainError(f"cannot write the run folder {folder}: {exc.strerror}") from None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise HftrainError(f"{folder} is in use by {holder}; wait for it to finish, or "
+                               "choose another run.output_dir") from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"PID {os.getpid()} ({' '.join(sys.argv[:3])})\n")
         handle.flush()
-        if created or not any(p.name != LOCK for p in folder.iterdir()):
-            write_marker(folder)
+        self._handle = handle
+        if not any(p.name != LOCK for p in folder.iterdir()):
+            write_marker(folder)  # a folder hftrain created (or found empty)
+
+    def release(self) -> None:
+        if self._handle is not None:
+            self._handle.close()  # closing the descriptor releases the lock
+            self._handle = None
+
+
+@contextlib.contextmanager
+def run_lock(folder: Path, enabled: bool = True) -> Iterator[None]:
+    """Hold the run folder's lock for the block (see RunLock)."""
+    with RunLock(folder, enabled) as lock:
+        lock.acquire()
         yield
-    finally:
-        handle.close()  # closing the descriptor releases the lock

@@ -21,6 +21,7 @@ class StopRequest:
     def __init__(self) -> None:
         self.signum = 0
         self.phase: str | None = None
+        self.advice: str | None = None
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopRequest:
@@ -28,13 +29,14 @@ class StopRequest:
             self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
-    def raise_from_now_on(self, phase: str) -> None:
-        """Signals from now on stop the process during `phase` (updated as the run goes on)."""
-        self.phase = phase
+    def raise_from_now_on(self, phase: str, advice: str | None = None) -> None:
+        """Signals from now on stop the process during `phase` (updated as the run goes on);
+        `advice` says what to do then (default: resume)."""
+        self.phase, self.advice = phase, advice
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.phase is not None:
-            raise RunStopped(signum, self.phase)
+            raise RunStopped(signum, self.phase, self.advice)
         if self.signum == signal.SIGINT and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signum = signum

@@ -17,6 +17,7 @@ import glob
 import itertools
 import os
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -27,10 +28,11 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from safetensors import SafetensorError
 from transformers import GenerationConfig
 
 from hftrain.allocator import keep_freed_heap_memory
-from hftrain.atomic import atomic_directory, atomic_write_text
+from hftrain.atomic import atomic_directory
 from hftrain.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from hftrain.data import IGNORE_INDEX, DataStreams, describe_source, text_stream, texts
 from hftrain.errors import HftrainError, RecipeError, TrainingDiverged
@@ -43,15 +45,15 @@ from hftrain.optim import build_optimizer, build_scheduler
 from hftrain.recipe import Recipe, dump_recipe
 from hftrain.resume import Plan, plan_run, trajectory
 from hftrain.run_folder import (
+    RunLock,
     check_new_run_target,
     check_writable_target,
     clear_run_folder,
     is_run_folder,
-    run_lock,
     write_marker,
 )
 from hftrain.signals import StopRequest
-from hftrain.tokenizer import build_tokenizer, load_tokenizer, save_tokenizer
+from hftrain.tokenizer import build_tokenizer, load_tokenizer
 from hftrain.tracking import (
     MetricsLog,
     default_trackers,
@@ -109,34 +111,40 @@ def prepare_tokenizer(recipe: Recipe) -> tuple[Any, bool]:
 
 def tokenizer_record(recipe: Recipe) -> dict[str, Any]:
     """What a built tokenizer depends on: the tokenizer section and the text it learned from."""
-    settings = recipe.to_dict()["tokenizer"]
-    return {**{f"tokenizer.{k}": v for k, v in settings.items()},
-            "built from": describe_source(recipe.data, "train")}
+    data = recipe.data
+    origin = ([data.dataset, data.dataset_config, data.train_split] if data.dataset
+              else [os.path.abspath(f) for f in data.train_files])
+    return {**{f"tokenizer.{k}": v for k, v in recipe.to_dict()["tokenizer"].items()},
+            "data.train_files": origin}
 
 
 def check_saved_tokenizer(folder: Path, recipe: Recipe) -> None:
-    """Refuse a tokenizer in the run folder that the recipe's tokenizer section did not build
-    (e.g. `hftrain tokenizer` with kind char, then `train` with kind byte_bpe)."""
+    """Refuse a tokenizer in the run folder that the recipe did not build: other tokenizer
+    settings (`hftrain tokenizer` with kind char, then `train` with kind byte_bpe) or other
+    training text, or one without the record hftrain writes with every tokenizer it builds."""
     import json
 
-    record_file = folder / TOKENIZER_RECORD
-    if not record_file.is_file():
-        return
-    saved = json.loads(record_file.read_text(encoding="utf-8"))
+    fix = "Use another run.output_dir, or run.overwrite=true to rebuild it"
+    try:
+        saved = json.loads((folder / TOKENIZER_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise RecipeError(f"{folder} has no readable {TOKENIZER_RECORD}, so it cannot be told "
+                          f"whether it fits the recipe. {fix}") from None
     current = tokenizer_record(recipe)
     changed = [f"{k} ({saved.get(k)!r} -> {current.get(k)!r})" for k in sorted(current)
-               if k != "built from" and saved.get(k) != current.get(k)]
+               if saved.get(k) != current.get(k)]
     if changed:
         raise RecipeError(f"{folder} was built with other settings than the recipe's: "
-                          f"{'; '.join(changed)}. Use another run.output_dir, or "
-                          "run.overwrite=true to rebuild it")
+                          f"{'; '.join(changed)}. {fix}")
 
 
 def save_run_tokenizer(tokenizer: Any, recipe: Recipe, folder: Path) -> None:
+    """The tokenizer and the record of how it was built, written together or not at all."""
     import json
 
-    save_tokenizer(tokenizer, folder)
-    atomic_write_text(folder / TOKENIZER_RECORD, json.dumps(tokenizer_record(recipe), indent=2))
+    with atomic_directory(folder) as tmp:
+        tokenizer.save_pretrained(tmp)
+        (tmp / TOKENIZER_RECORD).write_text(json.dumps(tokenizer_record(recipe), indent=2))
 
 
 def protected_paths(recipe: Recipe, recipe_path: Path | None) -> list[Path]:
@@ -160,7 +168,8 @@ def start_run_folder(run_dir: Path, recipe: Recipe, tokenizer: Any, built: bool,
         check_new_run_target(run_dir, recipe.run.overwrite)
         if recipe.run.overwrite and is_run_folder(run_dir):
             clear_run_folder(run_dir)
-            write_marker(run_dir)
+    if is_run_folder(run_dir):  # from now on the run is not finished, until _finish says so
+        write_marker(run_dir, finished_step=None)
     if built:
         save_run_tokenizer(tokenizer, recipe, run_dir / "tokenizer")
     tmp = run_dir / ".recipe.yaml.tmp"  # on resume: the run's settings with their new lengths
@@ -219,28 +228,39 @@ def train(recipe: Recipe, recipe_path: Path | None = None) -> TrainResult:
     keep_freed_heap_memory(accelerator.device)
     set_seed(recipe.run.seed)
     check_writable_target(run_dir, protected_paths(recipe, recipe_path), "run.output_dir")
-    plan = plan_run(recipe, run_dir, recipe.checkpoint.resume == "auto",
-                    accelerator.num_processes)
-    if plan.finished:
-        return TrainResult(None, run_dir, run_dir / "final", {}, "", 0.0,
-                           recipe.train.max_steps, already_finished=True)
-    parts = build_parts(recipe, accelerator)
-    with run_lock(run_dir, enabled=accelerator.is_main_process), StopRequest() as stop:
-        if accelerator.is_main_process:
-            start_run_folder(run_dir, recipe, parts.tokenizer, parts.tokenizer_built, plan)
-        accelerator.wait_for_everyone()
-        if trackers:
-            accelerator.init_trackers("hftrain", config=flat_config(recipe.to_dict()))
-        log = MetricsLog(run_dir / "metrics.jsonl", accelerator.is_main_process, accelerator)
-        loop = TrainingLoop(recipe, accelerator, parts.model, parts.optimizer, parts.scheduler,
-                            parts.streams, log, token_byte_lengths(parts.tokenizer), run_dir)
-        if plan.checkpoint is not None:
-            loop.resume(plan.checkpoint, parts.batches)
-            accelerator.print(f"resumed from {plan.checkpoint} at step {loop.step}")
-        elif plan.restart:
-            log.truncate(0)
-            accelerator.print(f"{run_dir} has no checkpoint: training starts again at step 0")
-        _print_global_batch(accelerator, recipe, parts.first_batch)
+    with RunLock(run_dir, enabled=accelerator.is_main_process) as lock:
+        if is_run_folder(run_dir):  # before reading its checkpoints, which a writer prunes
+            lock.acquire()
+        plan = plan_run(recipe, run_dir, recipe.checkpoint.resume == "auto",
+                        accelerator.num_processes)
+        if plan.finished:
+            return TrainResult(None, run_dir, run_dir / "final", {}, "", 0.0,
+                               recipe.train.max_steps, already_finished=True)
+        parts = build_parts(recipe, accelerator)
+        lock.acquire()
+        return _run_in_folder(recipe, accelerator, plan, parts, trackers)
+
+
+def _run_in_folder(recipe: Recipe, accelerator: Accelerator, plan: Plan, parts: RunParts,
+                   trackers: list[str]) -> TrainResult:
+    """Under the lock, with every input checked: write the folder, then train and finish."""
+    run_dir = Path(recipe.run.output_dir)
+    if accelerator.is_main_process:
+        start_run_folder(run_dir, recipe, parts.tokenizer, parts.tokenizer_built, plan)
+    accelerator.wait_for_everyone()
+    if trackers:
+        accelerator.init_trackers("hftrain", config=flat_config(recipe.to_dict()))
+    log = MetricsLog(run_dir / "metrics.jsonl", accelerator.is_main_process, accelerator)
+    loop = TrainingLoop(recipe, accelerator, parts.model, parts.optimizer, parts.scheduler,
+                        parts.streams, log, token_byte_lengths(parts.tokenizer), run_dir)
+    if plan.checkpoint is not None:
+        loop.resume(plan.checkpoint, parts.batches)
+        accelerator.print(f"resumed from {plan.checkpoint} at step {loop.step}")
+    elif plan.restart:
+        log.truncate(0)
+        accelerator.print(f"{run_dir} has no checkpoint: training starts again at step 0")
+    _print_global_batch(accelerator, recipe, parts.first_batch)
+    with StopRequest() as stop:
         try:
             return _train_and_finish(loop, parts, stop)
         except Exception as exc:  # the CLI tells how to resume from the newest checkpoint
@@ -271,14 +291,19 @@ def _finish(loop: TrainingLoop, tokenizer: Any, result: TrainResult, stop: StopR
     stop.raise_from_now_on("the export")
     try:
         result.final_dir, model = export(accelerator, loop.model, tokenizer, recipe, run_dir)
-    except OSError as exc:
-        raise HftrainError(f"could not write the export {run_dir / 'final'} "
-                           f"({exc.strerror or exc})") from None
+    except (OSError, RuntimeError, SafetensorError) as exc:  # a full disk, a read-only folder
+        reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+        raise HftrainError(f"could not write the export {run_dir / 'final'} ({reason})") \
+            from None
     result.model = model.eval()
-    stop.raise_from_now_on("the sample and push, after the run finished")
+    push_hint = (f"hftrain push {result.final_dir} --repo-id {recipe.hub.repo_id}"
+                 f"{' --private' if recipe.hub.private else ''}")
+    stop.raise_from_now_on(
+        "the sample and push", f"the run is finished and exported to {result.final_dir}"
+        + (f"; push it with: {push_hint}" if recipe.hub.push_to_hub else ""))
     if accelerator.is_main_process:
         write_marker(run_dir, finished_step=loop.step)
-        plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
+        _plot(run_dir)
         if recipe.sample.max_new_tokens > 0:
             result.sample = generate_text(
                 model, tokenizer, recipe.sample.prompt, recipe.sample.max_new_tokens,
@@ -290,9 +315,18 @@ def _finish(loop: TrainingLoop, tokenizer: Any, result: TrainResult, stop: StopR
                      private=recipe.hub.private)
             except HftrainError as exc:
                 raise HftrainError(f"{exc}. The run is finished and exported; retry with: "
-                                   f"hftrain push {result.final_dir} --repo-id "
-                                   f"{recipe.hub.repo_id}") from None
+                                   f"{push_hint}") from None
     accelerator.end_training()
+
+
+def _plot(run_dir: Path) -> None:
+    """loss.png: a picture, so a failure to draw it (a full disk) is a warning, not an error."""
+    out = run_dir / "loss.png"
+    try:
+        plot_losses(run_dir / "metrics.jsonl", out)
+    except (OSError, RuntimeError, ValueError) as exc:
+        out.unlink(missing_ok=True)
+        print(f"hftrain: warning: could not draw {out}: {exc}", file=sys.stderr)
 
 
 def _print_global_batch(accelerator: Accelerator, recipe: Recipe, batch: dict) -> None:
@@ -446,7 +480,8 @@ class TrainingLoop:
                 "micro_batches": self.micro_batches, "skipped_steps": self.skipped_steps,
                 "window_steps": self.window_steps, "window_tokens": self.window_tokens,
                 "metrics_lines": self.log.lines,
-                "trajectory": trajectory(self.recipe, self.accelerator.num_processes)}
+                "trajectory": trajectory(self.recipe, self.accelerator.num_processes),
+                "data_files": {path: list(fp) for path, fp in self.streams.fingerprints.items()}}
 
     def save_checkpoint(self, keep: int | None = None) -> Path:
         tensors = {f"state_{i}": t for i, t in enumerate(self.state or ())}
@@ -472,6 +507,19 @@ class TrainingLoop:
         self.micro_batches = state["micro_batches"]
         self.last_checkpoint = path
         self.log.truncate(state["metrics_lines"])
+        self._warn_changed_data(state.get("data_files") or {})
+
+    def _warn_changed_data(self, saved: dict[str, list[int]]) -> None:
+        """A data file that changed since the checkpoint (a record fixed after the run stopped
+        on it, or a corpus edited by mistake) is read as it is now: say so, once."""
+        if not self.accelerator.is_main_process:
+            return
+        for path, (size, mtime_ns) in saved.items():
+            now = self.streams.fingerprints.get(path)
+            if now is not None and tuple(now) != (size, mtime_ns):
+                how = f"size {size} -> {now[0]} bytes" if now[0] != size else "rewritten"
+                print(f"hftrain: warning: data file {path} changed since the checkpoint ({how});"
+                      " the resumed run reads it as it is now", file=sys.stderr)
 
     def optimizer_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[Any, int]:
         """One update from several micro-batches; returns (mean token loss, tokens processed).

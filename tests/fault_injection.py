@@ -7,8 +7,8 @@ Every optimizer step appends "step digest" to RECORD_FILE (the digest of the mic
 trained on; under torchrun, to RECORD_FILE.rankN). KILL_AT_STEP > 0 sends SIGKILL to this
 process at the start of that step; KILL_ON_SAVE > 0 sends it in the middle of that checkpoint
 save (after Accelerate's files, before hftrain's completion marker). With the environment
-variable SIGNAL_IN=PHASE:SIGNAL (PHASE `final_eval` or `export`, SIGNAL `TERM` or `KILL`) the
-process sends itself that signal when the phase begins.
+variable SIGNAL_IN=PHASE:SIGNAL (PHASE `final_eval`, `export` or `sample`; SIGNAL `TERM` or
+`KILL`) the process sends itself that signal when the phase begins.
 """
 
 import hashlib
@@ -74,6 +74,7 @@ def signal_when(phase: str, original):
 
 TrainingLoop.evaluate = signal_when("final_eval", TrainingLoop.evaluate)
 hftrain.train.export = signal_when("export", hftrain.train.export)
+hftrain.train.generate_text = signal_when("sample", hftrain.train.generate_text)
 TrainingLoop.optimizer_step = recording_step
 accelerate.Accelerator.save_state = dying_save_state
 assert hftrain.checkpoint.Accelerator is accelerate.Accelerator

@@ -18,7 +18,7 @@ from conftest import REPO, tiny_recipe_dict
 
 import hftrain.tracking
 import hftrain.train
-from hftrain.checkpoint import STATE_FILE, latest_checkpoint
+from hftrain.checkpoint import STATE_FILE, latest_checkpoint, state_digest
 from hftrain.cli import main
 from hftrain.run_folder import LOCK, MARKER, run_lock
 from hftrain.tracking import read_metrics
@@ -158,6 +158,7 @@ def plant(checkpoint: Path, proof: Path, keep_manifest_valid: bool) -> None:
         state["files"] = {p.name: {"size": p.stat().st_size,
                                    "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
                           for p in checkpoint.iterdir() if p.name != STATE_FILE}
+        state["state_sha256"] = state_digest(state)
         (checkpoint / STATE_FILE).write_text(json.dumps(state))
 
 
@@ -449,3 +450,164 @@ def test_an_output_folder_that_cannot_be_written_is_one_line(where, tmp_path, co
     recipe = recipe_file(tmp_path, corpus_file, tmp_path / "run")
     code, _, err = cli(["train", str(recipe), f"run.output_dir={out}"], capsys)
     assert code == 2 and "run folder" in one_error_line(err)
+
+
+# Found by probing the above (each was a way to lose a run or mix two) ---------------------
+
+
+def test_a_continuation_killed_before_its_checkpoint_is_not_taken_for_finished(finished,
+                                                                              tmp_path):
+    recipe, run_dir = finished
+    record = tmp_path / "record.txt"
+    killed = subprocess.run([sys.executable, str(FAULTS), str(record), "25", "0", "--", "train",
+                             str(recipe), "--resume", "train.max_steps=40"],
+                            capture_output=True, text=True, cwd=REPO)
+    assert killed.returncode == -signal.SIGKILL
+    resumed = subprocess.run([sys.executable, "-m", "hftrain", "train", str(recipe), "--resume"],
+                             capture_output=True, text=True, cwd=REPO)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "trained 0 steps (resumed at step 20)" in resumed.stdout  # evaluated and exported
+    assert [r["step"] for r in val_records(run_dir)] == [15, 20]
+
+
+def test_a_signal_during_the_sample_says_the_run_is_finished(tmp_path, corpus_file):
+    recipe = recipe_file(tmp_path, corpus_file, tmp_path / "run")
+    stopped = subprocess.run([sys.executable, str(FAULTS), str(tmp_path / "r"), "0", "0", "--",
+                              "train", str(recipe)], capture_output=True, text=True, cwd=REPO,
+                             env={**os.environ, "SIGNAL_IN": "sample:TERM"})
+    assert stopped.returncode == 128 + signal.SIGTERM
+    assert "finished and exported" in stopped.stderr and "--resume" not in stopped.stderr
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+
+
+def test_overwrite_refuses_a_run_folder_holding_the_users_files(finished, capsys):
+    recipe, run_dir = finished
+    (run_dir / "notes.txt").write_text("precious")
+    before = snapshot(run_dir)
+    code, _, err = cli(["train", str(recipe), "run.overwrite=true"], capsys)
+    assert code == 2 and "notes.txt" in one_error_line(err)
+    assert snapshot(run_dir) == before
+
+
+def test_a_kill_while_overwrite_clears_leaves_a_folder_hftrain_still_owns(finished, capsys,
+                                                                          monkeypatch):
+    import hftrain.run_folder
+
+    recipe, run_dir = finished
+    real_rmtree = hftrain.run_folder.shutil.rmtree
+    calls = {"n": 0}
+
+    def killed_on_second(path, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # stands for a kill part-way through the clearing
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(hftrain.run_folder.shutil, "rmtree", killed_on_second)
+    code, _, _ = cli(["train", str(recipe), "run.overwrite=true"], capsys)
+    assert code == 130 and (run_dir / MARKER).is_file()
+    monkeypatch.undo()
+    code, _, err = cli(["train", str(recipe), "run.overwrite=true"], capsys)
+    assert code == 0, err
+
+
+def test_folders_hftrain_did_not_write_never_push_out_real_checkpoints(finished, capsys):
+    recipe, run_dir = finished
+    for junk in ("step-00000098", "step-00000099"):
+        (run_dir / "checkpoints" / junk).mkdir()
+    code, _, err = cli(["train", str(recipe), "--resume", "train.max_steps=40"], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        "step-00000030", "step-00000040", "step-00000098", "step-00000099"]
+
+
+@pytest.mark.parametrize("edit", ["step", "trajectory", "renamed"])
+def test_an_edited_state_file_marks_the_checkpoint_damaged(edit, finished, capsys):
+    recipe, run_dir = finished
+    newest = run_dir / "checkpoints" / "step-00000020"
+    state = json.loads((newest / STATE_FILE).read_text())
+    if edit == "step":
+        state["step"] = 25
+    elif edit == "trajectory":
+        del state["trajectory"]
+    if edit == "renamed":  # a copy of step 20 named as step 40
+        import shutil
+
+        shutil.copytree(newest, newest.with_name("step-00000040"))
+        newest = newest.with_name("step-00000040")
+    else:
+        (newest / STATE_FILE).write_text(json.dumps(state))
+    code, out, err = cli(["train", str(recipe), "--resume", "train.max_steps=30"], capsys)
+    assert code == 0, err
+    assert f"skipping damaged checkpoint {newest}" in err
+    resumed_at = 20 if edit == "renamed" else 10
+    assert f"resumed at step {resumed_at}" in out
+
+
+def test_resume_says_when_a_data_file_changed(finished, corpus_file, capsys):
+    recipe, run_dir = finished
+    with corpus_file.open("a") as f:
+        f.write("\nMore text, added after the checkpoint.\n")
+    code, out, err = cli(["train", str(recipe), "--resume", "train.max_steps=30"], capsys)
+    assert code == 0, err
+    assert f"data file {corpus_file.resolve()} changed since the checkpoint" in err or \
+        f"data file {corpus_file} changed since the checkpoint" in err
+
+
+def test_a_tokenizer_built_from_other_data_or_without_its_record_is_refused(tmp_path,
+                                                                            corpus_file,
+                                                                            capsys):
+    recipe = recipe_file(tmp_path, corpus_file, tmp_path / "run")
+    other = tmp_path / "other.txt"
+    other.write_text("Другой текст. " * 500)
+    assert cli(["tokenizer", str(recipe)], capsys)[0] == 0
+    code, _, err = cli(["train", str(recipe), f"data.train_files=[{other}]"], capsys)
+    assert code == 2 and "data.train_files" in one_error_line(err)
+    (tmp_path / "run" / "tokenizer" / "hftrain_tokenizer.json").unlink()
+    code, _, err = cli(["train", str(recipe)], capsys)
+    assert code == 2 and "hftrain_tokenizer.json" in one_error_line(err)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_resume_waits_for_no_one_the_lock_comes_before_the_checkpoints_are_read(finished):
+    recipe, run_dir = finished
+    with run_lock(run_dir):
+        second = subprocess.run([sys.executable, "-m", "hftrain", "train", str(recipe),
+                                 "--resume"], capture_output=True, text=True, cwd=REPO)
+    assert second.returncode == 2 and "in use by PID" in one_error_line(second.stderr)
+
+
+def test_a_finished_run_whose_export_was_deleted_is_exported_again(finished, capsys):
+    import shutil
+
+    recipe, run_dir = finished
+    shutil.rmtree(run_dir / "final")
+    code, out, err = cli(["train", str(recipe), "--resume"], capsys)
+    assert code == 0, err
+    assert "trained 0 steps (resumed at step 20)" in out
+    assert (run_dir / "final" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("where", ["symlink", "under a file", "bad repo id"])
+def test_push_staging_mistakes_are_one_line(where, finished, tmp_path, capsys):
+    _, run_dir = finished
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(empty)
+    folder = {"symlink": link, "under a file": run_dir / "loss.png" / "hub",
+              "bad repo id": tmp_path / "new"}[where]
+    repo = "not a repo id!!" if where == "bad repo id" else "me/m"
+    code, _, err = cli(["push", str(run_dir / "final"), "--repo-id", repo, "--dry-run",
+                        "--folder", str(folder)], capsys)
+    assert code == 2 and one_error_line(err)
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_tilde_in_the_output_dir_means_home(tmp_path, corpus_file, monkeypatch):
+    from hftrain.recipe import load_recipe
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    recipe = load_recipe(recipe_file(tmp_path, corpus_file, tmp_path / "run"),
+                         ["run.output_dir=~/runs/x"])
+    assert recipe.run.output_dir == str(tmp_path / "runs" / "x")
