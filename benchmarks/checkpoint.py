@@ -46,7 +46,8 @@ def main() -> None:
     accelerator = Accelerator(cpu=True)
     model, optimizer, scheduler = gpt2_124m_with_adam_state(accelerator)
     params = sum(p.numel() for p in model.parameters())
-    state = {"step": 1, "tokens_seen": 0, "micro_batches": 1, "metrics_lines": 0}
+    state = {"tokens_seen": 0, "skipped_steps": 0, "window_steps": 0, "window_tokens": 0,
+             "metrics_lines": 0, "trajectory": {"train.grad_accum_steps": 1}}
     tensors = {"window_loss": torch.zeros(())}
     bare, safe, verify, load = [], [], [], []
     for i in range(args.rounds):
@@ -54,7 +55,8 @@ def main() -> None:
         accelerator.save_state(str(root / f"bare-{i}"))
         bare.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        path = save_checkpoint(accelerator, root / f"run-{i}", {**state, "step": i + 1},
+        path = save_checkpoint(accelerator, root / f"run-{i}",
+                               {**state, "step": i + 1, "micro_batches": i + 1},
                                scheduler, tensors, keep=1)
         safe.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
