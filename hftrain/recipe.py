@@ -413,6 +413,17 @@ def _coerce(value: Any, annotation: Any, key: str, source: str) -> Any:
     )
 
 
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested sections as flat `section.key -> value` pairs (`recipe.to_dict()` in, say)."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def dump_recipe(recipe: Recipe, path: Path) -> None:
     """Write the resolved recipe (defaults and overrides filled in) as YAML."""
     path.write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False), encoding="utf-8")

@@ -22,7 +22,7 @@ import yaml
 
 from hftrain.checkpoint import latest_checkpoint, newest_intact_checkpoint, read_state
 from hftrain.errors import HftrainError
-from hftrain.recipe import Recipe
+from hftrain.recipe import Recipe, flatten
 from hftrain.run_folder import check_new_run_target, has_run, is_run_folder, read_marker
 
 MAY_CHANGE_ON_RESUME = (
@@ -36,23 +36,13 @@ MAY_CHANGE_ON_RESUME = (
 def trajectory(recipe: Recipe, processes: int) -> dict[str, Any]:
     """The flat `section.key -> value` settings that define which updates a run makes (data
     files as absolute paths: the same file named from another directory is the same data)."""
-    flat = _flatten(recipe.to_dict())
+    flat = flatten(recipe.to_dict())
     for key in ("data.train_files", "data.val_files"):
         flat[key] = [os.path.abspath(f) for f in flat[key]]
     kept = {k: v for k, v in flat.items()
             if not any(k == m or (m.endswith(".") and k.startswith(m))
                        for m in MAY_CHANGE_ON_RESUME)}
     return {**kept, "processes": processes}
-
-
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def changed_keys(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

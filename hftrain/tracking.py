@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from hftrain.atomic import atomic_write_text
 from hftrain.errors import HftrainError
+from hftrain.recipe import flatten
 
 
 class MetricsLog:
@@ -83,16 +84,10 @@ def default_trackers() -> list[str]:
     return ["tensorboard"] if found else []
 
 
-def flat_config(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flat_config(data: dict[str, Any]) -> dict[str, Any]:
     """The recipe as flat `section.key` scalars, which every tracker can store."""
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            flat.update(flat_config(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) \
-                else str(value)
-    return flat
+    return {key: value if isinstance(value, (int, float, str, bool)) else str(value)
+            for key, value in flatten(data).items()}
 
 
 # bf16 dense peak TFLOP/s of one device, matched against torch.cuda.get_device_name().
