@@ -8,7 +8,8 @@ trained on; under torchrun, to RECORD_FILE.rankN). KILL_AT_STEP > 0 sends SIGKIL
 process at the start of that step; KILL_ON_SAVE > 0 sends it in the middle of that checkpoint
 save (after Accelerate's files, before hftrain's completion marker). With the environment
 variable SIGNAL_IN=PHASE:SIGNAL (PHASE `final_eval`, `export` or `sample`; SIGNAL `TERM` or
-`KILL`) the process sends itself that signal when the phase begins.
+`KILL`) the process sends itself that signal when the phase begins; SIGNAL_IN=stepN:TERM
+sends SIGTERM at the start of step N.
 """
 
 import hashlib
@@ -42,6 +43,8 @@ original_step = TrainingLoop.optimizer_step
 def recording_step(self, micro_batches):
     if self.step + 1 == kill_at_step:
         os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ.get("SIGNAL_IN") == f"step{self.step + 1}:TERM":
+        os.kill(os.getpid(), signal.SIGTERM)
     with open(record_file, "a") as f:
         f.write(f"{self.step + 1} {digest(micro_batches)}\n")
     return original_step(self, micro_batches)

@@ -133,25 +133,21 @@ def test_nan_loss_can_be_skipped(tmp_path, corpus_file, monkeypatch):
     assert all(r["loss"] == r["loss"] for r in records)  # no NaN reaches the log
 
 
-def test_sigterm_checkpoints_exits_cleanly_and_resumes(uninterrupted, tmp_path, capsys,
-                                                        monkeypatch):
-    corpus, whole_losses, _ = uninterrupted
+def test_sigterm_checkpoints_exits_cleanly_and_resumes(uninterrupted, tmp_path):
+    """A real process gets SIGTERM at step 7 (preemption): it finishes the step, checkpoints,
+    exits 143 with the resume command; resuming reproduces the uninterrupted run."""
+    corpus, whole_losses, whole_steps = uninterrupted
     recipe = write_recipe(tmp_path, corpus, "run")
-    real_step = hftrain.train.TrainingLoop.optimizer_step
-
-    def sigterm_at_step_7(self, micro_batches):
-        if self.step + 1 == 7:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real_step(self, micro_batches)
-
-    monkeypatch.setattr(hftrain.train.TrainingLoop, "optimizer_step", sigterm_at_step_7)
-    with pytest.raises(SystemExit) as exit_info:
-        main(["train", str(recipe)])
-    assert exit_info.value.code == 128 + signal.SIGTERM
-    assert "stopped at step 7" in capsys.readouterr().err
+    record = tmp_path / "record.txt"
+    env = {**os.environ, "SIGNAL_IN": "step7:TERM"}
+    stopped = subprocess.run([sys.executable, str(FAULTS), str(record), "0", "0", "--", "train",
+                              str(recipe)], capture_output=True, text=True, cwd=REPO, env=env)
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr
+    assert "stopped at step 7" in stopped.stderr and "Traceback" not in stopped.stderr
     assert latest_checkpoint(tmp_path / "run").name == "step-00000007"
-    monkeypatch.setattr(hftrain.train.TrainingLoop, "optimizer_step", real_step)
-    main(["train", str(recipe), "--resume"])
+    resumed = run_with_fault(record, recipe, extra=["--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert trained_steps(record) == whole_steps
     got = losses(tmp_path / "run")
     for step, loss in whole_losses.items():
         assert got[step] == pytest.approx(loss, rel=1e-5), step
