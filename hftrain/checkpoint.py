@@ -47,7 +47,7 @@ STATE_FILE = "hftrain_state.json"
 SCHEDULER_FILE = "scheduler.json"
 LOOP_TENSORS = "loop_state.safetensors"
 _NAME = re.compile(r"^step-(\d{8})$")
-_STALE = re.compile(r"^\.step-\d{8}\.tmp$")
+_STALE = re.compile(r"^\.step-\d{8}(\.old)?\.tmp$")
 
 
 class CheckpointError(HftrainError):
@@ -115,8 +115,11 @@ def damage(path: Path) -> str | None:
         return f"{STATE_FILE} lacks the counters, trajectory or file list a checkpoint holds"
     if path.name != f"step-{state['step']:08d}":
         return f"it holds step {state['step']}, not the step its name says"
-    if state["micro_batches"] != state["step"] * state["trajectory"].get("train.grad_accum_steps"):
+    accumulation = state["trajectory"].get("train.grad_accum_steps")
+    if type(accumulation) is not int or state["micro_batches"] != state["step"] * accumulation:
         return "its data position does not match its step"
+    if not all(isinstance(e, dict) and type(e.get("size")) is int for e in files.values()):
+        return f"{STATE_FILE} lists its files without their sizes and digests"
     for name, expected in files.items():
         file = path / name
         if not file.is_file():
@@ -147,11 +150,12 @@ def _sha256_all(paths: list[Path]) -> dict[Path, str]:
 
 
 def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: dict[str, Any],
-                    scheduler: Any, tensors: dict[str, torch.Tensor], keep: int) -> Path:
+                    scheduler: Any, tensors: dict[str, torch.Tensor], keep: int,
+                    previous: Path | None = None) -> Path:
     """Write a checkpoint for `state["step"]` on every process; keep the newest `keep`.
 
     A write that fails (a full disk, say) removes its temporary folder and raises
-    CheckpointError; the checkpoints before it are untouched.
+    CheckpointError naming `previous` (the run's last good checkpoint), which is untouched.
     """
     root = checkpoints_root(run_dir)
     target = root / f"step-{state['step']:08d}"
@@ -174,28 +178,41 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: dict[str, An
             record = {**state, "files": files}
             record["state_sha256"] = state_digest(record)
             (tmp / STATE_FILE).write_text(json.dumps(record, indent=2), encoding="utf-8")
-            if target.exists():  # written last: "complete"; a same-step one is replaced
-                shutil.rmtree(target)
-            tmp.rename(target)
+            _replace(target, tmp)
     except (OSError, RuntimeError, SafetensorError) as exc:  # a full disk, a read-only folder
         shutil.rmtree(tmp, ignore_errors=True)
-        previous = latest_checkpoint(run_dir)
         kept = f"{previous} is intact" if previous else "there is no earlier checkpoint"
         reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
         raise CheckpointError(f"could not write checkpoint {target} ({reason}); {kept}") from None
     if accelerator.is_main_process:
-        _prune(root, keep)
+        _prune(target, keep)
     accelerator.wait_for_everyone()
     return target
 
 
-def _prune(root: Path, keep: int) -> None:
-    """Keep the newest `keep` complete checkpoints; remove older ones and the folders left by
-    killed saves (only the lock holder saves, so no other process is writing them). Anything
-    else in the folder (a symbolic link, a `step-N` folder without a state file) was not made
-    by hftrain and is left alone. A removal that fails is a warning: the new checkpoint is
-    written."""
-    complete = [p for p in complete_checkpoints(root.parent) if not p.is_symlink()]
+def _replace(target: Path, complete: Path) -> None:
+    """Rename `complete` to `target`; an existing `target` (the same step saved again) is
+    moved aside first and removed after, so a kill leaves one of the two whole."""
+    if not target.exists():
+        complete.rename(target)
+        return
+    old = target.with_name(f".{target.name}.old.tmp")
+    shutil.rmtree(old, ignore_errors=True)
+    target.rename(old)
+    complete.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _prune(saved: Path, keep: int) -> None:
+    """Keep `saved` and the `keep - 1` complete checkpoints before it; remove older ones and
+    the folders left by killed saves (only the lock holder saves, so no other process writes
+    them). Checkpoints *after* `saved` (damaged ones a resume skipped) are left alone: they
+    must never push out the run's good ones, and the run replaces them as it reaches their
+    steps. Anything else (a symbolic link, a `step-N` folder without a state file) was not
+    made by hftrain and is left alone. A removal that fails is a warning: `saved` is written."""
+    root = saved.parent
+    complete = [p for p in complete_checkpoints(root.parent)
+                if not p.is_symlink() and p.name <= saved.name]
     stale = [p for p in root.iterdir() if _STALE.match(p.name) and not p.is_symlink()]
     for old in [*complete[:-keep], *stale]:
         try:

@@ -13,6 +13,7 @@ where, and what happens after training, not which updates it makes. Raising
 
 from __future__ import annotations
 
+import glob
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,10 +36,13 @@ MAY_CHANGE_ON_RESUME = (
 
 def trajectory(recipe: Recipe, processes: int) -> dict[str, Any]:
     """The flat `section.key -> value` settings that define which updates a run makes (data
-    files as absolute paths: the same file named from another directory is the same data)."""
+    files as the absolute paths of the files they name or match: the same file named from
+    another directory is the same data; a new file matching a glob is not)."""
     flat = flatten(recipe.to_dict())
-    for key in ("data.train_files", "data.val_files"):
-        flat[key] = [os.path.abspath(f) for f in flat[key]]
+    for key in ("data.train_files", "data.val_files"):  # globs as the files they match now
+        flat[key] = sorted(os.path.abspath(path) for pattern in flat[key]
+                           for path in (glob.glob(pattern) if glob.has_magic(pattern)
+                                        else [pattern]))
     kept = {k: v for k, v in flat.items()
             if not any(k == m or (m.endswith(".") and k.startswith(m))
                        for m in MAY_CHANGE_ON_RESUME)}

@@ -34,13 +34,12 @@ class MetricsLog:
         if self.accelerator is not None and self.accelerator.trackers:
             values = {k: v for k, v in record.items() if k != "step"}
             self.accelerator.log(values, step=record["step"])
+        if self.enabled:
+            clean = {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v)
+                     for k, v in record.items()}
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(clean) + "\n")
         self.lines += 1
-        if not self.enabled:
-            return
-        clean = {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v)
-                 for k, v in record.items()}
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(clean) + "\n")
 
     def truncate(self, n_records: int) -> None:
         """Keep the first `n_records` records, replacing the file atomically: a kill while

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import glob
 import itertools
+import json
 import os
 import signal
 import sys
@@ -33,9 +34,9 @@ from transformers import GenerationConfig
 
 from hftrain.allocator import keep_freed_heap_memory
 from hftrain.atomic import atomic_directory
-from hftrain.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from hftrain.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from hftrain.data import IGNORE_INDEX, DataStreams, describe_source, text_stream, texts
-from hftrain.errors import HftrainError, RecipeError, TrainingDiverged
+from hftrain.errors import HftrainError, RecipeError, RunStopped, TrainingDiverged
 from hftrain.evaluation import evaluate_lm, token_byte_lengths, token_nll
 from hftrain.generation import generate_text
 from hftrain.hub import push
@@ -43,7 +44,7 @@ from hftrain.models import build_model
 from hftrain.models.base import is_lora
 from hftrain.optim import build_optimizer, build_scheduler
 from hftrain.recipe import Recipe, dump_recipe
-from hftrain.resume import Plan, plan_run, trajectory
+from hftrain.resume import Plan, changed_keys, plan_run, trajectory
 from hftrain.run_folder import (
     RunLock,
     check_new_run_target,
@@ -122,17 +123,13 @@ def check_saved_tokenizer(folder: Path, recipe: Recipe) -> None:
     """Refuse a tokenizer in the run folder that the recipe did not build: other tokenizer
     settings (`hftrain tokenizer` with kind char, then `train` with kind byte_bpe) or other
     training text, or one without the record hftrain writes with every tokenizer it builds."""
-    import json
-
     fix = "Use another run.output_dir, or run.overwrite=true to rebuild it"
     try:
         saved = json.loads((folder / TOKENIZER_RECORD).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         raise RecipeError(f"{folder} has no readable {TOKENIZER_RECORD}, so it cannot be told "
                           f"whether it fits the recipe. {fix}") from None
-    current = tokenizer_record(recipe)
-    changed = [f"{k} ({saved.get(k)!r} -> {current.get(k)!r})" for k in sorted(current)
-               if saved.get(k) != current.get(k)]
+    changed = changed_keys(saved, tokenizer_record(recipe))
     if changed:
         raise RecipeError(f"{folder} was built with other settings than the recipe's: "
                           f"{'; '.join(changed)}. {fix}")
@@ -140,8 +137,6 @@ def check_saved_tokenizer(folder: Path, recipe: Recipe) -> None:
 
 def save_run_tokenizer(tokenizer: Any, recipe: Recipe, folder: Path) -> None:
     """The tokenizer and the record of how it was built, written together or not at all."""
-    import json
-
     with atomic_directory(folder) as tmp:
         tokenizer.save_pretrained(tmp)
         (tmp / TOKENIZER_RECORD).write_text(json.dumps(tokenizer_record(recipe), indent=2))
@@ -156,7 +151,8 @@ def protected_paths(recipe: Recipe, recipe_path: Path | None) -> list[Path]:
     own_recipe = Path(recipe.run.output_dir) / "recipe.yaml"
     if recipe_path and not (own_recipe.exists() and own_recipe.samefile(recipe_path)):
         paths.append(recipe_path)
-    return paths
+    reused = (recipe.model.init_from, recipe.tokenizer.name_or_path)  # folders a run starts from
+    return paths + [Path(p) for p in reused if p and Path(p).exists()]
 
 
 def start_run_folder(run_dir: Path, recipe: Recipe, tokenizer: Any, built: bool,
@@ -231,14 +227,27 @@ def train(recipe: Recipe, recipe_path: Path | None = None) -> TrainResult:
     with RunLock(run_dir, enabled=accelerator.is_main_process) as lock:
         if is_run_folder(run_dir):  # before reading its checkpoints, which a writer prunes
             lock.acquire()
-        plan = plan_run(recipe, run_dir, recipe.checkpoint.resume == "auto",
-                        accelerator.num_processes)
+        plan = _agreed_plan(recipe, run_dir, accelerator)
         if plan.finished:
             return TrainResult(None, run_dir, run_dir / "final", {}, "", 0.0,
                                recipe.train.max_steps, already_finished=True)
         parts = build_parts(recipe, accelerator)
         lock.acquire()
         return _run_in_folder(recipe, accelerator, plan, parts, trackers)
+
+
+def _agreed_plan(recipe: Recipe, run_dir: Path, accelerator: Accelerator) -> Plan:
+    """The main process decides (and warns about damaged checkpoints, once); the others take
+    its decision, so that every rank loads the same checkpoint."""
+    plan = None
+    if accelerator.is_main_process:
+        plan = plan_run(recipe, run_dir, recipe.checkpoint.resume == "auto",
+                        accelerator.num_processes)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        plan = broadcast_object_list([plan], from_process=0)[0]
+    return plan
 
 
 def _run_in_folder(recipe: Recipe, accelerator: Accelerator, plan: Plan, parts: RunParts,
@@ -264,9 +273,12 @@ def _run_in_folder(recipe: Recipe, accelerator: Accelerator, plan: Plan, parts: 
         try:
             return _train_and_finish(loop, parts, stop)
         except Exception as exc:  # the CLI tells how to resume from the newest checkpoint
-            if getattr(exc, "checkpoint", None) is None and loop.last_checkpoint is not None:
+            if getattr(exc, "checkpoint", None) is None and loop.last_checkpoint is not None \
+                    and not loop.finished:  # once exported, there is nothing to resume
                 exc.checkpoint = loop.last_checkpoint
             raise
+        finally:
+            accelerator.end_training()  # close the trackers however the run ended
 
 
 def _train_and_finish(loop: TrainingLoop, parts: RunParts, stop: StopRequest) -> TrainResult:
@@ -286,6 +298,8 @@ def _finish(loop: TrainingLoop, tokenizer: Any, result: TrainResult, stop: StopR
     """After the last step, with the run checkpointed: final evaluation, export, mark the run
     finished, plot, sample, push. A failure here leaves a run `--resume` finishes."""
     accelerator, recipe, run_dir = loop.accelerator, loop.recipe, loop.run_dir
+    if stop.signum:  # arrived while the last step was being checkpointed: stop now
+        raise RunStopped(stop.signum, "the last checkpoint")
     stop.raise_from_now_on("the final evaluation")
     result.val = loop.evaluate(max_batches=None)
     stop.raise_from_now_on("the export")
@@ -303,12 +317,10 @@ def _finish(loop: TrainingLoop, tokenizer: Any, result: TrainResult, stop: StopR
         + (f"; push it with: {push_hint}" if recipe.hub.push_to_hub else ""))
     if accelerator.is_main_process:
         write_marker(run_dir, finished_step=loop.step)
+    loop.finished = True
+    if accelerator.is_main_process:
         _plot(run_dir)
-        if recipe.sample.max_new_tokens > 0:
-            result.sample = generate_text(
-                model, tokenizer, recipe.sample.prompt, recipe.sample.max_new_tokens,
-                recipe.sample.temperature, recipe.sample.top_k,
-            )
+        result.sample = _sample(model, tokenizer, recipe)
         if recipe.hub.push_to_hub:
             try:
                 push(result.final_dir, recipe.hub.repo_id, run_dir / "hub",
@@ -316,7 +328,14 @@ def _finish(loop: TrainingLoop, tokenizer: Any, result: TrainResult, stop: StopR
             except HftrainError as exc:
                 raise HftrainError(f"{exc}. The run is finished and exported; retry with: "
                                    f"{push_hint}") from None
-    accelerator.end_training()
+
+
+def _sample(model: Any, tokenizer: Any, recipe: Recipe) -> str:
+    sample = recipe.sample
+    if sample.max_new_tokens == 0:
+        return ""
+    return generate_text(model, tokenizer, sample.prompt, sample.max_new_tokens,
+                         sample.temperature, sample.top_k)
 
 
 def _plot(run_dir: Path) -> None:
@@ -375,6 +394,12 @@ class TrainingLoop:
                                                recipe.data.block_size)
         self.peak_tflops = peak_tflops(recipe.train.peak_tflops)
         self.interrupted = 0
+        self.updating = False
+        """Inside an optimizer step: weights, optimizer state or the carried recurrent state
+        may be part-way updated, so a failure here is not followed by a checkpoint."""
+        self.finished = False
+        """Exported and marked finished: a later failure (sample, push) leaves nothing to
+        resume."""
         self.last_checkpoint: Path | None = None
         self.stateful = recipe.train.stateful
         self.state = None  # the recurrent state carried across windows (stateful training)
@@ -404,9 +429,11 @@ class TrainingLoop:
         return last is not None and last.name == f"step-{self.step:08d}"
 
     def _save_after_failure(self, exc: Exception) -> None:
-        """Checkpoint the last completed step after a failure, when that is safe and new."""
+        """Checkpoint the last completed step after a failure (reading data, evaluating,
+        logging) when that is safe and new: not inside an update, not with several processes
+        (the others may wait in a collective), not after a failed save or a NaN stop."""
         if (self.accelerator.num_processes > 1 or self.step == 0 or self._checkpointed()
-                or isinstance(exc, (CheckpointError, TrainingDiverged))):
+                or self.updating or isinstance(exc, (CheckpointError, TrainingDiverged))):
             return
         try:  # keep every earlier checkpoint too: this one was not planned
             self.save_checkpoint(keep=self.recipe.checkpoint.keep + 1)
@@ -421,7 +448,9 @@ class TrainingLoop:
         while self.step < cfg.max_steps:
             micro_batches = [next(batches) for _ in range(cfg.grad_accum_steps)]
             lr = self.scheduler.get_last_lr()[0]
-            loss, n_tokens = self.optimizer_step(micro_batches)
+            self.updating = True  # a failure from here to the end of the update: no
+            loss, n_tokens = self.optimizer_step(micro_batches)  # checkpoint of a half step
+            self.updating = False
             self.step += 1
             self.micro_batches += len(micro_batches)
             self.tokens_seen += n_tokens
@@ -488,7 +517,7 @@ class TrainingLoop:
         tensors["window_loss"] = self.window_loss
         self.last_checkpoint = save_checkpoint(
             self.accelerator, self.run_dir, self.state_dict(), self.scheduler, tensors,
-            keep or self.recipe.checkpoint.keep)
+            keep or self.recipe.checkpoint.keep, previous=self.last_checkpoint)
         return self.last_checkpoint
 
     def resume(self, path: Path, batches: Iterator[dict[str, torch.Tensor]]) -> None:
@@ -570,7 +599,7 @@ class TrainingLoop:
         if self.recipe.train.on_nan == "skip":
             self.skipped_steps += 1
             return False
-        newest = latest_checkpoint(self.run_dir) if self.run_dir else None
+        newest = self.last_checkpoint
         kept = f"the newest checkpoint ({newest}) is untouched" if newest else "no checkpoint"
         raise TrainingDiverged(
             f"the training loss is {total.item()} at step {self.step + 1}; stopped before "

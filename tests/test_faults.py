@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, tiny_recipe_dict
 
+import hftrain.atomic
 import hftrain.tracking
 import hftrain.train
 from hftrain.checkpoint import STATE_FILE, latest_checkpoint, state_digest
@@ -140,15 +141,18 @@ class Payload:
 
 def plant(checkpoint: Path, proof: Path, keep_manifest_valid: bool) -> None:
     """Replace every file of a checkpoint (and add Accelerate's custom-state file) with a
-    pickle payload; optionally rewrite the manifest so the files look as written."""
+    pickle payload. With `keep_manifest_valid`, as an attacker who knows the format would:
+    only the files torch unpickles (the optimizer, the RNG states) get a payload, the weights
+    stay intact so that loading reaches them, and the manifest and its digest are rewritten
+    to match."""
     import hashlib
 
     import torch
 
     names = [p.name for p in checkpoint.iterdir()] + ["custom_checkpoint_0.pkl"]
+    if keep_manifest_valid:
+        names = [n for n in names if n.endswith((".bin", ".pkl"))]
     for name in names:
-        if keep_manifest_valid and name == STATE_FILE:
-            continue
         if name.endswith((".bin", ".pkl", ".pt")):
             torch.save({"state": Payload(proof)}, checkpoint / name)
         else:
@@ -292,9 +296,7 @@ def test_a_torn_metrics_line_and_a_killed_rewrite_lose_nothing(finished, capsys,
     def killed(*args):
         raise KeyboardInterrupt  # stands for a kill between writing the new file and renaming
 
-    monkeypatch.setattr(hftrain.tracking, "atomic_write_text",
-                        lambda path, text: (path.with_name(".x.tmp").write_text(text),
-                                            killed()))
+    monkeypatch.setattr(hftrain.atomic.os, "replace", killed)  # after the new file is written
     code, _, _ = cli(["train", str(recipe), "--resume", "train.max_steps=30"], capsys)
     assert code == 130
     assert metrics.read_text() == before  # the old file, whole
@@ -527,15 +529,23 @@ def test_folders_hftrain_did_not_write_never_push_out_real_checkpoints(finished,
         "step-00000030", "step-00000040", "step-00000098", "step-00000099"]
 
 
-@pytest.mark.parametrize("edit", ["step", "trajectory", "renamed"])
+@pytest.mark.parametrize("edit", ["digest", "step", "trajectory", "micro_batches", "renamed"])
 def test_an_edited_state_file_marks_the_checkpoint_damaged(edit, finished, capsys):
+    """Edits caught by the state file's own digest, and (with the digest recomputed, as a
+    careless tool might) by its consistency checks."""
     recipe, run_dir = finished
     newest = run_dir / "checkpoints" / "step-00000020"
     state = json.loads((newest / STATE_FILE).read_text())
-    if edit == "step":
+    if edit == "digest":
+        state["tokens_seen"] += 1
+    elif edit == "step":
         state["step"] = 25
     elif edit == "trajectory":
         del state["trajectory"]
+    elif edit == "micro_batches":
+        state["micro_batches"] = 10**9  # a replay that would never end
+    if edit not in ("digest", "renamed"):
+        state["state_sha256"] = state_digest(state)
     if edit == "renamed":  # a copy of step 20 named as step 40
         import shutil
 
@@ -617,3 +627,79 @@ def test_a_tilde_in_the_output_dir_means_home(tmp_path, corpus_file, monkeypatch
     recipe = load_recipe(recipe_file(tmp_path, corpus_file, tmp_path / "run"),
                          ["run.output_dir=~/runs/x"])
     assert recipe.run.output_dir == str(tmp_path / "runs" / "x")
+
+
+def test_a_damaged_newer_checkpoint_never_pushes_out_the_good_ones(finished, capsys):
+    recipe, run_dir = finished
+    weights = run_dir / "checkpoints" / "step-00000020" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    code, out, err = cli(["train", str(recipe), "--resume", "train.max_steps=17",
+                          "checkpoint.interval=5", "checkpoint.keep=1"], capsys)
+    assert code == 0, err
+    assert "resumed at step 10" in out
+    names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert names == ["step-00000017", "step-00000020"]  # the damaged one is left, not counted
+    code, out, err = cli(["train", str(recipe), "--resume", "train.max_steps=17"], capsys)
+    assert code == 0 and "already finished its 17 steps" in out
+
+
+def test_a_failure_inside_an_update_is_not_checkpointed_as_a_step(tmp_path, corpus_file,
+                                                                    capsys, monkeypatch):
+    recipe = recipe_file(tmp_path, corpus_file, tmp_path / "run")
+    real_step = hftrain.train.TrainingLoop.optimizer_step
+
+    def fails_at_13(self, micro_batches):
+        if self.step + 1 == 13:
+            raise RuntimeError("out of memory")  # weights may be half updated
+        return real_step(self, micro_batches)
+
+    monkeypatch.setattr(hftrain.train.TrainingLoop, "optimizer_step", fails_at_13)
+    with pytest.raises(RuntimeError):
+        main(["train", str(recipe)])
+    assert "continue it with" in capsys.readouterr().err
+    assert latest_checkpoint(tmp_path / "run").name == "step-00000010"
+
+
+def test_a_failed_push_after_export_does_not_advise_resume(tmp_path, corpus_file, capsys,
+                                                           monkeypatch):
+    from hftrain.errors import HftrainError
+
+    def no_network(*args, **kwargs):
+        raise HftrainError("pushing to me/m failed (ConnectError): no route")
+
+    monkeypatch.setattr(hftrain.train, "push", no_network)
+    recipe = recipe_file(tmp_path, corpus_file, tmp_path / "run")
+    code, _, err = cli(["train", str(recipe), "hub.push_to_hub=true", "hub.repo_id=me/m"],
+                       capsys)
+    line = one_error_line(err)
+    assert code == 2 and "retry with: hftrain push" in line and "--resume" not in line
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+
+
+def test_the_same_data_file_by_another_path_is_the_same_run(finished, corpus_file, capsys,
+                                                            monkeypatch):
+    recipe, run_dir = finished
+    monkeypatch.chdir(corpus_file.parent)
+    code, out, err = cli(["train", str(recipe), "--resume", "train.max_steps=30",
+                          f"data.train_files=[{corpus_file.name}]"], capsys)
+    assert code == 0, err
+    assert "resumed at step 20" in out
+
+
+def test_a_new_file_matching_a_glob_is_another_run(finished, corpus_file, capsys):
+    recipe, run_dir = finished
+    glob_recipe = ["train", str(recipe), f"data.train_files=[{corpus_file.parent}/c*.txt]"]
+    code, _, err = cli([*glob_recipe, "run.overwrite=true", "train.max_steps=10"], capsys)
+    assert code == 0, err
+    (corpus_file.parent / "corpus2.txt").write_text(corpus_file.read_text())
+    code, _, err = cli([*glob_recipe, "--resume", "train.max_steps=20"], capsys)
+    assert code == 2 and "data.train_files" in one_error_line(err)
+
+
+def test_overwrite_never_deletes_the_model_a_run_starts_from(finished, capsys):
+    recipe, run_dir = finished
+    before = snapshot(run_dir)
+    code, _, err = cli(["train", str(recipe), "run.overwrite=true",
+                        f"model.init_from={run_dir / 'final'}"], capsys)
+    assert code == 2 and "final" in one_error_line(err)
+    assert snapshot(run_dir) == before
