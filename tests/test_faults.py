@@ -703,3 +703,21 @@ def test_overwrite_never_deletes_the_model_a_run_starts_from(finished, capsys):
                         f"model.init_from={run_dir / 'final'}"], capsys)
     assert code == 2 and "final" in one_error_line(err)
     assert snapshot(run_dir) == before
+
+
+def test_two_processes_fall_back_from_a_damaged_checkpoint_together(tmp_path, corpus_file):
+    """Under torchrun, rank 0 decides which checkpoint to resume from (warning once) and both
+    ranks load it; the resumed run finishes."""
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    recipe = recipe_file(tmp_path, corpus_file, tmp_path / "run", batch_size=4)
+
+    def launch(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "hftrain", "train",
+                               str(recipe), *extra], capture_output=True, text=True, cwd=REPO)
+
+    assert launch().returncode == 0
+    (tmp_path / "run" / "checkpoints" / "step-00000020" / "optimizer.bin").unlink()
+    resumed = launch("--resume", "train.max_steps=30")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert resumed.stderr.count("skipping damaged checkpoint") == 1
+    assert "trained 20 steps (resumed at step 10)" in resumed.stdout
