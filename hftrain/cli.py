@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from hftrain.errors import HftrainError
+from hftrain.errors import HftrainError, ReportedByMainProcess
 
 
 def _quiet_libraries() -> None:
@@ -306,6 +306,8 @@ def main(argv: list[str] | None = None) -> None:
     _quiet_libraries()
     try:
         args.func(args)
+    except ReportedByMainProcess:
+        sys.exit(2)
     except HftrainError as exc:
         print(f"hftrain: error: {exc}", file=sys.stderr)
         sys.exit(2)

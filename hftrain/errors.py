@@ -24,6 +24,11 @@ class TrainingDiverged(HftrainError):
     """The loss became NaN or infinite. The message names the step and the checkpoint kept."""
 
 
+class ReportedByMainProcess(HftrainError):
+    """On the other processes of a multi-process run: the main process refused (a changed
+    recipe, a folder in use) and printed why; this one exits with the same status, quietly."""
+
+
 class RunStopped(BaseException):
     """SIGTERM or Ctrl-C after training ended (final evaluation, export, sample, push): the
     run's final checkpoint is already written, so the process stops at once. A BaseException,

@@ -19,6 +19,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from hftrain.atomic import atomic_write_text
 from hftrain.errors import HftrainError
 
 MARKER = ".hftrain-run"
@@ -46,9 +47,7 @@ def write_marker(folder: Path, fresh: bool = False, **fields: Any) -> None:
     """Create or update (`fresh`: replace) the marker, atomically (a temporary file renamed
     over it, so the folder is never without one)."""
     data = {"created_by": "hftrain", **({} if fresh else read_marker(folder)), **fields}
-    tmp = folder / f"{MARKER}.tmp"
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, folder / MARKER)
+    atomic_write_text(folder / MARKER, json.dumps(data, indent=2) + "\n")
 
 
 def _contains(folder: Path, path: Path) -> bool:
@@ -75,7 +74,7 @@ def check_ours_or_new(folder: Path) -> None:
         return
     if not folder.is_dir():
         raise HftrainError(f"run.output_dir '{folder}' is a file, not a folder")
-    if not is_run_folder(folder) and any(folder.iterdir()):
+    if not is_run_folder(folder) and any(not _leftover(e) for e in folder.iterdir()):
         raise HftrainError(
             f"run.output_dir '{folder}' is not empty and was not made by hftrain; "
             "choose a new or empty folder (hftrain only replaces folders it created)"
@@ -104,6 +103,12 @@ RUN_ENTRIES = frozenset({
 })
 """What hftrain writes into a run folder, besides the marker, the lock and temporary names
 (`.NAME.tmp`, `.NAME.old`) of atomic writes."""
+
+
+def _leftover(entry: Path) -> bool:
+    """The lock or a temporary file: what a run that failed before its first file (a full
+    disk) leaves in a folder it created."""
+    return entry.name == LOCK or (entry.name.startswith(".") and entry.name.endswith(".tmp"))
 
 
 def _made_by_hftrain(entry: Path) -> bool:
@@ -183,8 +188,13 @@ class RunLock:
         handle.write(f"PID {os.getpid()} ({' '.join(sys.argv[:3])})\n")
         handle.flush()
         self._handle = handle
-        if not any(p.name != LOCK for p in folder.iterdir()):
-            write_marker(folder)  # a folder hftrain created (or found empty)
+        if not any(not _leftover(p) for p in folder.iterdir()):
+            try:  # a folder hftrain created (or found empty)
+                write_marker(folder)
+            except OSError as exc:
+                self.release()
+                raise HftrainError(f"cannot write the run folder {folder}: {exc.strerror}") \
+                    from None
 
     def release(self) -> None:
         if self._handle is not None:

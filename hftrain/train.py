@@ -36,7 +36,13 @@ from hftrain.allocator import keep_freed_heap_memory
 from hftrain.atomic import atomic_directory
 from hftrain.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from hftrain.data import IGNORE_INDEX, DataStreams, describe_source, text_stream, texts
-from hftrain.errors import HftrainError, RecipeError, RunStopped, TrainingDiverged
+from hftrain.errors import (
+    HftrainError,
+    RecipeError,
+    ReportedByMainProcess,
+    RunStopped,
+    TrainingDiverged,
+)
 from hftrain.evaluation import evaluate_lm, token_byte_lengths, token_nll
 from hftrain.generation import generate_text
 from hftrain.hub import push
@@ -164,13 +170,16 @@ def start_run_folder(run_dir: Path, recipe: Recipe, tokenizer: Any, built: bool,
         check_new_run_target(run_dir, recipe.run.overwrite)
         if recipe.run.overwrite and is_run_folder(run_dir):
             clear_run_folder(run_dir)
-    if is_run_folder(run_dir):  # from now on the run is not finished, until _finish says so
-        write_marker(run_dir, finished_step=None)
-    if built:
-        save_run_tokenizer(tokenizer, recipe, run_dir / "tokenizer")
-    tmp = run_dir / ".recipe.yaml.tmp"  # on resume: the run's settings with their new lengths
-    dump_recipe(recipe, tmp)
-    os.replace(tmp, run_dir / "recipe.yaml")
+    try:
+        if is_run_folder(run_dir):  # from now on the run is not finished, until _finish says so
+            write_marker(run_dir, finished_step=None)
+        if built:
+            save_run_tokenizer(tokenizer, recipe, run_dir / "tokenizer")
+        tmp = run_dir / ".recipe.yaml.tmp"  # on resume: the run's settings with new lengths
+        dump_recipe(recipe, tmp)
+        os.replace(tmp, run_dir / "recipe.yaml")
+    except OSError as exc:  # a full disk before the first step: nothing of the run is lost
+        raise HftrainError(f"cannot write the run folder {run_dir}: {exc.strerror}") from None
 
 
 @dataclass
@@ -225,38 +234,54 @@ def train(recipe: Recipe, recipe_path: Path | None = None) -> TrainResult:
     set_seed(recipe.run.seed)
     check_writable_target(run_dir, protected_paths(recipe, recipe_path), "run.output_dir")
     with RunLock(run_dir, enabled=accelerator.is_main_process) as lock:
-        if is_run_folder(run_dir):  # before reading its checkpoints, which a writer prunes
-            lock.acquire()
-        plan = _agreed_plan(recipe, run_dir, accelerator)
-        if plan.finished:
+
+        def plan() -> Plan:
+            if is_run_folder(run_dir):  # before reading its checkpoints, which a writer prunes
+                lock.acquire()
+            return plan_run(recipe, run_dir, recipe.checkpoint.resume == "auto",
+                            accelerator.num_processes)
+
+        decided = on_main_process(accelerator, plan)
+        if decided.finished:
             return TrainResult(None, run_dir, run_dir / "final", {}, "", 0.0,
                                recipe.train.max_steps, already_finished=True)
         parts = build_parts(recipe, accelerator)
-        lock.acquire()
-        return _run_in_folder(recipe, accelerator, plan, parts, trackers)
+
+        def start() -> None:
+            lock.acquire()
+            start_run_folder(run_dir, recipe, parts.tokenizer, parts.tokenizer_built, decided)
+
+        on_main_process(accelerator, start)
+        return _run_in_folder(recipe, accelerator, decided, parts, trackers)
 
 
-def _agreed_plan(recipe: Recipe, run_dir: Path, accelerator: Accelerator) -> Plan:
-    """The main process decides (and warns about damaged checkpoints, once); the others take
-    its decision, so that every rank loads the same checkpoint."""
-    plan = None
+def on_main_process(accelerator: Accelerator, decide: Any) -> Any:
+    """Run `decide()` on the main process only (it reads or writes the run folder: the lock,
+    the checkpoints to resume from, the folder's first files) and give every process its
+    result, or its refusal: the main process raises the HftrainError with its one line, the
+    others `ReportedByMainProcess`, on which they exit quietly instead of dying in the next
+    collective."""
+    result = error = None
     if accelerator.is_main_process:
-        plan = plan_run(recipe, run_dir, recipe.checkpoint.resume == "auto",
-                        accelerator.num_processes)
+        try:
+            result = decide()
+        except HftrainError as exc:
+            if accelerator.num_processes == 1:
+                raise
+            error = str(exc)
     if accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
-        plan = broadcast_object_list([plan], from_process=0)[0]
-    return plan
+        result, error = broadcast_object_list([result, error], from_process=0)
+    if error is not None:
+        raise HftrainError(error) if accelerator.is_main_process else ReportedByMainProcess(error)
+    return result
 
 
 def _run_in_folder(recipe: Recipe, accelerator: Accelerator, plan: Plan, parts: RunParts,
                    trackers: list[str]) -> TrainResult:
     """Under the lock, with every input checked: write the folder, then train and finish."""
     run_dir = Path(recipe.run.output_dir)
-    if accelerator.is_main_process:
-        start_run_folder(run_dir, recipe, parts.tokenizer, parts.tokenizer_built, plan)
-    accelerator.wait_for_everyone()
     if trackers:
         accelerator.init_trackers("hftrain", config=flat_config(recipe.to_dict()))
     log = MetricsLog(run_dir / "metrics.jsonl", accelerator.is_main_process, accelerator)

@@ -721,3 +721,38 @@ def test_two_processes_fall_back_from_a_damaged_checkpoint_together(tmp_path, co
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert resumed.stderr.count("skipping damaged checkpoint") == 1
     assert "trained 20 steps (resumed at step 10)" in resumed.stdout
+
+
+def test_a_refusal_under_torchrun_is_one_line_not_a_traceback_per_rank(tmp_path, corpus_file):
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    recipe = recipe_file(tmp_path, corpus_file, tmp_path / "run", batch_size=4)
+
+    def launch(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "hftrain", "train",
+                               str(recipe), *extra], capture_output=True, text=True, cwd=REPO)
+
+    assert launch("train.max_steps=10").returncode == 0
+    refused = launch("--resume", "train.lr=0.01")
+    output = refused.stdout + refused.stderr
+    assert refused.returncode != 0
+    assert output.count("hftrain: error:") == 1 and "train.lr (0.003 -> 0.01)" in output
+    assert "exitcode  : 2" in output and "gloo" not in output and "[rank1]" not in output
+
+
+@pytest.mark.parametrize("stage", ["marker", "tokenizer"])
+def test_a_full_disk_before_the_first_step_is_one_line_and_the_folder_stays_usable(
+        stage, tmp_path, corpus_file, capsys, monkeypatch):
+    import hftrain.run_folder
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    target = (hftrain.run_folder, "atomic_write_text") if stage == "marker" else \
+        (hftrain.train, "save_run_tokenizer")
+    monkeypatch.setattr(*target, disk_full)
+    recipe = recipe_file(tmp_path, corpus_file, tmp_path / "run")
+    code, _, err = cli(["train", str(recipe)], capsys)
+    assert code == 2 and "No space left on device" in one_error_line(err)
+    monkeypatch.undo()
+    code, _, err = cli(["train", str(recipe)], capsys)  # space freed: the same command works
+    assert code == 0, err
