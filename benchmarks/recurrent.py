@@ -28,7 +28,8 @@ from torch import nn
 from hftrain.data import DataStreams, text_stream, texts
 from hftrain.models import build_model
 from hftrain.recipe import Recipe, load_recipe
-from hftrain.train import prepare_tokenizer, train
+from hftrain.run_tokenizer import prepare_tokenizer
+from hftrain.train import train
 
 
 class ClassicRNNModel(nn.Module):

@@ -21,7 +21,7 @@ from hftrain.data import DataStreams
 from hftrain.models import build_model
 from hftrain.optim import build_optimizer, build_scheduler
 from hftrain.recipe import load_recipe
-from hftrain.train import prepare_tokenizer
+from hftrain.run_tokenizer import prepare_tokenizer
 
 
 def plain_pytorch_step(model, optimizer, scheduler, batch, grad_clip):

@@ -45,7 +45,8 @@ def cmd_tokenizer(args: argparse.Namespace) -> None:
         has_run,
         run_lock,
     )
-    from hftrain.train import prepare_tokenizer, protected_paths, save_run_tokenizer
+    from hftrain.run_tokenizer import prepare_tokenizer, save_run_tokenizer
+    from hftrain.train import protected_paths
 
     recipe = load_recipe(args.recipe, args.overrides)
     run_dir = Path(recipe.run.output_dir)

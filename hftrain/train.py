@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import glob
 import itertools
-import json
 import os
 import signal
 import sys
@@ -35,10 +34,9 @@ from transformers import GenerationConfig
 from hftrain.allocator import keep_freed_heap_memory
 from hftrain.atomic import atomic_directory
 from hftrain.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from hftrain.data import IGNORE_INDEX, DataStreams, describe_source, text_stream, texts
+from hftrain.data import IGNORE_INDEX, DataStreams
 from hftrain.errors import (
     HftrainError,
-    RecipeError,
     ReportedByMainProcess,
     RunStopped,
     TrainingDiverged,
@@ -50,7 +48,7 @@ from hftrain.models import build_model
 from hftrain.models.base import is_lora
 from hftrain.optim import build_optimizer, build_scheduler
 from hftrain.recipe import Recipe, dump_recipe
-from hftrain.resume import Plan, changed_keys, plan_run, trajectory
+from hftrain.resume import Plan, plan_run, trajectory
 from hftrain.run_folder import (
     RunLock,
     check_new_run_target,
@@ -59,8 +57,8 @@ from hftrain.run_folder import (
     is_run_folder,
     write_marker,
 )
+from hftrain.run_tokenizer import prepare_tokenizer, save_run_tokenizer
 from hftrain.signals import StopRequest
-from hftrain.tokenizer import build_tokenizer, load_tokenizer
 from hftrain.tracking import (
     MetricsLog,
     default_trackers,
@@ -71,10 +69,6 @@ from hftrain.tracking import (
     plot_losses,
     progress_bar,
 )
-
-TOKENIZER_RECORD = "hftrain_tokenizer.json"
-"""Written next to a tokenizer hftrain builds into a run folder: the recipe settings it was
-built with, checked when a later command reuses it."""
 
 
 @dataclass
@@ -94,58 +88,6 @@ class TrainResult:
     """Optimizer steps this call made (fewer than `step` after a resume)."""
     already_finished: bool = False
     """`--resume` found the run finished at its max_steps: nothing was done."""
-
-
-def prepare_tokenizer(recipe: Recipe) -> tuple[Any, bool]:
-    """The recipe's tokenizer and whether it was built now (and so still needs saving).
-
-    Order of preference: `tokenizer.name_or_path`; the tokenizer of `model.init_from`; a
-    tokenizer already in the run folder (from `hftrain tokenizer`, or the run being resumed),
-    which must have been built with the recipe's tokenizer settings; otherwise one built from
-    the training stream.
-    """
-    if recipe.tokenizer.name_or_path or recipe.model.init_from:
-        name = recipe.tokenizer.name_or_path or recipe.model.init_from
-        return load_tokenizer(name, trust_remote_code=recipe.model.trust_remote_code), False
-    saved = Path(recipe.run.output_dir) / "tokenizer"
-    if (saved / "tokenizer.json").is_file() and not recipe.run.overwrite:
-        check_saved_tokenizer(saved, recipe)
-        return load_tokenizer(str(saved)), False
-    corpus = texts(text_stream(recipe.data, "train"))
-    source = describe_source(recipe.data, "train")
-    return build_tokenizer(recipe.tokenizer, corpus, recipe.data.block_size, source), True
-
-
-def tokenizer_record(recipe: Recipe) -> dict[str, Any]:
-    """What a built tokenizer depends on: the tokenizer section and the text it learned from."""
-    data = recipe.data
-    origin = ([data.dataset, data.dataset_config, data.train_split] if data.dataset
-              else [os.path.abspath(f) for f in data.train_files])
-    return {**{f"tokenizer.{k}": v for k, v in recipe.to_dict()["tokenizer"].items()},
-            "data.train_files": origin}
-
-
-def check_saved_tokenizer(folder: Path, recipe: Recipe) -> None:
-    """Refuse a tokenizer in the run folder that the recipe did not build: other tokenizer
-    settings (`hftrain tokenizer` with kind char, then `train` with kind byte_bpe) or other
-    training text, or one without the record hftrain writes with every tokenizer it builds."""
-    fix = "Use another run.output_dir, or run.overwrite=true to rebuild it"
-    try:
-        saved = json.loads((folder / TOKENIZER_RECORD).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        raise RecipeError(f"{folder} has no readable {TOKENIZER_RECORD}, so it cannot be told "
-                          f"whether it fits the recipe. {fix}") from None
-    changed = changed_keys(saved, tokenizer_record(recipe))
-    if changed:
-        raise RecipeError(f"{folder} was built with other settings than the recipe's: "
-                          f"{'; '.join(changed)}. {fix}")
-
-
-def save_run_tokenizer(tokenizer: Any, recipe: Recipe, folder: Path) -> None:
-    """The tokenizer and the record of how it was built, written together or not at all."""
-    with atomic_directory(folder) as tmp:
-        tokenizer.save_pretrained(tmp)
-        (tmp / TOKENIZER_RECORD).write_text(json.dumps(tokenizer_record(recipe), indent=2))
 
 
 def protected_paths(recipe: Recipe, recipe_path: Path | None) -> list[Path]:

@@ -193,7 +193,7 @@ def test_tokenizer_command_builds_once_and_train_reuses_it(tmp_path, corpus_file
     assert "already present" in capsys.readouterr().out
 
     from hftrain.recipe import load_recipe
-    from hftrain.train import prepare_tokenizer
+    from hftrain.run_tokenizer import prepare_tokenizer
     tokenizer, built = prepare_tokenizer(load_recipe(recipe_path))
     assert not built and len(tokenizer) > 4
 
