@@ -357,6 +357,7 @@ class TrainingLoop:
         # the steps since the last log line: their summed loss, count and tokens
         self.window_loss = torch.zeros((), device=accelerator.device)
         self.window_steps = self.window_tokens = 0
+        self.window_data_wait = 0.0  # seconds spent in `next(batches)`, for `data_wait`
         self.flops_per_token = flops_per_token(bare_model(accelerator, model),
                                                recipe.data.block_size)
         self.peak_tflops = peak_tflops(recipe.train.peak_tflops)
@@ -413,7 +414,9 @@ class TrainingLoop:
         cfg, every = self.recipe.train, self.recipe.checkpoint.interval
         window_start = time.perf_counter()
         while self.step < cfg.max_steps:
+            waited = time.perf_counter()
             micro_batches = [next(batches) for _ in range(cfg.grad_accum_steps)]
+            self.window_data_wait += time.perf_counter() - waited
             lr = self.scheduler.get_last_lr()[0]
             self.updating = True  # a failure from here to the end of the update: no
             loss, n_tokens = self.optimizer_step(micro_batches)  # checkpoint of a half step
@@ -435,7 +438,7 @@ class TrainingLoop:
                 val = self.evaluate(self.recipe.eval.max_batches)
                 bar.write(f"step {self.step}: val_loss {val['loss']:.4f} "
                           f"val_ppl {val['perplexity']:.3f}")
-                window_start = time.perf_counter()
+                window_start, self.window_data_wait = time.perf_counter(), 0.0
             saved = every and self.step % every == 0 and self.save_checkpoint()
             if self._agreed(stop.signum):
                 if not saved:
@@ -451,6 +454,8 @@ class TrainingLoop:
         tokens_per_s = self.window_tokens / max(elapsed, 1e-9)
         record = {"step": self.step, "loss": window_loss.item() / max(self.window_steps, 1),
                   "lr": lr, "tokens": self.tokens_seen, "tokens_per_s": tokens_per_s,
+                  # the share of the window this process spent waiting for its batches
+                  "data_wait": min(self.window_data_wait / max(elapsed, 1e-9), 1.0),
                   "peak_mem_gb": peak_memory_gb(self.accelerator.device)}
         if self.peak_tflops:  # achieved model FLOP/s per device over the device's peak
             per_device = tokens_per_s / self.accelerator.num_processes * self.flops_per_token
@@ -460,6 +465,7 @@ class TrainingLoop:
         self.log.write(record)
         self.window_loss.zero_()
         self.window_steps = self.window_tokens = 0
+        self.window_data_wait = 0.0
         return record
 
     def _agreed(self, signum: int) -> bool:

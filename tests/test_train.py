@@ -211,3 +211,24 @@ def test_run_reports_memory_mfu_trackers_and_a_loss_plot(tmp_path, corpus_file):
     assert png.startswith(b"\x89PNG") and len(png) > 5000
     events = list((result.run_dir / "hftrain").glob("events.out.tfevents.*"))
     assert events, "TensorBoard wrote no event file"
+
+
+def test_metrics_say_how_long_the_loop_waited_for_data(tmp_path, corpus_file, monkeypatch):
+    """A data source slower than the model shows up as `data_wait` near 1; a fast one near 0
+    is not asserted (on 2 shared cores tokenizing can be a real share of a tiny model's step)."""
+    import time
+
+    import hftrain.data
+
+    real_batches = hftrain.data.DataStreams.train_batches
+
+    def slow_batches(self, batch_size):
+        for batch in real_batches(self, batch_size):
+            time.sleep(0.05)  # a data source far slower than a 1-layer model's step
+            yield batch
+
+    monkeypatch.setattr(hftrain.data.DataStreams, "train_batches", slow_batches)
+    data = tiny_recipe_dict(corpus_file, tmp_path / "run", train={"max_steps": 10})
+    result = train(recipe_from_dict(data))
+    steps = [r for r in read_metrics(result.run_dir / "metrics.jsonl") if "loss" in r]
+    assert steps and all(0.5 < r["data_wait"] <= 1.0 for r in steps), steps
