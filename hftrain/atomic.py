@@ -8,6 +8,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Replace `path` with `text`: readers see the old content or the new, never a part."""
@@ -32,7 +34,6 @@ def atomic_directory(target: Path) -> Iterator[Path]:
     before the new one takes its name and deleted only after.
     """
     tmp = target.with_name(f".{target.name}.tmp")
-    old = target.with_name(f".{target.name}.old")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -40,8 +41,25 @@ def atomic_directory(target: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    replace_directory(target, tmp)
+
+
+def replace_directory(target: Path, complete: Path) -> None:
+    """Rename the folder `complete` to `target`. An existing `target` is moved aside to
+    `.NAME.old` first and removed only after, so a kill leaves one of the two whole."""
+    old = target.with_name(f".{target.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     if target.exists():
         target.rename(old)
-    tmp.rename(target)
+    complete.rename(target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+WRITE_ERRORS: tuple[type[Exception], ...] = (OSError, RuntimeError, SafetensorError)
+"""What a full disk or a read-only folder raises while writing: OSError from Python,
+RuntimeError from torch.save, SafetensorError from safetensors."""
+
+
+def write_error_reason(exc: Exception) -> str:
+    """The reason in a WRITE_ERRORS exception, for a one-line message."""
+    return getattr(exc, "strerror", None) or str(exc).splitlines()[0]

@@ -38,16 +38,16 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from hftrain.atomic import WRITE_ERRORS, replace_directory, write_error_reason
 from hftrain.errors import HftrainError
 
 STATE_FILE = "hftrain_state.json"
 SCHEDULER_FILE = "scheduler.json"
 LOOP_TENSORS = "loop_state.safetensors"
 _NAME = re.compile(r"^step-(\d{8})$")
-_STALE = re.compile(r"^\.step-\d{8}(\.old)?\.tmp$")
+_STALE = re.compile(r"^\.step-\d{8}\.(tmp|old)$")
 
 
 class CheckpointError(HftrainError):
@@ -178,29 +178,16 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: dict[str, An
             record = {**state, "files": files}
             record["state_sha256"] = state_digest(record)
             (tmp / STATE_FILE).write_text(json.dumps(record, indent=2), encoding="utf-8")
-            _replace(target, tmp)
-    except (OSError, RuntimeError, SafetensorError) as exc:  # a full disk, a read-only folder
+            replace_directory(target, tmp)  # the same step saved again replaces it
+    except WRITE_ERRORS as exc:  # a full disk, a read-only folder
         shutil.rmtree(tmp, ignore_errors=True)
         kept = f"{previous} is intact" if previous else "there is no earlier checkpoint"
-        reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
-        raise CheckpointError(f"could not write checkpoint {target} ({reason}); {kept}") from None
+        raise CheckpointError(f"could not write checkpoint {target} "
+                              f"({write_error_reason(exc)}); {kept}") from None
     if accelerator.is_main_process:
         _prune(target, keep)
     accelerator.wait_for_everyone()
     return target
-
-
-def _replace(target: Path, complete: Path) -> None:
-    """Rename `complete` to `target`; an existing `target` (the same step saved again) is
-    moved aside first and removed after, so a kill leaves one of the two whole."""
-    if not target.exists():
-        complete.rename(target)
-        return
-    old = target.with_name(f".{target.name}.old.tmp")
-    shutil.rmtree(old, ignore_errors=True)
-    target.rename(old)
-    complete.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _prune(saved: Path, keep: int) -> None:

@@ -226,8 +226,16 @@ def check_unchanged(fingerprints: dict[str, tuple[int, int]]) -> None:
                             "go on without it") from None
         except OSError as exc:
             raise DataError(f"cannot read data file {path}: {_first_line(exc)}") from None
-        if now != (size, mtime_ns):
-            how = f"size {size} -> {now[0]} bytes" if now[0] != size else \
-                f"rewritten at the same size, {size} bytes"
+        how = describe_change((size, mtime_ns), now)
+        if how:
             raise DataError(f"data file {path} changed during the run ({how}); stopped rather "
                             "than train or evaluate on different data")
+
+
+def describe_change(then: tuple[int, int], now: tuple[int, int]) -> str | None:
+    """How a file's (size, mtime) `fingerprint` changed, or None if it did not."""
+    if tuple(now) == tuple(then):
+        return None
+    if now[0] != then[0]:
+        return f"size {then[0]} -> {now[0]} bytes"
+    return f"rewritten at the same size, {then[0]} bytes"

@@ -20,6 +20,7 @@ from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from hftrain.errors import HftrainError
+from hftrain.run_folder import contains
 from hftrain.tracking import read_metrics
 
 CARD_TEMPLATE = """---
@@ -87,9 +88,7 @@ def _claim_staging_folder(folder: Path, export: Path) -> None:
     """Make `folder` an empty staging folder of hftrain's own, or refuse: it may be new,
     empty, or a staging folder hftrain made before, and never the export, the run folder, or
     a folder that holds either."""
-    target, exported = folder.resolve(), export.resolve()
-    if target == exported.parent or target == exported or target in exported.parents \
-            or exported in target.parents:
+    if contains(folder, export) or contains(export, folder):  # holding the export: its run too
         raise HftrainError(f"--folder {folder} is, holds or lies inside the export or its run "
                            "folder; stage the upload in a folder of its own (default: RUN/hub)")
     if folder.is_symlink():

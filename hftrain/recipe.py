@@ -21,6 +21,7 @@ from typing import Any, Literal, Union
 import yaml
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+from hftrain.atomic import atomic_write_text
 from hftrain.checks import at_least_one, in_range, in_unit_interval, non_negative, positive
 from hftrain.errors import RecipeError
 from hftrain.models import MODELS, GPT2Fields
@@ -425,5 +426,5 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def dump_recipe(recipe: Recipe, path: Path) -> None:
-    """Write the resolved recipe (defaults and overrides filled in) as YAML."""
-    path.write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False), encoding="utf-8")
+    """Write the resolved recipe (defaults and overrides filled in) as YAML, atomically."""
+    atomic_write_text(path, yaml.safe_dump(recipe.to_dict(), sort_keys=False))

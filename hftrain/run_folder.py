@@ -50,7 +50,7 @@ def write_marker(folder: Path, fresh: bool = False, **fields: Any) -> None:
     atomic_write_text(folder / MARKER, json.dumps(data, indent=2) + "\n")
 
 
-def _contains(folder: Path, path: Path) -> bool:
+def contains(folder: Path, path: Path) -> bool:
     """Whether `path` is `folder` or lies inside it (symbolic links resolved)."""
     folder, path = folder.resolve(), path.resolve()
     return path == folder or folder in path.parents
@@ -59,11 +59,11 @@ def _contains(folder: Path, path: Path) -> bool:
 def check_writable_target(folder: Path, protected: Iterable[Path], key: str) -> None:
     """Refuse a run folder that is the working directory, or holds the recipe or the data:
     hftrain may later clear the folder it writes to, and these must never go with it."""
-    if _contains(folder, Path.cwd()):
+    if contains(folder, Path.cwd()):
         raise HftrainError(f"{key} '{folder}' is the current directory or one of its parents; "
                            "give the run a folder of its own (e.g. runs/NAME)")
     for path in protected:
-        if _contains(folder, path):
+        if contains(folder, path):
             raise HftrainError(f"{key} '{folder}' holds {path}; give the run a folder of its "
                                "own (e.g. runs/NAME)")
 

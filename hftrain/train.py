@@ -28,13 +28,13 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from safetensors import SafetensorError
 from transformers import GenerationConfig
 
 from hftrain.allocator import keep_freed_heap_memory
-from hftrain.atomic import atomic_directory
+from hftrain.atomic import WRITE_ERRORS, atomic_directory, write_error_reason
 from hftrain.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from hftrain.data import IGNORE_INDEX, DataStreams
+from hftrain.data_check import describe_change
 from hftrain.errors import (
     HftrainError,
     ReportedByMainProcess,
@@ -117,9 +117,7 @@ def start_run_folder(run_dir: Path, recipe: Recipe, tokenizer: Any, built: bool,
             write_marker(run_dir, finished_step=None)
         if built:
             save_run_tokenizer(tokenizer, recipe, run_dir / "tokenizer")
-        tmp = run_dir / ".recipe.yaml.tmp"  # on resume: the run's settings with new lengths
-        dump_recipe(recipe, tmp)
-        os.replace(tmp, run_dir / "recipe.yaml")
+        dump_recipe(recipe, run_dir / "recipe.yaml")  # on resume: with the new lengths
     except OSError as exc:  # a full disk before the first step: nothing of the run is lost
         raise HftrainError(f"cannot write the run folder {run_dir}: {exc.strerror}") from None
 
@@ -272,10 +270,9 @@ def _finish(loop: TrainingLoop, tokenizer: Any, result: TrainResult, stop: StopR
     stop.raise_from_now_on("the export")
     try:
         result.final_dir, model = export(accelerator, loop.model, tokenizer, recipe, run_dir)
-    except (OSError, RuntimeError, SafetensorError) as exc:  # a full disk, a read-only folder
-        reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
-        raise HftrainError(f"could not write the export {run_dir / 'final'} ({reason})") \
-            from None
+    except WRITE_ERRORS as exc:  # a full disk, a read-only folder
+        raise HftrainError(f"could not write the export {run_dir / 'final'} "
+                           f"({write_error_reason(exc)})") from None
     result.model = model.eval()
     push_hint = (f"hftrain push {result.final_dir} --repo-id {recipe.hub.repo_id}"
                  f"{' --private' if recipe.hub.private else ''}")
@@ -516,10 +513,10 @@ class TrainingLoop:
         on it, or a corpus edited by mistake) is read as it is now: say so, once."""
         if not self.accelerator.is_main_process:
             return
-        for path, (size, mtime_ns) in saved.items():
+        for path, then in saved.items():
             now = self.streams.fingerprints.get(path)
-            if now is not None and tuple(now) != (size, mtime_ns):
-                how = f"size {size} -> {now[0]} bytes" if now[0] != size else "rewritten"
+            how = describe_change(then, now) if now is not None else None
+            if how:
                 print(f"hftrain: warning: data file {path} changed since the checkpoint ({how});"
                       " the resumed run reads it as it is now", file=sys.stderr)
 
