@@ -213,6 +213,8 @@ def on_main_process(accelerator: Accelerator, decide: Any) -> Any:
         from accelerate.utils import broadcast_object_list
 
         result, error = broadcast_object_list([result, error], from_process=0)
+        if error is not None:  # every rank exits: close gloo/NCCL before the peers vanish, or
+            torch.distributed.destroy_process_group()  # its threads may abort the process
     if error is not None:
         raise HftrainError(error) if accelerator.is_main_process else ReportedByMainProcess(error)
     return result
