@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from timing import hftrain_loop, paired_steps, report
 from torch import nn
 
-from hftrain.data import DataStreams, text_stream, texts
+from hftrain.data import DataStreams, texts
 from hftrain.models import build_model
 from hftrain.recipe import Recipe, load_recipe
 from hftrain.run_tokenizer import prepare_tokenizer
@@ -58,7 +58,7 @@ def batchify(tokens: np.ndarray, lanes: int) -> torch.Tensor:
 
 def token_array(recipe: Recipe, tokenizer, split: str) -> np.ndarray:
     eos = tokenizer.eos_token_id
-    ids = tokenizer.backend_tokenizer.encode_batch(list(texts(text_stream(recipe.data, split))),
+    ids = tokenizer.backend_tokenizer.encode_batch(list(texts(recipe.data, split, whole=True)),
                                                    add_special_tokens=False)
     return np.concatenate([np.asarray([*e.ids, eos], dtype=np.int64) for e in ids])
 

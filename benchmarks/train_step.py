@@ -42,9 +42,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400, help="timed steps per side")
     parser.add_argument("--warmup", type=int, default=20, help="untimed steps per side")
     parser.add_argument("--batches", type=int, default=50, help="distinct batches, cycled")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="data.num_workers of the live stream hftrain's side reads")
     args = parser.parse_args()
 
-    recipe = load_recipe(args.recipe, ["run.output_dir=/tmp/hftrain-bench"])
+    recipe = load_recipe(args.recipe, ["run.output_dir=/tmp/hftrain-bench",
+                                       f"data.num_workers={args.workers}"])
     torch.manual_seed(recipe.run.seed)
     tokenizer, _ = prepare_tokenizer(recipe)
     streams = DataStreams(recipe.data, tokenizer, seed=recipe.run.seed)
@@ -57,10 +60,13 @@ def main() -> None:
     plain_sched = build_scheduler(plain_opt, recipe.train)
 
     loop = hftrain_loop(recipe, model, streams)
-    hftrain_batches, plain_batches = itertools.cycle(batches), itertools.cycle(batches)
+    live = streams.train_batches(recipe.train.batch_size)  # hftrain's side: the live stream
+    plain_batches = itertools.cycle(batches)  # (its workers tokenize while the model trains)
 
     def hftrain_step():
-        loop.optimizer_step([next(hftrain_batches)])
+        micro_batches = [next(live)]
+        loss, finite, n_tokens = loop.optimizer_step(micro_batches)
+        loop.state.add_step(loss, finite, n_tokens, len(micro_batches))
 
     def plain_step():
         plain_pytorch_step(plain_model, plain_opt, plain_sched, next(plain_batches),
@@ -68,7 +74,9 @@ def main() -> None:
 
     rates = paired_steps({"hftrain": hftrain_step, "plain": plain_step}, args.steps,
                          args.warmup, batches[0]["input_ids"].numel())
-    report(rates, f"recipe {args.recipe} | {args.steps} paired steps after {args.warmup} warm-up")
+    live.close()
+    report(rates, f"recipe {args.recipe} | {args.steps} paired steps after {args.warmup} warm-up"
+                  f" | hftrain reads a live stream with data.num_workers={args.workers}")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,14 @@ def _quiet_libraries() -> None:
 
 def cmd_tokenizer(args: argparse.Namespace) -> None:
     from hftrain.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    _build_run_tokenizer(recipe, Path(args.recipe), already="nothing to build")
+
+
+def _build_run_tokenizer(recipe: Any, recipe_path: Path, already: str) -> Any:
+    """The recipe's tokenizer, built and saved into <output_dir>/tokenizer if it is not
+    there yet (or reused, as `train` would)."""
     from hftrain.run_folder import (
         check_ours_or_new,
         check_writable_target,
@@ -48,21 +56,42 @@ def cmd_tokenizer(args: argparse.Namespace) -> None:
     from hftrain.run_tokenizer import prepare_tokenizer, save_run_tokenizer
     from hftrain.train import protected_paths
 
-    recipe = load_recipe(args.recipe, args.overrides)
     run_dir = Path(recipe.run.output_dir)
-    check_writable_target(run_dir, protected_paths(recipe, Path(args.recipe)), "run.output_dir")
+    check_writable_target(run_dir, protected_paths(recipe, recipe_path), "run.output_dir")
     check_ours_or_new(run_dir)
     tokenizer, built = prepare_tokenizer(recipe)
     folder = run_dir / "tokenizer"
     if not built:
-        print(f"tokenizer already present ({len(tokenizer)} tokens); nothing to build")
-        return
+        print(f"tokenizer already present ({len(tokenizer)} tokens); {already}")
+        return tokenizer
     with run_lock(run_dir):
         if has_run(run_dir):
             raise HftrainError(f"{run_dir} holds a run trained with its tokenizer; build the "
                                "new one into another run.output_dir")
         save_run_tokenizer(tokenizer, recipe, folder)
     print(f"built a {recipe.tokenizer.kind} tokenizer of {len(tokenizer)} tokens: {folder}")
+    return tokenizer
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    """The tokenizer (as `hftrain tokenizer`), then the token cache `data.cache` names."""
+    from hftrain.data import cache as token_cache
+    from hftrain.recipe import load_recipe
+    from hftrain.run_folder import check_writable_target
+    from hftrain.train import protected_paths
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if not recipe.data.cache:
+        raise HftrainError(f"{args.recipe} sets no data.cache: add data.cache=FOLDER to say "
+                           "where the token cache goes")
+    folder = Path(recipe.data.cache)
+    check_writable_target(folder, protected_paths(recipe, Path(args.recipe)), "data.cache")
+    token_cache.check_cacheable(recipe.data)
+    tokenizer = _build_run_tokenizer(recipe, Path(args.recipe), already="reusing it")
+    token_cache.prepare(recipe.data, tokenizer)
+    record = token_cache.read_record(folder)
+    counts = ", ".join(f"{split} {n['tokens']:,} tokens" for split, n in record["splits"].items())
+    print(f"token cache {folder}: {counts}")
 
 
 def resume_command(args: argparse.Namespace) -> str:
@@ -137,7 +166,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from accelerate import Accelerator
 
-    from hftrain.data import text_stream, texts
+    from hftrain.data import texts
     from hftrain.evaluation import evaluate_texts, export_block_size
     from hftrain.generation import load_export
     from hftrain.recipe import DataConfig
@@ -154,7 +183,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
                            "windows would skip tokens: use 1 <= --stride <= --block-size")
     source = DataConfig(train_files=args.data, val_fraction=0.0, text_column=args.text_column,
                         sample_by=args.sample_by)
-    documents = _some_text(texts(text_stream(source, "train")), ", ".join(args.data))
+    documents = _some_text(texts(source, "train", whole=True), ", ".join(args.data))
     accelerator = Accelerator()
     result = evaluate_texts(model.to(accelerator.device), tokenizer, documents, accelerator,
                             block_size, stride, args.batch_size)
@@ -244,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, func, help_text in (
         ("tokenizer", cmd_tokenizer, "build the recipe's tokenizer into <output_dir>/tokenizer"),
+        ("prepare", cmd_prepare, "tokenize the recipe's data once into its data.cache folder"),
         ("train", cmd_train, "tokenizer -> data -> model -> train -> eval -> export -> sample"),
     ):
         p = sub.add_parser(name, help=help_text)

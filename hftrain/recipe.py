@@ -99,16 +99,26 @@ class DataConfig:
     Documents are joined with the EOS token."""
     block_size: int = 64
     """Tokens of context per training example (the model's maximum positions for GPT-2)."""
-    shuffle_buffer: int = 10000
-    """Blocks held in the seeded shuffle buffer of the training stream (and documents held in
-    `datasets`' own shuffle buffer before tokenization); 0 keeps stream order. A buffer much
-    smaller than the corpus only shuffles locally: batches then come from one region of the
-    text at a time, which costs validation loss."""
+    shuffle_tokens: int = 1_000_000
+    """Tokens of packed blocks held in the training stream's seeded shuffle buffer (it holds
+    shuffle_tokens // block_size blocks, so filling it costs the same at any block size);
+    each epoch also reads the files' pieces in a new seeded order. 0 keeps file order. With
+    `cache`, any value > 0 shuffles all blocks of the corpus. A buffer much smaller than the
+    corpus only shuffles locally, which costs validation loss."""
+    num_workers: int = 1
+    """Background processes that read and tokenize the training data while the model trains
+    (0: on the training process, between steps). The batches do not depend on it."""
+    cache: str | None = None
+    """A folder for a token cache: the corpus tokenized once into memory-mapped files
+    (`hftrain prepare RECIPE`, or the first run), then read with no tokenization at all.
+    For local corpora read more than once; unset: stream and tokenize on every pass."""
 
     def __post_init__(self) -> None:
         at_least_one(self, "block_size")
         in_unit_interval(self, "val_fraction")
-        non_negative(self, "shuffle_buffer")
+        non_negative(self, "shuffle_tokens", "num_workers")
+        if self.cache is not None:
+            self.cache = str(Path(self.cache).expanduser())
 
 
 @dataclass
@@ -330,6 +340,10 @@ def _apply_override(raw: dict[str, Any], override: str, source: Path) -> None:
     node[leaf] = value
 
 
+RENAMED = {"DataConfig": {"shuffle_buffer": "shuffle_tokens (counted in tokens, not blocks)"}}
+"""Keys that changed name (and meaning): a recipe using the old name is told the new one."""
+
+
 def _build(cls: type, raw: Any, prefix: str, source: str, field_types: dict[str, type]) -> Any:
     where = prefix.rstrip(".") or "recipe"
     if raw is None:
@@ -339,6 +353,9 @@ def _build(cls: type, raw: Any, prefix: str, source: str, field_types: dict[str,
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for key in raw:
+        if key in RENAMED.get(cls.__name__, {}):
+            raise RecipeError(f"{source}: '{prefix}{key}' is now "
+                              f"'{prefix}{RENAMED[cls.__name__][key]}'")
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""

@@ -29,7 +29,7 @@ from hftrain.run_folder import check_new_run_target, has_run, is_run_folder, rea
 MAY_CHANGE_ON_RESUME = (
     "run.output_dir", "run.overwrite", "run.trackers",
     "train.max_steps", "train.log_interval", "train.on_nan", "train.peak_tflops",
-    "train.compile",
+    "train.compile", "data.num_workers",
     "checkpoint.", "eval.", "sample.", "hub.",
 )
 

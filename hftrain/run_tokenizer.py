@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from hftrain.atomic import atomic_directory
-from hftrain.data import describe_source, text_stream, texts
+from hftrain.data import describe_source, texts
 from hftrain.errors import RecipeError
 from hftrain.recipe import Recipe
 from hftrain.resume import changed_keys
@@ -36,7 +36,7 @@ def prepare_tokenizer(recipe: Recipe) -> tuple[Any, bool]:
     if (saved / "tokenizer.json").is_file() and not recipe.run.overwrite:
         check_saved_tokenizer(saved, recipe)
         return load_tokenizer(str(saved)), False
-    corpus = texts(text_stream(recipe.data, "train"))
+    corpus = texts(recipe.data, "train")
     source = describe_source(recipe.data, "train")
     return build_tokenizer(recipe.tokenizer, corpus, recipe.data.block_size, source), True
 

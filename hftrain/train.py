@@ -14,7 +14,6 @@ evaluation, export, sample and push, so `--resume` redoes only what is missing.
 from __future__ import annotations
 
 import glob
-import itertools
 import os
 import signal
 import sys
@@ -34,6 +33,7 @@ from hftrain.allocator import keep_freed_heap_memory
 from hftrain.atomic import WRITE_ERRORS, atomic_directory, write_error_reason
 from hftrain.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from hftrain.data import IGNORE_INDEX, DataStreams
+from hftrain.data import cache as token_cache
 from hftrain.data_check import describe_change
 from hftrain.errors import (
     HftrainError,
@@ -69,6 +69,7 @@ from hftrain.tracking import (
     plot_losses,
     progress_bar,
 )
+from hftrain.train_state import TrainState
 
 
 @dataclass
@@ -129,8 +130,9 @@ class RunParts:
     tokenizer: Any
     tokenizer_built: bool
     streams: DataStreams
-    batches: Iterator[dict[str, torch.Tensor]]
-    """The training stream, its first batch already pulled and put back in front."""
+    batches: Any
+    """The training stream (`TrainStream` or another with `state_dict`), its first batch
+    already pulled with `peek` (which `next` returns again)."""
     first_batch: dict[str, torch.Tensor]
     model: Any
     optimizer: Any
@@ -141,18 +143,21 @@ def build_parts(recipe: Recipe, accelerator: Accelerator) -> RunParts:
     """Tokenizer, data (one batch of each split pulled), model, optimizer, schedule and the
     generation settings: a bad file or setting fails here, with nothing written."""
     tokenizer, built = prepare_tokenizer(recipe)
+    if recipe.data.cache:  # tokenized once, by the main process, before any rank reads it
+        on_main_process(accelerator, lambda: token_cache.prepare(
+            recipe.data, tokenizer, show_progress=True) and None)
     streams = DataStreams(recipe.data, tokenizer, seed=recipe.run.seed,
                           stateful=recipe.train.stateful, rank=accelerator.process_index,
-                          world_size=accelerator.num_processes)
-    train_batches = streams.train_batches(recipe.train.batch_size)
-    first_batch = next(train_batches)
+                          world_size=accelerator.num_processes,
+                          pin_memory=accelerator.device.type == "cuda")
+    batches = streams.train_batches(recipe.train.batch_size)
+    first_batch = batches.peek()
     streams.check_val(recipe.eval.batch_size)
     model = build_model(recipe.model, tokenizer, recipe.data.block_size)
     optimizer = build_optimizer(model.to(accelerator.device), recipe.train)
     scheduler = build_scheduler(optimizer, recipe.train)
     model.generation_config = generation_config(recipe, tokenizer)
     model, optimizer = accelerator.prepare(model, optimizer)
-    batches = itertools.chain([first_batch], train_batches)
     return RunParts(tokenizer, built, streams, batches, first_batch, model, optimizer, scheduler)
 
 
@@ -173,6 +178,9 @@ def train(recipe: Recipe, recipe_path: Path | None = None) -> TrainResult:
     keep_freed_heap_memory(accelerator.device)
     set_seed(recipe.run.seed)
     check_writable_target(run_dir, protected_paths(recipe, recipe_path), "run.output_dir")
+    if recipe.data.cache:  # a stale cache is rebuilt in place: never over the data
+        check_writable_target(Path(recipe.data.cache), protected_paths(recipe, recipe_path),
+                              "data.cache")
     with RunLock(run_dir, enabled=accelerator.is_main_process) as lock:
 
         def plan() -> Plan:
@@ -228,9 +236,10 @@ def _run_in_folder(recipe: Recipe, accelerator: Accelerator, plan: Plan, parts: 
         accelerator.init_trackers("hftrain", config=flat_config(recipe.to_dict()))
     log = MetricsLog(run_dir / "metrics.jsonl", accelerator.is_main_process, accelerator)
     loop = TrainingLoop(recipe, accelerator, parts.model, parts.optimizer, parts.scheduler,
-                        parts.streams, log, token_byte_lengths(parts.tokenizer), run_dir)
+                        parts.streams, log, token_byte_lengths(parts.tokenizer), run_dir,
+                        parts.batches)
     if plan.checkpoint is not None:
-        loop.resume(plan.checkpoint, parts.batches)
+        loop.resume(plan.checkpoint)
         accelerator.print(f"resumed from {plan.checkpoint} at step {loop.step}")
     elif plan.restart:
         log.truncate(0)
@@ -335,11 +344,18 @@ def _cpu_data_parallel() -> bool:
 
 
 class TrainingLoop:
-    """Optimizer steps with token-normalised gradient accumulation, logging and evaluation."""
+    """Optimizer steps with token-normalised gradient accumulation, logging and evaluation.
+
+    Between log lines the loop never waits for the device: the loss, the finite-loss check
+    and the counters stay on it (`TrainState`), and a step with a non-finite loss is skipped
+    on the device (the fused optimizer's `found_inf`, as `GradScaler` does), so "a NaN never
+    updates the model" holds without reading the loss back every step.
+    """
 
     def __init__(self, recipe: Recipe, accelerator: Accelerator, model: Any, optimizer: Any,
                  scheduler: Any, streams: DataStreams, log: MetricsLog,
-                 byte_lengths: torch.Tensor, run_dir: Path | None = None) -> None:
+                 byte_lengths: torch.Tensor, run_dir: Path | None = None,
+                 batches: Any = None) -> None:
         self.recipe = recipe
         self.accelerator = accelerator
         self.model = model
@@ -348,14 +364,8 @@ class TrainingLoop:
         self.streams = streams
         self.log = log
         self.byte_lengths = byte_lengths
-        self.step = 0
-        self.tokens_seen = 0
         self.run_dir = run_dir
-        self.micro_batches = 0  # consumed from the training stream: the data position
-        self.skipped_steps = 0
-        # the steps since the last log line: their summed loss, count and tokens
-        self.window_loss = torch.zeros((), device=accelerator.device)
-        self.window_steps = self.window_tokens = 0
+        self.state = TrainState(batches, accelerator.device)
         self.window_data_wait = 0.0  # seconds spent in `next(batches)`, for `data_wait`
         self.flops_per_token = flops_per_token(bare_model(accelerator, model),
                                                recipe.data.block_size)
@@ -369,7 +379,11 @@ class TrainingLoop:
         resume."""
         self.last_checkpoint: Path | None = None
         self.stateful = recipe.train.stateful
-        self.state = None  # the recurrent state carried across windows (stateful training)
+        self.skip_on_device = _skips_on_device(optimizer, accelerator)
+
+    @property
+    def step(self) -> int:
+        return self.state.step
 
     def run(self, batches: Iterator[dict[str, torch.Tensor]], stop: StopRequest) -> None:
         """Train to `max_steps`, or until `stop` asks; the bar is closed however it ends.
@@ -388,6 +402,10 @@ class TrainingLoop:
         except Exception as exc:
             self._save_after_failure(exc)
             raise
+        finally:
+            close = getattr(batches, "close", None)
+            if close is not None:  # stop the data workers
+                close()
         if not self._checkpointed():
             self.save_checkpoint()
 
@@ -418,17 +436,12 @@ class TrainingLoop:
             self.window_data_wait += time.perf_counter() - waited
             lr = self.scheduler.get_last_lr()[0]
             self.updating = True  # a failure from here to the end of the update: no
-            loss, n_tokens = self.optimizer_step(micro_batches)  # checkpoint of a half step
+            loss, finite, n_tokens = self.optimizer_step(micro_batches)  # half-step checkpoint
             self.updating = False
-            self.step += 1
-            self.micro_batches += len(micro_batches)
-            self.tokens_seen += n_tokens
-            self.window_tokens += n_tokens
-            if loss is not None:
-                self.window_loss += loss
-                self.window_steps += 1
+            self.state.add_step(loss, finite, n_tokens, len(micro_batches))
             bar.update(1)
-            if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
+            log_step = self.step % cfg.log_interval == 0 or self.step == cfg.max_steps
+            if log_step:
                 record = self.log_window(lr, time.perf_counter() - window_start)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}",
                                 tok_s=f"{record['tokens_per_s']:,.0f}")
@@ -439,76 +452,83 @@ class TrainingLoop:
                           f"val_ppl {val['perplexity']:.3f}")
                 window_start, self.window_data_wait = time.perf_counter(), 0.0
             saved = every and self.step % every == 0 and self.save_checkpoint()
-            if self._agreed(stop.signum):
+            if self._agreed(stop.signum, log_step or bool(saved)):
                 if not saved:
                     self.save_checkpoint()
                 self.interrupted = stop.signum or signal.SIGTERM
                 break
 
     def log_window(self, lr: float, elapsed: float) -> dict[str, Any]:
-        """Write the mean loss of the steps since the last log line, and start a new window."""
-        window_loss = self.window_loss
+        """Write the mean loss of the steps since the last log line, and start a new window.
+        Reading the window's sums is the loop's one wait for the device between log lines."""
+        tokens_per_s = self.state.window_tokens / max(elapsed, 1e-9)
+        window_loss, steps, skipped, first_skipped = self.state.close_window()
         if self.accelerator.num_processes > 1:  # each rank holds its share of the mean
-            window_loss = self.accelerator.reduce(window_loss.clone(), "sum")
-        tokens_per_s = self.window_tokens / max(elapsed, 1e-9)
-        record = {"step": self.step, "loss": window_loss.item() / max(self.window_steps, 1),
-                  "lr": lr, "tokens": self.tokens_seen, "tokens_per_s": tokens_per_s,
+            window_loss = self.accelerator.reduce(window_loss, "sum")
+        if skipped and self.recipe.train.on_nan == "stop":
+            self._diverged(first_skipped, skipped, steps + skipped)
+        record = {"step": self.step, "loss": window_loss.item() / max(steps, 1),
+                  "lr": lr, "tokens": self.state.tokens_seen, "tokens_per_s": tokens_per_s,
                   # the share of the window this process spent waiting for its batches
                   "data_wait": min(self.window_data_wait / max(elapsed, 1e-9), 1.0),
                   "peak_mem_gb": peak_memory_gb(self.accelerator.device)}
         if self.peak_tflops:  # achieved model FLOP/s per device over the device's peak
             per_device = tokens_per_s / self.accelerator.num_processes * self.flops_per_token
             record["mfu"] = per_device / (self.peak_tflops * 1e12)
-        if self.skipped_steps:
-            record["skipped_steps"] = self.skipped_steps
+        if self.state.skipped_steps:
+            record["skipped_steps"] = self.state.skipped_steps
         self.log.write(record)
-        self.window_loss.zero_()
-        self.window_steps = self.window_tokens = 0
         self.window_data_wait = 0.0
         return record
 
-    def _agreed(self, signum: int) -> bool:
-        """Whether any process was asked to stop: all must stop after the same step."""
+    def _diverged(self, first: int, skipped: int, window: int) -> None:
+        newest = self.last_checkpoint
+        kept = f"the newest checkpoint is {newest}" if newest else "no checkpoint was saved"
+        raise TrainingDiverged(
+            f"the training loss was not finite at step {first} ({skipped} of the {window} "
+            f"steps up to step {self.step}); those steps did not update the model ({kept}). "
+            "Lower train.lr in a new run, or --resume with train.on_nan=skip")
+
+    def _agreed(self, signum: int, sync_point: bool) -> bool:
+        """Whether any process was asked to stop: all must stop after the same step. With
+        several processes they agree at log lines and checkpoints only (a collective the
+        host waits for would cost a synchronisation per step)."""
         if self.accelerator.num_processes == 1:
             return bool(signum)
+        if not sync_point:
+            return False
         flag = torch.tensor(float(signum), device=self.accelerator.device)
         return bool(self.accelerator.reduce(flag, "max").item())
 
-    def state_dict(self) -> dict[str, Any]:
-        """The loop's resumable position (JSON); with the run's trajectory, which a resume
-        must match, and how many metrics.jsonl records belong to the run so far."""
-        return {"step": self.step, "tokens_seen": self.tokens_seen,
-                "micro_batches": self.micro_batches, "skipped_steps": self.skipped_steps,
-                "window_steps": self.window_steps, "window_tokens": self.window_tokens,
-                "metrics_lines": self.log.lines,
-                "trajectory": trajectory(self.recipe, self.accelerator.num_processes),
-                "data_files": {path: list(fp) for path, fp in self.streams.fingerprints.items()}}
+    def state_dict(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """The run's resumable position: the state's counters (with the run's trajectory,
+        which a resume must match, and how many metrics.jsonl records belong to the run so
+        far) and this rank's tensors (log window, recurrent state, data position)."""
+        counters, tensors = self.state.state_dict()
+        counters.update(
+            metrics_lines=self.log.lines,
+            trajectory=trajectory(self.recipe, self.accelerator.num_processes),
+            data_files={path: list(fp) for path, fp in self.streams.fingerprints.items()})
+        return counters, tensors
 
     def save_checkpoint(self, keep: int | None = None) -> Path:
-        tensors = {f"state_{i}": t for i, t in enumerate(self.state or ())}
-        tensors["window_loss"] = self.window_loss
+        counters, tensors = self.state_dict()
         self.last_checkpoint = save_checkpoint(
-            self.accelerator, self.run_dir, self.state_dict(), self.scheduler, tensors,
+            self.accelerator, self.run_dir, counters, self.scheduler, tensors,
             keep or self.recipe.checkpoint.keep, previous=self.last_checkpoint)
         return self.last_checkpoint
 
-    def resume(self, path: Path, batches: Iterator[dict[str, torch.Tensor]]) -> None:
+    def resume(self, path: Path) -> None:
         """Continue from a checkpoint: Accelerate's state (weights, optimizer, RNG), the
-        schedule, the counters, the carried recurrent state, and the data stream replayed to
-        where the checkpoint was taken. Log records written after it (by the run that died,
-        or the final evaluation of a run being continued) are dropped."""
-        state, tensors = load_checkpoint(self.accelerator, path, self.scheduler)
-        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
-        self.skipped_steps = state["skipped_steps"]
-        self.window_steps, self.window_tokens = state["window_steps"], state["window_tokens"]
-        self.window_loss = tensors.pop("window_loss")
-        self.state = tuple(tensors[f"state_{i}"] for i in range(len(tensors))) or None
-        for _ in range(state["micro_batches"]):
-            next(batches)
-        self.micro_batches = state["micro_batches"]
+        schedule, and the `TrainState` (counters, recurrent state, data position: the stream
+        continues at the saved position without reading what came before). Log records
+        written after it (by the run that died, or the final evaluation of a run being
+        continued) are dropped."""
+        counters, tensors = load_checkpoint(self.accelerator, path, self.scheduler)
+        self.state.load_state_dict(counters, tensors, str(path))
         self.last_checkpoint = path
-        self.log.truncate(state["metrics_lines"])
-        self._warn_changed_data(state.get("data_files") or {})
+        self.log.truncate(counters["metrics_lines"])
+        self._warn_changed_data(counters.get("data_files") or {})
 
     def _warn_changed_data(self, saved: dict[str, list[int]]) -> None:
         """A data file that changed since the checkpoint (a record fixed after the run stopped
@@ -522,8 +542,10 @@ class TrainingLoop:
                 print(f"hftrain: warning: data file {path} changed since the checkpoint ({how});"
                       " the resumed run reads it as it is now", file=sys.stderr)
 
-    def optimizer_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[Any, int]:
-        """One update from several micro-batches; returns (mean token loss, tokens processed).
+    def optimizer_step(self, micro_batches: list[dict[str, torch.Tensor]]
+                       ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """One update from several micro-batches; returns the mean token loss and whether it
+        is finite (device tensors) and the tokens processed.
 
         The loss of each micro-batch is its summed token NLL divided by the target tokens of
         the *whole* step (all micro-batches, all processes), so uneven counts (padding, masked
@@ -531,53 +553,50 @@ class TrainingLoop:
         factor `num_processes`. In stateful training each micro-batch continues the lanes of
         the one before, starting from its (detached) final state.
         """
-        acc = self.accelerator
-        n_targets = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches)
+        acc, state = self.accelerator, self.state
+        n_targets = torch.tensor(sum(int((b["labels"] != IGNORE_INDEX).sum())
+                                     for b in micro_batches), device=acc.device)
         if acc.num_processes > 1:
-            n_targets = int(acc.reduce(torch.tensor(n_targets, device=acc.device), "sum"))
-        scale = acc.num_processes / max(n_targets, 1)
+            n_targets = acc.reduce(n_targets, "sum")
+        n_targets = n_targets.clamp(min=1)
         step_loss = torch.zeros((), device=acc.device)
         for i, batch in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
             if batch.get("reset_state"):
-                self.state = None
+                state.recurrent = None
             with nullcontext() if last else acc.no_sync(self.model):
-                out = self.model(input_ids=batch["input_ids"].to(acc.device),
-                                 past_key_values=self.state, use_cache=self.stateful)
+                out = self.model(input_ids=batch["input_ids"].to(acc.device, non_blocking=True),
+                                 past_key_values=state.recurrent, use_cache=self.stateful)
                 if self.stateful:
-                    self.state = tuple(s.detach() for s in out.past_key_values)
-                nll = token_nll(out.logits, batch["labels"].to(acc.device)).sum()
-                acc.backward(nll * scale)
-            step_loss += nll.detach() / max(n_targets, 1)
+                    state.recurrent = tuple(s.detach() for s in out.past_key_values)
+                labels = batch["labels"].to(acc.device, non_blocking=True)
+                nll = token_nll(out.logits, labels).sum() / n_targets
+                acc.backward(nll * acc.num_processes)
+            step_loss += nll.detach()
         n_tokens = sum(b["input_ids"].numel() for b in micro_batches) * acc.num_processes
-        if not self._finite(step_loss):
-            self.optimizer.zero_grad(set_to_none=True)
-            return None, n_tokens
+        finite = self._finite(step_loss)
         if self.recipe.train.grad_clip > 0:
             acc.clip_grad_norm_(self.model.parameters(), self.recipe.train.grad_clip)
-        self.optimizer.step()
+        if self.skip_on_device:  # the fused kernel leaves weights and moments as they are
+            self._inner_optimizer().found_inf = (~finite).float()
+            self.optimizer.step()
+        elif bool(finite):  # optimizers without on-device skipping: wait for the check
+            self.optimizer.step()
         if not acc.optimizer_step_was_skipped:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return step_loss, n_tokens
+        return step_loss, finite, n_tokens
 
-    def _finite(self, step_loss: torch.Tensor) -> bool:
-        """Check the loss before the update; stop with a clear message or skip the step."""
-        total = step_loss.detach()
+    def _inner_optimizer(self) -> torch.optim.Optimizer:
+        return getattr(self.optimizer, "optimizer", self.optimizer)
+
+    def _finite(self, step_loss: torch.Tensor) -> torch.Tensor:
+        """Whether the step's loss is finite on every process (a device tensor). With
+        `on_nan: stop` the run stops at the next log line, having skipped the step."""
+        total = step_loss
         if self.accelerator.num_processes > 1:  # every rank must take the same decision
             total = self.accelerator.reduce(total.clone(), "sum")
-        if torch.isfinite(total):
-            return True
-        if self.recipe.train.on_nan == "skip":
-            self.skipped_steps += 1
-            return False
-        newest = self.last_checkpoint
-        kept = f"the newest checkpoint ({newest}) is untouched" if newest else "no checkpoint"
-        raise TrainingDiverged(
-            f"the training loss is {total.item()} at step {self.step + 1}; stopped before "
-            f"updating the model ({kept}). Lower train.lr in a new run, or --resume with "
-            "train.on_nan=skip"
-        )
+        return torch.isfinite(total)
 
     def evaluate(self, max_batches: int | None) -> dict[str, float]:
         batches = self.streams.val_batches(self.recipe.eval.batch_size)
@@ -590,6 +609,15 @@ class TrainingLoop:
                         "val_ppl": val["perplexity"], "val_bpb": val["bits_per_byte"],
                         "val_tokens": val["tokens"]})
         return val
+
+
+def _skips_on_device(optimizer: Any, accelerator: Accelerator) -> bool:
+    """Whether a step can be skipped on the device: a fused torch optimizer reads `found_inf`
+    (as under `GradScaler`), unless a GradScaler (fp16) already drives it."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    fused = any(group.get("fused") for group in inner.param_groups)
+    return fused and getattr(inner, "_step_supports_amp_scaling", False) \
+        and getattr(accelerator, "scaler", None) is None
 
 
 def export(accelerator: Accelerator, model: Any, tokenizer: Any, recipe: Recipe,

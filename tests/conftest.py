@@ -34,7 +34,7 @@ def tiny_recipe_dict(corpus: Path, output_dir: Path, **sections: dict) -> dict:
         "run": {"output_dir": str(output_dir), "seed": 0},
         "tokenizer": {"kind": "char"},
         "data": {"train_files": [str(corpus)], "val_fraction": 0.1, "block_size": 16,
-                 "shuffle_buffer": 64},
+                 "shuffle_tokens": 1024},
         "model": {"arch": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 32},
         "train": {"batch_size": 8, "max_steps": 30, "lr": 3e-3, "warmup_steps": 5,
                   "min_lr": 3e-4, "log_interval": 5},

@@ -18,6 +18,7 @@ from huggingface_hub.errors import HfHubHTTPError
 from hftrain import data
 from hftrain.cli import main
 from hftrain.data import DataStreams
+from hftrain.data.loader import TrainStream
 from hftrain.errors import DataError
 from hftrain.recipe import DataConfig, recipe_from_dict
 from hftrain.train import train
@@ -105,7 +106,7 @@ def test_a_bad_record_met_while_encoding_is_located_too(tmp_path, capsys, export
     path = tmp_path / "data.jsonl"
     path.write_text(jsonl(*rows * 1, *[rows[0]] * 40))
     recipe, run_dir = write_recipe(tmp_path, path, tokenizer={"name_or_path": str(export)},
-                                   data={"kind": kind, "shuffle_buffer": 0})
+                                   data={"kind": kind, "shuffle_tokens": 0})
     line = one_error_line(capsys, "train", recipe)
     assert line.startswith(f"hftrain: error: {path} line 3: ")
     assert ("'text' is null" if kind == "text" else "no 'completion'") in line
@@ -129,15 +130,16 @@ def test_a_data_file_changed_mid_run_stops_it_before_any_export(tmp_path, capsys
     corpus.write_text(shakespeare_text[:2000])
     recipe, run_dir = write_recipe(tmp_path, corpus, train={"max_steps": 60},
                                    eval={"interval": 1000})
-    original = DataStreams.train_batches
+    original = TrainStream.__next__
+    batches = {"n": 0}
 
-    def changed_after_three_batches(self, batch_size):  # another program touches the file
-        for i, batch in enumerate(original(self, batch_size)):
-            if i == 3:
-                corpus.unlink() if change == "delete" else corpus.write_text("First Citizen:\n")
-            yield batch
+    def changed_after_three_batches(self):  # another program touches the file
+        batches["n"] += 1
+        if batches["n"] == 4:
+            corpus.unlink() if change == "delete" else corpus.write_text("First Citizen:\n")
+        return original(self)
 
-    monkeypatch.setattr(DataStreams, "train_batches", changed_after_three_batches)
+    monkeypatch.setattr(TrainStream, "__next__", changed_after_three_batches)
     line = one_error_line(capsys, "train", recipe)
     expected = "was deleted during the run" if change == "delete" else \
         "changed during the run (size 2000 -> 15 bytes)"
@@ -256,12 +258,13 @@ def test_a_hub_dataset_cannot_be_scanned_so_its_errors_name_the_dataset():
     assert str(error) == "dataset someone/corpus: a row's text is null, not a string"
 
 
-def test_a_stream_not_built_from_a_recipe_keeps_bugs_as_tracebacks():
+def test_a_bug_while_reading_data_stays_a_traceback(corpus_file, monkeypatch):
     """Only errors that come from the data become one line: a bug stays a traceback."""
 
-    def broken():
+    def broken(*args):
         yield "fine"
         raise KeyError("a bug, not the data")
 
+    monkeypatch.setattr(data.sources, "_read", broken)
     with pytest.raises(KeyError):
-        list(data.guarded(broken(), None))
+        list(data.texts(DataConfig(train_files=[str(corpus_file)])))

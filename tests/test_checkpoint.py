@@ -112,7 +112,7 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_checkpoint(tmp_path, corpus_
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("hftrain:")]
     assert exit_info.value.code == 2 and len(errors) == 1 and "Traceback" not in err
-    assert "loss is nan at step 13" in errors[0] and "step-00000010" in errors[0]
+    assert "not finite at step 13" in errors[0] and "step-00000010" in errors[0]
     assert latest_checkpoint(tmp_path / "run").name == "step-00000010"
     assert not list((tmp_path / "run" / "checkpoints").glob(".*"))
 

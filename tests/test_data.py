@@ -10,11 +10,10 @@ import pytest
 
 from hftrain.data import (
     IGNORE_INDEX,
+    BlockShuffle,
     DataStreams,
     collate,
     pack_blocks,
-    shuffle_blocks,
-    text_stream,
     texts,
 )
 from hftrain.errors import DataError
@@ -51,13 +50,16 @@ def test_packing_without_tail_holds_back_only_the_incomplete_block():
     assert unpack(blocks) == [1, 2, 3, 4, 5, 6, 7, 8, 9]
 
 
-def test_shuffle_buffer_is_a_seeded_permutation():
-    blocks = [np.array([i]) for i in range(100)]
-    a = [int(b[0]) for b in shuffle_blocks(blocks, 10, seed=1)]
-    b = [int(b[0]) for b in shuffle_blocks(blocks, 10, seed=1)]
-    c = [int(b[0]) for b in shuffle_blocks(blocks, 10, seed=2)]
-    assert sorted(a) == list(range(100))
-    assert a == b and a != c and a != list(range(100))
+def shuffled(n: int, capacity: int, seed: int) -> list[int]:
+    buffer = BlockShuffle(capacity, seed, rank=0)
+    out = [buffer.push(np.array([i])) for i in range(n)]
+    return [int(b[0]) for b in out if b is not None]
+
+
+def test_shuffle_buffer_is_seeded_and_emits_each_block_once():
+    a, b, c = shuffled(100, 10, seed=1), shuffled(100, 10, seed=1), shuffled(100, 10, seed=2)
+    assert len(a) == 90 and len(set(a)) == 90 and set(a) <= set(range(100))
+    assert a == b and a != c and a != list(range(90))
 
 
 def test_collate_shifts_targets_and_pads_missing_rows():
@@ -82,13 +84,13 @@ def test_held_out_validation_is_exactly_the_last_fraction(corpus_file: Path,
     # Validation targets are the held-out text (minus its first token) and the closing EOS.
     assert tok.decode(labels[:-1]) == shakespeare_text[cut + 1:]
     assert labels[-1] == tok.eos_token_id
-    assert next(texts(text_stream(config, "train"))) == shakespeare_text[:cut]
+    assert next(texts(config, "train")) == shakespeare_text[:cut]
 
 
 def test_train_batches_have_fixed_shape_and_repeat_epochs(corpus_file: Path,
                                                           shakespeare_text: str):
     tok = char_tokenizer(shakespeare_text)
-    config = DataConfig(train_files=[str(corpus_file)], block_size=64, shuffle_buffer=0)
+    config = DataConfig(train_files=[str(corpus_file)], block_size=64, shuffle_tokens=0)
     batches = DataStreams(config, tok, seed=0).train_batches(batch_size=16)
     n_blocks_per_epoch = int(len(shakespeare_text) * 0.9) // 64
     for _ in range(2 * n_blocks_per_epoch // 16 + 2):  # more than two epochs
@@ -132,7 +134,7 @@ def test_bad_sources_name_the_culprit(tmp_path: Path, corpus_file: Path, shakesp
     with pytest.raises(DataError, match="fewer than data.block_size"):
         config = DataConfig(train_files=[str(corpus_file)], block_size=100_000)
         next(DataStreams(config, tok, 0).train_batches(2))
-    with pytest.raises(DataError, match="no column 'content'"):
+    with pytest.raises(DataError, match="x.jsonl line 1: no 'content' field"):
         jsonl = tmp_path / "x.jsonl"
         jsonl.write_text('{"text": "abc"}\n')
         next(DataStreams(DataConfig(train_files=[str(jsonl)], text_column="content"), tok, 0)

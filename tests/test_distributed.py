@@ -1,73 +1,161 @@
-"""Data parallel on CPU: ranks read disjoint data that together is the 1-process stream, and
-`torchrun --nproc_per_node 2` with batch B/2 trains like one process with batch B."""
+"""Data parallel on CPU (issue 11): each rank reads and tokenizes its own pieces of the data
+(disjoint, together every piece once per epoch); N stateful processes with batch B/N, and N
+processes reading a token cache, train on exactly the batches of one process with batch B;
+`torchrun --nproc_per_node 2` runs the recipe either way."""
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from conftest import REPO, tiny_recipe_dict
 
+from hftrain.cli import main
 from hftrain.data import DataStreams
+from hftrain.data.cache import prepare
 from hftrain.recipe import DataConfig, TokenizerConfig, recipe_from_dict
 from hftrain.tokenizer import build_tokenizer
 from hftrain.tracking import read_metrics
 from hftrain.train import train
 
 
-def rows(batches, n: int) -> list[tuple[int, ...]]:
-    return [tuple(r) for _ in range(n) for r in next(batches)["input_ids"].tolist()]
+@pytest.fixture(scope="module")
+def tok(shakespeare_text):
+    return build_tokenizer(TokenizerConfig(kind="char"), [shakespeare_text], 16)
 
 
-@pytest.mark.parametrize("stateful", [False, True])
-def test_ranks_read_disjoint_data_that_covers_the_single_process_stream(corpus_file,
-                                                                        shakespeare_text,
-                                                                        stateful):
-    tok = build_tokenizer(TokenizerConfig(kind="char"), [shakespeare_text], 16)
-    config = DataConfig(train_files=[str(corpus_file)], block_size=16, shuffle_buffer=50)
-    single = DataStreams(config, tok, seed=3, stateful=stateful).train_batches(8)
-    ranks = [DataStreams(config, tok, seed=3, stateful=stateful, rank=r, world_size=2)
-             .train_batches(4) for r in range(2)]
-    for _ in range(5):  # five steps: the global batch of step k is the single batch of step k
-        whole = rows(single, 1)
-        parts = [rows(ranks[r], 1) for r in range(2)]
-        assert not set(parts[0]) & set(parts[1])
-        assert sorted(parts[0] + parts[1]) == sorted(whole)
+def blocks_of(batch: dict) -> list[list[int]]:
+    """The (block_size + 1)-token blocks of a batch: the inputs plus the last target."""
+    return [[*ids, labels[-1]] for ids, labels in zip(batch["input_ids"].tolist(),
+                                                      batch["labels"].tolist(), strict=True)]
 
 
-def test_sharded_sources_are_split_by_file(tmp_path, shakespeare_text):
+def unpack(blocks: list[list[int]]) -> list[int]:
+    """Consecutive blocks share one token: the first block whole, then each next minus its head."""
+    stream = list(blocks[0])
+    for block in blocks[1:]:
+        assert block[0] == stream[-1], "consecutive blocks must share one token"
+        stream.extend(block[1:])
+    return stream
+
+
+def line_documents(text: str) -> list[str]:
+    """What `sample_by: line` makes of a text: every line, empty ones included."""
+    return text[:-1].split("\n") if text.endswith("\n") else text.split("\n")
+
+
+def tokens_of(tok, documents: list[str]) -> list[int]:
+    return [t for doc in documents for t in [*tok(doc).input_ids, tok.eos_token_id]]
+
+
+def piece_text(piece) -> str:
+    with open(piece.path, "rb") as f:
+        f.seek(piece.start)
+        return f.read(piece.end - piece.start).decode("utf-8")
+
+
+def write_shards(tmp_path: Path, text: str, n: int) -> list[str]:
+    size = math.ceil(len(text) / n)
     files = []
-    for i in range(4):
-        path = tmp_path / f"part{i}.txt"
-        path.write_text(shakespeare_text[i * 4000:(i + 1) * 4000])
+    for i in range(n):
+        path = tmp_path / f"shard{i}.txt"
+        path.write_text(text[i * size:(i + 1) * size], encoding="utf-8")
         files.append(str(path))
-    tok = build_tokenizer(TokenizerConfig(kind="char"), [shakespeare_text], 16)
-    config = DataConfig(train_files=files, val_files=files, block_size=16)
-    seen = []
-    for rank in range(2):
-        streams = DataStreams(config, tok, seed=0, rank=rank, world_size=2)
-        ds, by_shard = streams._source("val")
-        assert by_shard and ds.n_shards == 2
-        seen.append({row["text"][:30] for row in ds})
-    assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 4
+    return files
 
 
-@pytest.mark.parametrize("model", ["gpt2", "stateful_lstm"])
-def test_torchrun_two_processes_match_one(tmp_path, corpus_file, model):
-    if shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists():
-        pytest.skip("torchrun not installed")
-    data = tiny_recipe_dict(corpus_file, tmp_path / "one", train={"max_steps": 20},
-                            eval={"interval": 10, "max_batches": 2})
-    if model == "stateful_lstm":
-        data["model"] = {"arch": "lstm", "embedding_size": 32, "hidden_size": 32,
-                         "num_layers": 1, "dropout": 0.0, "output_dropout": 0.0}
-        data["train"]["stateful"] = True
-        data["eval"] = {"interval": 10, "batch_size": 4}
-    one = train(recipe_from_dict(data))
+@pytest.mark.parametrize("world_size, share", [(2, 0.6), (3, 0.4)])
+@pytest.mark.parametrize("layout", ["one_file", "8_shards"])
+def test_each_rank_tokenizes_its_own_share_and_the_ranks_cover_every_piece(
+        tmp_path, corpus_file, shakespeare_text, tok, layout, world_size, share):
+    files = [str(corpus_file)] if layout == "one_file" else write_shards(tmp_path,
+                                                                          shakespeare_text, 8)
+    config = DataConfig(train_files=files, sample_by="line", val_fraction=0.0, block_size=16,
+                        shuffle_tokens=0, num_workers=0)
+    documents = [d for f in files for d in line_documents(Path(f).read_text(encoding="utf-8"))]
+    total_documents, total_tokens = len(documents), len(tokens_of(tok, documents))
+
+    counters, read = [], []
+    for rank in range(world_size):
+        stream = DataStreams(config, tok, seed=0, rank=rank, world_size=world_size) \
+            .train_batches(2)
+        blocks: list[list[int]] = []
+        while stream.epoch == 0:  # the epoch ends when the rank takes its last piece
+            blocks += blocks_of(next(stream))
+        counters.append(dict(stream.counters))  # what this rank tokenized in one epoch
+        pieces = [stream.pieces.pieces[i] for i in stream.order.epoch(0)]
+        read.append(pieces)
+        expected = [t for p in pieces for t in tokens_of(tok, line_documents(piece_text(p)))]
+        while len(blocks) * 16 + 1 < len(expected) + 40:  # into the next epoch
+            blocks += blocks_of(next(stream))
+        got = unpack(blocks)
+        # This rank's blocks are exactly its pieces' tokens, in order (then the next epoch).
+        assert got == (expected * 2)[:len(got)]
+        stream.close()
+
+    for c in counters:
+        assert c["documents"] <= share * total_documents, (counters, total_documents)
+        assert c["tokens"] <= share * total_tokens, (counters, total_tokens)
+    assert sum(c["documents"] for c in counters) == total_documents
+    assert sum(c["tokens"] for c in counters) == total_tokens
+    # The ranks' pieces are disjoint and together tile every file, byte for byte.
+    every = sorted((p.path, p.start, p.end) for pieces in read for p in pieces)
+    assert len(set(every)) == len(every)
+    for path in files:
+        ranges = [(a, b) for f, a, b in every if f == path]
+        assert ranges[0][0] == 0 and ranges[-1][1] == Path(path).stat().st_size
+        assert all(b == a2 for (_, b), (a2, _) in zip(ranges, ranges[1:], strict=False))
+
+
+def rows(batch: dict) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    return list(zip(map(tuple, batch["input_ids"].tolist()), map(tuple, batch["labels"].tolist()),
+                    strict=True))
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_stateful_ranks_together_see_the_lanes_of_one_process(corpus_file, tok, world_size):
+    config = DataConfig(train_files=[str(corpus_file)], block_size=16, shuffle_tokens=1024)
+    batch = 6
+    single = DataStreams(config, tok, seed=3, stateful=True).train_batches(batch)
+    ranks = [DataStreams(config, tok, seed=3, stateful=True, rank=r, world_size=world_size)
+             .train_batches(batch // world_size) for r in range(world_size)]
+    epochs_started = 0
+    for _ in range(1000):  # until a few windows into the second epoch
+        whole = next(single)
+        parts = [next(r) for r in ranks]
+        for key in ("input_ids", "labels"):  # rank r holds lanes r*B/N .. (r+1)*B/N - 1
+            assert torch.equal(torch.cat([p[key] for p in parts]), whole[key])
+        assert all(p["reset_state"] == whole["reset_state"] for p in parts)
+        epochs_started += whole["reset_state"]
+        if epochs_started == 2 and not whole["reset_state"]:
+            break
+    assert epochs_started == 2
+
+
+def test_ranks_reading_a_token_cache_together_see_the_blocks_of_one_process(
+        tmp_path, corpus_file, tok):
+    config = DataConfig(train_files=[str(corpus_file)], block_size=16, shuffle_tokens=1024,
+                        cache=str(tmp_path / "cache"))
+    prepare(config, tok, show_progress=False)
+    batch = 8
+    single = DataStreams(config, tok, seed=5).train_batches(batch)
+    ranks = [DataStreams(config, tok, seed=5, rank=r, world_size=2).train_batches(batch // 2)
+             for r in range(2)]
+    for _ in range(single.n_blocks // batch):  # the first epoch
+        whole = rows(next(single))
+        parts = [rows(next(r)) for r in ranks]
+        assert sorted(parts[0] + parts[1]) == sorted(whole)  # step k: the same global batch
+
+
+def run_two_processes(tmp_path: Path, data: dict) -> Path:
+    data = json.loads(json.dumps(data))
     data["run"]["output_dir"] = str(tmp_path / "two")
     data["train"]["batch_size"] //= 2  # batch sizes are per process
     data["eval"]["batch_size"] //= 2  # (stateful evaluation: its lanes are, too)
@@ -77,14 +165,47 @@ def test_torchrun_two_processes_match_one(tmp_path, corpus_file, model):
     proc = subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "hftrain", "train",
                            str(recipe)], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    return tmp_path / "two"
+
+
+@pytest.mark.parametrize("model", ["gpt2_cache", "stateful_lstm", "gpt2_streaming"])
+def test_torchrun_two_processes_and_one(tmp_path, corpus_file, model):
+    """Cached and stateful: 2 processes with batch B/2 train exactly as 1 process with batch B.
+    Streaming: the ranks read disjoint pieces, so the batches differ; the run is the same
+    length, counts the same tokens and reaches a similar validation loss."""
+    if shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists():
+        pytest.skip("torchrun not installed")
+    data = tiny_recipe_dict(corpus_file, tmp_path / "one", train={"max_steps": 20},
+                            eval={"interval": 10, "max_batches": 2})
+    if model == "stateful_lstm":
+        data["model"] = {"arch": "lstm", "embedding_size": 32, "hidden_size": 32,
+                         "num_layers": 1, "dropout": 0.0, "output_dropout": 0.0}
+        data["train"]["stateful"] = True
+        data["eval"] = {"interval": 10, "batch_size": 4}
+    if model == "gpt2_cache":  # prepared first, as a user would: both runs read it
+        data["data"]["cache"] = str(tmp_path / "cache")
+        recipe = tmp_path / "one.yaml"
+        recipe.write_text(json.dumps(data))
+        main(["prepare", str(recipe)])
+    one = train(recipe_from_dict(data))
+    two = run_two_processes(tmp_path, data)
     a = read_metrics(one.run_dir / "metrics.jsonl")
-    b = read_metrics(tmp_path / "two" / "metrics.jsonl")
+    b = read_metrics(two / "metrics.jsonl")
     assert [r.keys() for r in a] == [r.keys() for r in b]
+    exact = model != "gpt2_streaming"
     for x, y in zip(a, b, strict=True):
         assert x["step"] == y["step"]
         if "loss" in x:
-            assert y["loss"] == pytest.approx(x["loss"], rel=1e-4)
             assert y["tokens"] == x["tokens"]
+            if exact:
+                assert y["loss"] == pytest.approx(x["loss"], rel=1e-4)
         else:
-            assert y["val_tokens"] == x["val_tokens"]
-            assert y["val_loss"] == pytest.approx(x["val_loss"], rel=1e-4)
+            assert np.isfinite(y["val_loss"])
+            if exact:
+                assert y["val_loss"] == pytest.approx(x["val_loss"], rel=1e-4)
+            else:
+                assert y["val_loss"] == pytest.approx(x["val_loss"], rel=0.1)
+            # validation scores every token but the first of each rank's first piece (the
+            # in-training evaluations read a capped number of batches: equal counts)
+            assert x["val_tokens"] - y["val_tokens"] in ((0,) if exact else (0, 1))
+    assert (two / "final" / "config.json").is_file()

@@ -213,16 +213,21 @@ def test_a_full_disk_during_export_leaves_a_run_that_resume_finishes(tmp_path, c
     assert [r["step"] for r in val_records(run_dir)] == [15, 20]  # no duplicate final record
 
 
-def test_a_bad_record_mid_run_keeps_the_steps_done(tmp_path, capsys):
+def test_a_bad_record_mid_run_keeps_the_steps_done(tmp_path, capsys, monkeypatch):
     """A fine-tuning record with a missing field, met mid-run (the tokenizer is reused, so
-    nothing reads the data ahead): the steps trained so far are checkpointed, the error names
-    the file and line, and fixing the record and --resume finishes the run."""
+    nothing reads the data ahead; the file is read in 2 KB pieces, so the bad one comes after
+    a few steps): the steps trained so far are checkpointed, the error names the file and
+    line, and fixing the record and --resume finishes the run."""
+    monkeypatch.setattr("hftrain.data.sources.PIECE_BYTES", 2048)
     data = tmp_path / "sft.jsonl"
     records = [{"prompt": f"Q{i}: what is {i}+{i}?", "completion": f" {2 * i}."}
                for i in range(300)]
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    val = tmp_path / "val.jsonl"  # validation reads a file of its own: the bad record is met
+    val.write_text(data.read_text())  # by training only
     recipe = tiny_recipe_dict(data, tmp_path / "tok")
-    recipe["data"].update({"kind": "sft", "shuffle_buffer": 0, "block_size": 32})
+    recipe["data"].update({"kind": "sft", "shuffle_tokens": 0, "block_size": 32,
+                           "val_files": [str(val)]})
     recipe["train"].update({"max_steps": 60, "batch_size": 4})
     recipe["sample"] = {"max_new_tokens": 0}
     path = tmp_path / "sft.yaml"

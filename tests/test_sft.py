@@ -65,7 +65,7 @@ def sft_streams(tmp_path: Path, tok, packing: bool, block_size: int) -> DataStre
     path = tmp_path / "sft.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
     config = DataConfig(train_files=[str(path)], val_files=[str(path)], kind="sft",
-                        packing=packing, block_size=block_size, shuffle_buffer=0)
+                        packing=packing, block_size=block_size, shuffle_tokens=0)
     return DataStreams(config, tok, seed=0)
 
 
@@ -105,7 +105,7 @@ def test_sft_loss_equals_manual_loss_over_completions_under_uneven_accumulation(
     optimizer = build_optimizer(model, config)
     loop = TrainingLoop(Recipe(train=config), Accelerator(cpu=True), model, optimizer,
                         build_scheduler(optimizer, config), None, MetricsLog(None, False), None)
-    loss, _ = loop.optimizer_step(micro)
+    loss, _, _ = loop.optimizer_step(micro)
 
     expected = manual_masked_loss(reference, tok)
     expected.backward()

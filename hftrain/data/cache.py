@@ -1,0 +1,265 @@
+"""A token cache: a corpus tokenized once, in parallel, into memory-mapped token files.
+
+For corpora read many times (several epochs, several runs on one local corpus), tokenizing
+on every pass wastes most of the data pipeline's CPU. `hftrain prepare RECIPE` (or the first
+run whose recipe sets `data.cache: FOLDER`) writes, per split, `<split>.bin` (the token
+stream: documents end to end, each followed by EOS, as uint16 or uint32) and
+`<split>.documents.npy` (where each document ends), and `hftrain_cache.json` recording what
+the tokens were made from. Training then reads blocks straight from the memory map
+(nanoGPT's and Megatron's layout): block i of an epoch is `tokens[b*B : b*B + B + 1]` for the
+i-th entry b of a seeded permutation, rank r takes entries r, r + N, ..., so the rank split
+is exact and the position is (epoch, i), restored in O(1).
+
+A cache is used only if it was made from the same files (size and mtime), data settings and
+tokenizer; otherwise it is rebuilt in place (hftrain replaces only folders it wrote itself).
+Fine-tuning data (`data.kind: sft`) is not cached: its labels need the records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from hftrain.atomic import atomic_directory
+from hftrain.data.loader import PieceTokenizer, _checked, piece_loader
+from hftrain.data.packing import collate, lane_windows
+from hftrain.data.sources import SplitPieces
+from hftrain.errors import DataError, HftrainError
+from hftrain.recipe import DataConfig
+
+CACHE_RECORD = "hftrain_cache.json"
+FORMAT = 1
+_SETTINGS = ("train_files", "val_files", "val_fraction", "dataset", "dataset_config",
+             "train_split", "val_split", "format", "text_column", "sample_by")
+
+
+def identity(config: DataConfig, tokenizer: Any) -> dict[str, Any]:
+    """What the cached tokens depend on: the data settings, each file's size and mtime, and
+    the tokenizer (its full JSON)."""
+    files: dict[str, list[int]] = {}
+    splits = ["train"] + (["val"] if config.val_files or config.val_fraction > 0 else [])
+    for split in splits:
+        for path, fp in SplitPieces(config, split).fingerprints.items():
+            files[str(Path(path).resolve())] = list(fp)
+    backend = tokenizer.backend_tokenizer.to_str()
+    return {"format": FORMAT, "settings": {k: getattr(config, k) for k in _SETTINGS},
+            "files": files, "eos_id": tokenizer.eos_token_id,
+            "tokenizer_sha256": hashlib.sha256(backend.encode()).hexdigest()}
+
+
+def check_cacheable(config: DataConfig) -> None:
+    if config.kind == "sft":
+        raise DataError("data.cache holds text tokens; fine-tuning data (data.kind: sft) is "
+                        "streamed: remove data.cache")
+
+
+def prepare(config: DataConfig, tokenizer: Any, show_progress: bool = True) -> Path:
+    """Make sure `config.cache` holds this corpus, tokenized; build it if not. Returns it."""
+    check_cacheable(config)
+    folder = Path(config.cache).expanduser()
+    wanted = identity(config, tokenizer)
+    record = read_record(folder)
+    if record is not None and record.get("identity") == wanted:
+        return folder
+    if folder.exists() and record is None and any(folder.iterdir()):
+        raise DataError(f"data.cache {folder} is a folder hftrain did not write (it has no "
+                        f"{CACHE_RECORD}); point data.cache at a new or empty folder")
+    if record is not None:
+        print(f"hftrain: {folder} was tokenized from other files, settings or tokenizer: "
+              "rebuilding it", file=sys.stderr)
+    _build(config, tokenizer, folder, wanted, show_progress)
+    return folder
+
+
+def read_record(folder: Path) -> dict[str, Any] | None:
+    try:
+        record = json.loads((folder / CACHE_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _build(config: DataConfig, tokenizer: Any, folder: Path, wanted: dict[str, Any],
+           show_progress: bool) -> None:
+    dtype = np.uint16 if len(tokenizer) <= 1 << 16 else np.uint32
+    splits: dict[str, dict[str, int]] = {}
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_directory(folder) as tmp:
+        for split in _splits(config):
+            pieces = SplitPieces(config, split)
+            tokenize = PieceTokenizer(pieces, tokenizer)
+            loader = piece_loader(tokenize, range(len(pieces.pieces)),
+                                  min(max(config.num_workers, 1), len(pieces.pieces)))
+            n_tokens, ends = 0, []
+            with open(tmp / f"{split}.bin", "wb") as out, tqdm(
+                    total=len(pieces.pieces), desc=f"tokenize {split}", unit="piece",
+                    disable=not show_progress) as bar:
+                for item in loader:
+                    item = _checked(item)
+                    out.write(item.tokens.astype(dtype).tobytes())
+                    ends.append(n_tokens + np.cumsum(item.lengths))
+                    n_tokens += len(item.tokens)
+                    bar.update(1)
+            np.save(tmp / f"{split}.documents.npy",
+                    np.concatenate(ends) if ends else np.empty(0, dtype=np.int64))
+            splits[split] = {"tokens": n_tokens, "documents": int(sum(len(e) for e in ends))}
+        record = {"identity": wanted, "dtype": np.dtype(dtype).name, "splits": splits}
+        (tmp / CACHE_RECORD).write_text(json.dumps(record, indent=2), encoding="utf-8")
+
+
+def _splits(config: DataConfig) -> list[str]:
+    return ["train"] + (["val"] if config.val_files or config.val_fraction > 0 else [])
+
+
+def open_for(config: DataConfig, tokenizer: Any) -> TokenCache:
+    """The cache `config.cache` names, which must match the recipe's data and tokenizer
+    (`prepare` makes sure it does)."""
+    check_cacheable(config)
+    folder = Path(config.cache).expanduser()
+    record = read_record(folder)
+    if record is None or record.get("identity") != identity(config, tokenizer):
+        raise DataError(f"data.cache {folder} does not hold this recipe's data tokenized with "
+                        f"its tokenizer; run: hftrain prepare RECIPE")
+    return TokenCache(folder, record, config, tokenizer.pad_token_id)
+
+
+class TokenCache:
+    """A prepared cache's token streams, as training and validation batches."""
+
+    def __init__(self, folder: Path, record: dict[str, Any], config: DataConfig,
+                 pad_id: int) -> None:
+        self.folder, self.record, self.config, self.pad_id = folder, record, config, pad_id
+
+    def tokens(self, split: str) -> np.ndarray:
+        if split not in self.record["splits"]:
+            raise DataError(f"no validation data in {self.folder}: set data.val_files or "
+                            "data.val_fraction > 0 and run hftrain prepare again")
+        path = self.folder / f"{split}.bin"
+        if self.record["splits"][split]["tokens"] == 0:
+            return np.empty(0, dtype=self.record["dtype"])
+        try:
+            return np.memmap(path, dtype=self.record["dtype"], mode="r")
+        except (OSError, ValueError) as exc:
+            raise HftrainError(f"cannot read the token cache {path}: {exc}") from None
+
+    def train_stream(self, batch_size: int, seed: int, rank: int, world_size: int,
+                     stateful: bool, pin_memory: bool) -> Any:
+        tokens = self.tokens("train")
+        if stateful:
+            from hftrain.data.loader import LaneStream
+
+            return LaneStream(lambda: np.asarray(tokens, dtype=np.int64), str(self.folder),
+                              {}, self.config, batch_size, rank, world_size, self.pad_id)
+        return CachedStream(tokens, self.config, seed, batch_size, rank, world_size,
+                            pin_memory, self.pad_id, str(self.folder))
+
+    def val_batches(self, batch_size: int, rank: int, world_size: int,
+                    stateful: bool) -> Iterator[dict[str, Any]]:
+        tokens = self.tokens("val")
+        block = self.config.block_size
+        pad_id = self.pad_id
+        if stateful:
+            lanes, first = batch_size * world_size, rank * batch_size
+            if len(tokens) < 2:
+                return
+            array = np.asarray(tokens, dtype=np.int64)
+            for i, rows in enumerate(lane_windows(array, lanes, block, pad_tail=True)):
+                batch = collate(rows[first : first + batch_size], batch_size, pad_id)
+                batch["reset_state"] = i == 0
+                yield batch
+            return
+        n_blocks = -(-(len(tokens) - 1) // block) if len(tokens) > 1 else 0
+        mine = list(range(rank, n_blocks, world_size))
+        for start in range(0, len(mine), batch_size):
+            rows = [_padded(tokens, b * block, block + 1) for b in mine[start : start + batch_size]]
+            yield collate(rows, batch_size, pad_id)
+
+
+def _padded(tokens: np.ndarray, start: int, width: int) -> np.ndarray:
+    from hftrain.sft import IGNORE_INDEX
+
+    row = np.asarray(tokens[start : start + width], dtype=np.int64)
+    if len(row) < width:
+        row = np.concatenate([row, np.full(width - len(row), IGNORE_INDEX, dtype=np.int64)])
+    return row
+
+
+class CachedStream:
+    """Training batches from a token cache: the blocks of each epoch in a seeded permutation
+    (stream order without shuffling), every N-th to rank r. Position: (epoch, index).
+
+    Each epoch drops its last (n_blocks mod N) entries so that every rank's epoch has the same
+    length; then the N ranks' batches of step k, each of B/N blocks, are exactly the B blocks
+    one process with batch B reads at step k (within the first epoch, or in every epoch when
+    n_blocks divides by N)."""
+
+    def __init__(self, tokens: np.ndarray, config: DataConfig, seed: int, batch_size: int,
+                 rank: int, world_size: int, pin_memory: bool, pad_id: int, name: str) -> None:
+        self.tokens, self.config, self.seed = tokens, config, seed
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.pin_memory, self.pad_id = pin_memory, pad_id
+        self.n_blocks = (len(tokens) - 1) // config.block_size if len(tokens) > 1 else 0
+        if self.n_blocks < world_size:
+            raise DataError(f"the token cache {name} holds {len(tokens)} tokens, fewer than "
+                            f"one block of data.block_size + 1 = {config.block_size + 1} "
+                            f"for each of the {world_size} processes; lower data.block_size")
+        self.epoch = self.index = 0
+        self._order: tuple[int, np.ndarray] | None = None
+        self.counters = {"pieces": 0, "documents": 0, "tokens": 0}
+
+    def __iter__(self) -> CachedStream:
+        return self
+
+    def _epoch_blocks(self) -> np.ndarray:
+        if self._order is None or self._order[0] != self.epoch:
+            order = np.arange(self.n_blocks)
+            if self.config.shuffle_tokens > 0:
+                order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n_blocks)
+            usable = self.n_blocks - self.n_blocks % self.world_size  # equal shares: ranks
+            self._order = self.epoch, order[:usable][self.rank :: self.world_size]  # wrap together
+        return self._order[1]
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        block, width = self.config.block_size, self.config.block_size + 1
+        rows = []
+        for _ in range(self.batch_size):
+            blocks = self._epoch_blocks()
+            if self.index == len(blocks):
+                self.epoch, self.index = self.epoch + 1, 0
+                blocks = self._epoch_blocks()
+            start = int(blocks[self.index]) * block
+            rows.append(np.asarray(self.tokens[start : start + width], dtype=np.int64))
+            self.index += 1
+        self.counters["tokens"] += self.batch_size * width
+        batch = collate(rows, self.batch_size, self.pad_id)
+        if self.pin_memory:
+            batch = {k: v.pin_memory() for k, v in batch.items()}
+        return batch
+
+    def peek(self) -> dict[str, torch.Tensor]:
+        epoch, index = self.epoch, self.index
+        batch = next(self)
+        self.epoch, self.index = epoch, index
+        return batch
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"data.position": torch.tensor([self.epoch, self.index, self.n_blocks],
+                                              dtype=torch.int64)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        epoch, index, n_blocks = (int(v) for v in state["data.position"].tolist())
+        if n_blocks != self.n_blocks:
+            raise DataError(f"the token cache holds {self.n_blocks} blocks now, {n_blocks} "
+                            "when the checkpoint was saved; it was rebuilt from other data")
+        self.epoch, self.index = epoch, index
+
+    def close(self) -> None:
+        pass

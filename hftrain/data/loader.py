@@ -1,0 +1,448 @@
+"""The training and validation streams: pieces tokenized in background workers, packed,
+shuffled and batched, with a position that is saved and restored instead of replayed.
+
+Work is split in two. Reading and tokenizing a piece (`PieceTokenizer`), which is nearly all
+of the cost, runs in `data.num_workers` worker processes of a plain `torch.utils.data.DataLoader`
+fed a deterministic piece order (`PieceOrder`); the loader returns pieces in that order
+whatever the number of workers. Packing, the block shuffle and batching run on the training
+process (microseconds a batch), in `TrainStream`, which therefore knows its exact position
+between any two batches: the epoch, the next piece, the tokens carried from the last piece,
+the blocks in the shuffle buffer and the number of random draws. `state_dict()` returns that
+position as tensors; `load_state_dict()` restores it and restarts the workers at the next
+piece, so a resume costs at most one piece of tokenization, whatever the step.
+
+Rank r reads pieces r, r + N, ... of each epoch's order. What a run trains on therefore
+depends on the number of processes (not on the number of workers): N processes see disjoint
+pieces, together every piece once per epoch; a resume needs the same number of processes.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import os
+import signal
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from hftrain.data.packing import (
+    BlockShuffle,
+    collate,
+    lane_windows,
+    pack_arrays,
+    pad_examples,
+)
+from hftrain.data.sources import Piece, SplitPieces
+from hftrain.data_check import check_unchanged
+from hftrain.errors import DataError
+from hftrain.recipe import DataConfig
+from hftrain.sft import IGNORE_INDEX, encode_record
+
+PREFETCH_PIECES = 4
+"""Pieces each worker tokenizes ahead of the training process."""
+
+
+@dataclass
+class Tokenized:
+    """One piece, tokenized: its documents' tokens end to end (each finished document followed
+    by EOS), as 1-D ids or (2, n) ids and labels; or why it could not be read."""
+
+    tokens: np.ndarray
+    lengths: np.ndarray
+    """Tokens of each document (fine-tuning: each example), EOS included."""
+    error: str | None = None
+
+
+class PieceTokenizer(Dataset):
+    """Reads and tokenizes pieces of a split, by index: what the loader's workers run.
+
+    `encode_batch_fast` skips the character offsets nothing here reads (4x faster than
+    `encode_batch` on a 1 MB document). A data error becomes `Tokenized.error`, raised by the
+    training process as one line instead of a worker traceback.
+    """
+
+    def __init__(self, pieces: SplitPieces, tokenizer: Any) -> None:
+        self.pieces, self.tokenizer = pieces, tokenizer
+        self.eos_id = tokenizer.eos_token_id
+        self.sft = pieces.config.kind == "sft"
+
+    def __len__(self) -> int:
+        return len(self.pieces.pieces)
+
+    def __getitem__(self, index: int) -> Tokenized:
+        piece = self.pieces.pieces[index]
+        try:
+            return self._records(piece) if self.sft else self._texts(piece)
+        except DataError as exc:
+            empty = np.empty(0, dtype=np.int64)
+            return Tokenized(empty, empty, error=str(exc))
+
+    def _texts(self, piece: Piece) -> Tokenized:
+        documents = list(self.pieces.documents(piece))
+        encodings = self.tokenizer.backend_tokenizer.encode_batch_fast(
+            documents, add_special_tokens=False)
+        ids = [e.ids for e in encodings]
+        for i in range(len(ids) - (0 if piece.ends_document else 1)):
+            ids[i].append(self.eos_id)  # a document read in pieces continues in the next
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        tokens = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64,
+                             count=int(lengths.sum()))
+        return Tokenized(tokens, lengths)
+
+    def _records(self, piece: Piece) -> Tokenized:
+        examples = [np.stack(encode_record(record, self.tokenizer))
+                    for record in self.pieces.documents(piece)]
+        lengths = np.array([e.shape[1] for e in examples], dtype=np.int64)
+        tokens = np.concatenate(examples, axis=1) if examples else np.empty((2, 0), np.int64)
+        return Tokenized(tokens.astype(np.int64), lengths)
+
+
+class PieceOrder:
+    """The pieces rank r reads in epoch e: a seeded permutation of all pieces (or their order
+    in the files, without shuffling), of which rank r takes every N-th from the r-th."""
+
+    def __init__(self, n_pieces: int, rank: int, world_size: int, seed: int,
+                 shuffle: bool) -> None:
+        self.n_pieces, self.rank, self.world_size = n_pieces, rank, world_size
+        self.seed, self.shuffle = seed, shuffle
+        self.per_epoch = len(range(rank, n_pieces, world_size))
+
+    def epoch(self, epoch: int) -> np.ndarray:
+        order = np.arange(self.n_pieces)
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch]).permutation(self.n_pieces)
+        return order[self.rank :: self.world_size]
+
+
+class _FromPosition(Sampler):
+    """Piece indices in `order` from (epoch, k) on, forever."""
+
+    def __init__(self, order: PieceOrder, epoch: int, k: int) -> None:
+        self.order, self.start = order, (epoch, k)
+
+    def __iter__(self) -> Iterator[int]:
+        epoch, k = self.start
+        for e in itertools.count(epoch):
+            yield from (int(i) for i in self.order.epoch(e)[k if e == epoch else 0 :])
+
+
+def _worker_init(_: int, parent: int) -> None:
+    """Workers tokenize one piece at a time on one thread: the parallelism is the workers
+    (and the Rust tokenizer must not start a thread pool in a forked process).
+
+    On Linux a worker also dies with the training process. Without this, a worker whose
+    parent was killed (kill -9, the OOM killer) can hang for ever at exit, flushing pieces
+    into a queue nobody reads, holding its memory and the job's output pipes open."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    if sys.platform == "linux":
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+        if os.getppid() != parent:  # the parent died before the line above
+            os._exit(0)
+
+
+def _as_is(item: Tokenized) -> Tokenized:
+    return item
+
+
+def piece_loader(tokenize: PieceTokenizer, sampler: Sampler, num_workers: int) -> DataLoader:
+    # A generator of its own: a loader started (or restarted on resume) must not draw from
+    # the global RNG, which seeds the model's weights and dropout.
+    return DataLoader(tokenize, sampler=sampler, batch_size=None, collate_fn=_as_is,
+                      generator=torch.Generator(),
+                      num_workers=num_workers,
+                      worker_init_fn=functools.partial(_worker_init, parent=os.getpid()),
+                      prefetch_factor=PREFETCH_PIECES if num_workers else None)
+
+
+def _checked(item: Tokenized) -> Tokenized:
+    if item.error is not None:
+        raise DataError(item.error)
+    return item
+
+
+class TrainStream:
+    """This rank's endless stream of training batches, with an exact, cheap position.
+
+    Pieces are packed (documents joined by EOS, cut into overlapping blocks; fine-tuning
+    examples packed or padded one per block), blocks go through a `BlockShuffle` of
+    `data.shuffle_tokens // block_size` blocks, and `batch_size` blocks make a batch.
+    """
+
+    def __init__(self, pieces: SplitPieces, tokenizer: Any, config: DataConfig, seed: int,
+                 batch_size: int, rank: int = 0, world_size: int = 1,
+                 pin_memory: bool = False) -> None:
+        self.pieces, self.config, self.batch_size = pieces, config, batch_size
+        self.tokenize = PieceTokenizer(pieces, tokenizer)
+        self.pad_id, self.pin_memory = tokenizer.pad_token_id, pin_memory
+        self.width = config.block_size + 1
+        shuffle = config.shuffle_tokens > 0
+        self.order = PieceOrder(len(pieces.pieces), rank, world_size, seed, shuffle)
+        if not pieces.pieces:
+            raise DataError(f"the training corpus is empty: {pieces.source.name}")
+        if self.order.per_epoch == 0:
+            raise DataError(f"the training data ({pieces.source.name}) has "
+                            f"{len(pieces.pieces)} pieces, fewer than the {world_size} "
+                            "processes that must share them; add data or use fewer processes")
+        capacity = config.shuffle_tokens // config.block_size if shuffle else 0
+        self.shuffle = BlockShuffle(capacity, seed, rank)
+        self.sft = config.kind == "sft"
+        self.epoch = self.k = 0
+        self.carry = np.empty((2, 0) if self.sft else 0, dtype=np.int64)
+        self.carry_lengths = np.empty(0, dtype=np.int64)
+        self.counters = {"pieces": 0, "documents": 0, "tokens": 0}
+        """What this rank has read and tokenized since the run (or the resume) started."""
+        self._epoch_tokens = self._epoch_documents = 0
+        self._loader: Iterator[Tokenized] | None = None
+        self._pending: tuple[dict, dict] | None = None
+
+    def __iter__(self) -> TrainStream:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self._pending is not None:
+            batch, self._pending = self._pending[0], None
+            return batch
+        blocks = [self._next_block() for _ in range(self.batch_size)]
+        batch = collate(blocks, self.batch_size, self.pad_id)
+        if self.pin_memory:  # lets the copy to the GPU run without blocking the host
+            batch = {k: v.pin_memory() for k, v in batch.items()}
+        return batch
+
+    def peek(self) -> dict[str, torch.Tensor]:
+        """The next batch, which `next` will return again: pulled early to check the data
+        before a run writes anything. The position stays before it."""
+        if self._pending is None:
+            state = self.state_dict()
+            self._pending = (next(self), state)
+        return self._pending[0]
+
+    def _next_block(self) -> np.ndarray:
+        while True:
+            out = self.shuffle.push(self._packed_block())
+            if out is not None:
+                return out
+
+    def _packed_block(self) -> np.ndarray:
+        if self.sft and not self.config.packing:  # one example per block, cut or padded
+            while len(self.carry_lengths) == 0:
+                self._take_piece()
+            n, self.carry_lengths = int(self.carry_lengths[0]), self.carry_lengths[1:]
+            example, self.carry = self.carry[:, :n], self.carry[:, n:]
+            return next(pad_examples([example], self.config.block_size))
+        while self.carry.shape[-1] < self.width:
+            self._take_piece()
+        block = self.carry[..., : self.width]
+        self.carry = self.carry[..., self.config.block_size :]
+        return block
+
+    def _take_piece(self) -> None:
+        if self._loader is None:
+            sampler = _FromPosition(self.order, self.epoch, self.k)
+            self._loader = iter(piece_loader(self.tokenize, sampler, self.config.num_workers))
+        item = _checked(next(self._loader))
+        self.carry = np.concatenate([self.carry, item.tokens], axis=-1)
+        self.carry_lengths = np.concatenate([self.carry_lengths, item.lengths])
+        self.counters["pieces"] += 1
+        self.counters["documents"] += len(item.lengths)
+        self.counters["tokens"] += item.tokens.shape[-1]
+        self._epoch_documents += len(item.lengths)
+        self._epoch_tokens += item.tokens.shape[-1]
+        self.k += 1
+        if self.k == self.order.per_epoch:
+            self._end_epoch()
+
+    def _end_epoch(self) -> None:
+        """After this rank's last piece of an epoch: the files are unchanged (a file cut
+        short mid-epoch ends it early), and the data fills at least one block."""
+        check_unchanged(self.pieces.fingerprints)
+        check_length(self.config, self.pieces.source.name, self._epoch_tokens,
+                     self.order.world_size)
+        self.epoch, self.k = self.epoch + 1, 0
+        self._epoch_tokens = self._epoch_documents = 0
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The position as tensors (saved per rank with the checkpoint)."""
+        if self._pending is not None:
+            return self._pending[1]
+        blocks = self.shuffle.blocks
+        buffer = np.stack(blocks) if blocks else np.empty((0, *self.carry.shape[:-1],
+                                                            self.width), dtype=np.int64)
+        position = [self.epoch, self.k, self.shuffle.draws, self.order.n_pieces,
+                    self._epoch_tokens, self._epoch_documents]
+        return {"data.position": torch.tensor(position, dtype=torch.int64),
+                "data.carry": torch.from_numpy(np.ascontiguousarray(self.carry)),
+                "data.carry_lengths": torch.from_numpy(self.carry_lengths.copy()),
+                "data.shuffle_buffer": torch.from_numpy(buffer)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Continue from a saved position: the workers restart at its next piece."""
+        epoch, k, draws, n_pieces, epoch_tokens, epoch_documents = (
+            int(v) for v in state["data.position"].tolist())
+        if n_pieces != self.order.n_pieces:
+            raise DataError(
+                f"the training data ({self.pieces.source.name}) is cut into {self.order.n_pieces}"
+                f" pieces now, {n_pieces} when the checkpoint was saved: its files changed "
+                "size, so the saved position no longer points into them")
+        self.close()
+        self.epoch, self.k = epoch, k
+        self._epoch_tokens, self._epoch_documents = epoch_tokens, epoch_documents
+        self.carry = state["data.carry"].cpu().numpy().astype(np.int64)
+        self.carry_lengths = state["data.carry_lengths"].cpu().numpy().astype(np.int64)
+        self.shuffle.blocks = list(state["data.shuffle_buffer"].cpu().numpy().astype(np.int64))
+        self.shuffle.draws = draws
+        self._pending = None
+
+    def close(self) -> None:
+        """Stop the workers (they also stop when the stream is garbage-collected)."""
+        loader, self._loader = self._loader, None
+        shutdown = getattr(loader, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
+
+def check_length(config: DataConfig, source: str, n_tokens: int, world_size: int) -> None:
+    """After a training epoch: the data must fill at least one block (EOS included)."""
+    if n_tokens == 0:
+        raise DataError(f"the training corpus is empty: {source}")
+    if config.kind == "sft" and not config.packing:
+        return  # one padded example per block: any length fills a block
+    needed = config.block_size + 1
+    if n_tokens < needed:
+        each = " for each process" if world_size > 1 else ""
+        raise DataError(
+            f"the training corpus ({source}) has {n_tokens} tokens with EOS{each}, "
+            f"fewer than data.block_size + 1 = {needed}; lower data.block_size or add data"
+        )
+
+
+def read_all(tokenize: PieceTokenizer, indices: list[int], num_workers: int) -> np.ndarray:
+    """The tokens of the given pieces, end to end (in order, tokenized by the workers)."""
+    loader = piece_loader(tokenize, indices, min(num_workers, len(indices)))
+    arrays = [_checked(item).tokens for item in loader]
+    return np.concatenate(arrays, axis=-1) if arrays else np.empty(0, dtype=np.int64)
+
+
+class LaneStream:
+    """Stateful (truncated BPTT) training: each pass over the corpus is one token array laid
+    out in lanes (`lane_windows`), the same every epoch, so the position is (epoch, window).
+
+    The lanes of all ranks are laid out over the whole corpus and each rank keeps its own, so
+    N processes with batch B/N train on exactly the batches one process with batch B would;
+    every rank tokenizes the whole corpus (once: it is held in memory, which suits the small
+    corpora recurrent models train on).
+    """
+
+    def __init__(self, read_tokens: Any, name: str, fingerprints: dict[str, tuple[int, int]],
+                 config: DataConfig, batch_size: int, rank: int, world_size: int,
+                 pad_id: int) -> None:
+        self.read_tokens, self.name, self.fingerprints = read_tokens, name, fingerprints
+        self.config, self.batch_size, self.pad_id = config, batch_size, pad_id
+        self.lanes, self.first = batch_size * world_size, rank * batch_size
+        self.epoch = self.window = 0
+        self._windows: list[list[np.ndarray]] | None = None
+        self._pending: tuple[dict, dict] | None = None
+        self.counters = {"pieces": 0, "documents": 0, "tokens": 0}
+
+    @classmethod
+    def from_pieces(cls, pieces: SplitPieces, tokenizer: Any, config: DataConfig,
+                    batch_size: int, rank: int = 0, world_size: int = 1) -> LaneStream:
+        tokenize = PieceTokenizer(pieces, tokenizer)
+        every = list(range(len(pieces.pieces)))
+        return cls(lambda: read_all(tokenize, every, config.num_workers), pieces.source.name,
+                   pieces.fingerprints, config, batch_size, rank, world_size,
+                   tokenizer.pad_token_id)
+
+    def __iter__(self) -> LaneStream:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        if self._pending is not None:
+            batch, self._pending = self._pending[0], None
+            return batch
+        windows = self._epoch_windows()
+        if self.window == len(windows):
+            check_unchanged(self.fingerprints)
+            self.epoch, self.window = self.epoch + 1, 0
+        rows = windows[self.window]
+        batch = collate(rows[self.first : self.first + self.batch_size], self.batch_size,
+                        self.pad_id)
+        batch["reset_state"] = self.window == 0
+        self.window += 1
+        return batch
+
+    def _epoch_windows(self) -> list[list[np.ndarray]]:
+        if self._windows is None:
+            tokens = self.read_tokens()
+            self.counters.update(tokens=len(tokens))
+            if len(tokens) <= self.lanes:
+                raise DataError(
+                    f"the training corpus ({self.name}) has {len(tokens)} tokens,"
+                    f" too few for {self.lanes} lanes of at least one token")
+            self._windows = list(lane_windows(tokens, self.lanes, self.config.block_size))
+        return self._windows
+
+    def peek(self) -> dict[str, Any]:
+        if self._pending is None:
+            state = self.state_dict()
+            self._pending = (next(self), state)
+        return self._pending[0]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        if self._pending is not None:
+            return self._pending[1]
+        return {"data.position": torch.tensor([self.epoch, self.window], dtype=torch.int64)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.epoch, self.window = (int(v) for v in state["data.position"].tolist())
+        self._pending = None
+
+    def close(self) -> None:
+        pass
+
+
+def val_batches(pieces: SplitPieces, tokenizer: Any, config: DataConfig, batch_size: int,
+                rank: int, world_size: int, stateful: bool) -> Iterator[dict[str, Any]]:
+    """The validation split once, in order, the tail padded so that every token after the
+    first is scored: rank r packs pieces r, r + N, ... (so with N processes the first token of
+    each rank's first piece, N tokens in all, has no context and is not scored); stateful
+    evaluation lays all ranks' lanes over the whole split, as `LaneStream` does."""
+    tokenize = PieceTokenizer(pieces, tokenizer)
+    if stateful:
+        tokens = read_all(tokenize, list(range(len(pieces.pieces))), 0)
+        if len(tokens) < 2:
+            return
+        lanes, first = batch_size * world_size, rank * batch_size
+        for i, rows in enumerate(lane_windows(tokens, lanes, config.block_size, True)):
+            batch = collate(rows[first : first + batch_size], batch_size, tokenizer.pad_token_id)
+            batch["reset_state"] = i == 0
+            yield batch
+        return
+    mine = range(rank, len(pieces.pieces), world_size)
+    documents = (_checked(tokenize[i]) for i in mine)
+    if config.kind == "sft" and not config.packing:
+        blocks: Iterator[np.ndarray] = pad_examples(
+            (ex for item in documents for ex in np.split(item.tokens, np.cumsum(item.lengths)[:-1],
+                                                         axis=1)), config.block_size)
+    else:
+        blocks = pack_arrays((item.tokens for item in documents), config.block_size,
+                             pad_tail=True)
+    pending: list[np.ndarray] = []
+    for block in blocks:
+        pending.append(block)
+        if len(pending) == batch_size:
+            yield collate(pending, batch_size, tokenizer.pad_token_id)
+            pending = []
+    if pending:
+        yield collate(pending, batch_size, tokenizer.pad_token_id)
+
+
+__all__ = ["IGNORE_INDEX", "LaneStream", "PieceTokenizer", "TrainStream", "val_batches"]

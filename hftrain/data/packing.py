@@ -1,0 +1,149 @@
+"""Packing token streams into fixed-shape blocks and batches; the seeded block shuffle.
+
+Each block holds `block_size + 1` tokens and overlaps the next by one, so inputs are
+`block[:-1]` and targets `block[1:]`: every token after the first is a target exactly once.
+A block is 1-D token ids (every next token is a target) or (2, width) ids and labels
+(fine-tuning examples, whose prompt tokens are IGNORE_INDEX in the labels).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+import torch
+
+from hftrain.sft import IGNORE_INDEX
+
+
+def pack_blocks(
+    documents: Iterable[list[int]], block_size: int, eos_id: int, pad_tail: bool = False
+) -> Iterator[np.ndarray]:
+    """Join documents with EOS and cut the token stream into blocks of `block_size + 1`.
+
+    Consecutive blocks share one token (the last target of a block is the first input of the
+    next). With `pad_tail`, the final partial block is padded with IGNORE_INDEX so that every
+    token is scored (evaluation); without, the tail waits for more documents (training, where
+    the stream repeats).
+    """
+    arrays = (np.append(np.asarray(ids, dtype=np.int64), eos_id) for ids in documents)
+    return pack_arrays(arrays, block_size, pad_tail)
+
+
+def pack_arrays(
+    arrays: Iterable[np.ndarray], block_size: int, pad_tail: bool = False
+) -> Iterator[np.ndarray]:
+    """`pack_blocks` for arrays whose last axis is tokens: 1-D ids, or (2, n) ids and labels
+    (fine-tuning examples, which end with their own EOS)."""
+    width = block_size + 1
+    buffer: np.ndarray | None = None
+    for array in arrays:
+        buffer = array if buffer is None else np.concatenate([buffer, array], axis=-1)
+        n_blocks = (buffer.shape[-1] - 1) // block_size
+        for i in range(n_blocks):
+            yield buffer[..., i * block_size : i * block_size + width]
+        buffer = buffer[..., n_blocks * block_size :]
+    if pad_tail and buffer is not None and buffer.shape[-1] > 1:
+        tail = np.full((*buffer.shape[:-1], width), IGNORE_INDEX, dtype=np.int64)
+        tail[..., : buffer.shape[-1]] = buffer
+        yield tail
+
+
+def pad_examples(examples: Iterable[np.ndarray], block_size: int) -> Iterator[np.ndarray]:
+    """One (2, block_size + 1) block per fine-tuning example, cut to length or padded with
+    IGNORE_INDEX (the unpacked alternative to `pack_arrays`)."""
+    width = block_size + 1
+    for example in examples:
+        example = example[:, :width]
+        block = np.full((2, width), IGNORE_INDEX, dtype=np.int64)
+        block[:, : example.shape[1]] = example
+        yield block
+
+
+def lane_windows(
+    tokens: np.ndarray, n_lanes: int, window: int, pad_tail: bool = False
+) -> Iterator[list[np.ndarray]]:
+    """Lay a token stream out in `n_lanes` contiguous lanes and cut them into windows.
+
+    Lane j holds tokens [j*L, (j+1)*L] and overlaps the next lane by one token, so every token
+    after the first is a target exactly once. Window i is columns [i*window, (i+1)*window] of
+    every lane: row j of consecutive windows continues lane j, which is what lets a recurrent
+    state carry from one window to the next (truncated BPTT). Without `pad_tail` the last
+    (len - 1) mod n_lanes tokens are dropped, as the classic `batchify` does; with it the last
+    lane is padded with IGNORE_INDEX so that every token is scored. The last window of an
+    epoch is padded to full width, keeping shapes fixed.
+    """
+    n_targets = len(tokens) - 1
+    lane_len = -(-n_targets // n_lanes) if pad_tail else n_targets // n_lanes
+    if pad_tail:
+        padding = np.full(lane_len * n_lanes - n_targets, IGNORE_INDEX, dtype=np.int64)
+        tokens = np.concatenate([tokens, padding])
+    lanes = np.stack([tokens[j * lane_len : (j + 1) * lane_len + 1] for j in range(n_lanes)])
+    for start in range(0, lane_len, window):
+        chunk = lanes[:, start : start + window + 1]  # (n_lanes, <= window + 1)
+        missing = window + 1 - chunk.shape[1]
+        if missing:
+            chunk = np.pad(chunk, ((0, 0), (0, missing)), constant_values=IGNORE_INDEX)
+        yield list(chunk)
+
+
+def collate(blocks: list[np.ndarray], batch_size: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """Stack blocks into fixed-shape `input_ids` and `labels`; missing rows are all padding.
+
+    A block is 1-D token ids (every next token is a target) or (2, width) ids and labels.
+    """
+    stacked = np.stack(blocks)
+    if stacked.ndim == 2:
+        stacked = np.stack([stacked, stacked], axis=1)
+    rows = np.full((batch_size, *stacked.shape[1:]), IGNORE_INDEX, dtype=np.int64)
+    rows[: len(blocks)] = stacked
+    inputs = torch.from_numpy(rows[:, 0, :-1].copy())
+    inputs[inputs == IGNORE_INDEX] = pad_id
+    return {"input_ids": inputs, "labels": torch.from_numpy(rows[:, 1, 1:].copy())}
+
+
+def batched(blocks: Iterable[np.ndarray], batch_size: int, pad_id: int) -> Iterator[dict]:
+    pending: list[np.ndarray] = []
+    for block in blocks:
+        pending.append(block)
+        if len(pending) == batch_size:
+            yield collate(pending, batch_size, pad_id)
+            pending = []
+    if pending:
+        yield collate(pending, batch_size, pad_id)
+
+
+class BlockShuffle:
+    """A seeded shuffle buffer of `capacity` blocks whose whole state is its contents and a
+    count: once full, each arriving block replaces a random held one, which is emitted.
+
+    The random index of draw k comes from a counter-keyed generator (seed, rank, k // 4096),
+    not from a generator carried along, so the state to checkpoint is `blocks` and `draws`.
+    """
+
+    CHUNK = 4096
+
+    def __init__(self, capacity: int, seed: int, rank: int) -> None:
+        self.capacity, self.seed, self.rank = capacity, seed, rank
+        self.blocks: list[np.ndarray] = []
+        self.draws = 0
+        self._chunk: tuple[int, np.ndarray] | None = None
+
+    def push(self, block: np.ndarray) -> np.ndarray | None:
+        """Hold `block`; return the block that leaves the buffer, or None while it fills."""
+        if self.capacity <= 1:
+            return block
+        if len(self.blocks) < self.capacity:
+            self.blocks.append(block)
+            return None
+        i = self._index(self.draws)
+        self.draws += 1
+        out, self.blocks[i] = self.blocks[i], block
+        return out
+
+    def _index(self, draw: int) -> int:
+        number = draw // self.CHUNK
+        if self._chunk is None or self._chunk[0] != number:
+            key = np.random.SeedSequence([self.seed, self.rank, number])
+            self._chunk = number, np.random.PCG64(key).random_raw(self.CHUNK)
+        return int(self._chunk[1][draw % self.CHUNK] % np.uint64(self.capacity))

@@ -1,0 +1,421 @@
+"""The data pipeline at scale (issue 11): a stream's position is saved and restored exactly,
+without replay; batches do not depend on the number of workers; a large one-document file is
+read in pieces cut at line breaks, and its held-out split is still its last fraction; a bad
+byte read by a worker is one DataError naming file and line; the token cache is built once,
+rebuilt when its data changes, never written over a folder hftrain did not make, and trains;
+a run killed and resumed with workers or a cache trains on the blocks of the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, tiny_recipe_dict
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+
+import hftrain.data.sources as sources
+from hftrain.checkpoint import latest_checkpoint
+from hftrain.cli import main
+from hftrain.data import IGNORE_INDEX, DataStreams, texts
+from hftrain.data.cache import CACHE_RECORD, open_for, prepare
+from hftrain.data.sources import SplitPieces
+from hftrain.errors import DataError
+from hftrain.recipe import DataConfig, TokenizerConfig, recipe_from_dict
+from hftrain.tokenizer import build_tokenizer
+from hftrain.tracking import read_metrics
+from hftrain.train import train
+
+FAULTS = REPO / "tests" / "fault_injection.py"
+SMALL_PIECE = 2048
+"""Piece size for the tests: the 20 KB corpus is read in about ten pieces."""
+
+
+@pytest.fixture(scope="module")
+def tok(shakespeare_text):
+    return build_tokenizer(TokenizerConfig(kind="char"), [shakespeare_text], 16)
+
+
+@pytest.fixture
+def small_pieces(monkeypatch):
+    monkeypatch.setattr(sources, "PIECE_BYTES", SMALL_PIECE)
+
+
+def blocks_of(batch: dict) -> list[list[int]]:
+    """The (block_size + 1)-token blocks of a batch of text: inputs plus the last target."""
+    return [[*ids, labels[-1]] for ids, labels in zip(batch["input_ids"].tolist(),
+                                                      batch["labels"].tolist(), strict=True)]
+
+
+def unpack(blocks: list[list[int]]) -> list[int]:
+    """Consecutive blocks share one token: the first block whole, then each next minus its head."""
+    stream = list(blocks[0])
+    for block in blocks[1:]:
+        assert block[0] == stream[-1], "consecutive blocks must share one token"
+        stream.extend(block[1:])
+    return stream
+
+
+def stream_tokens(stream, n_tokens: int, block_size: int) -> list[int]:
+    """At least the first `n_tokens` tokens of a stream of text blocks, unpacked."""
+    blocks: list[list[int]] = []
+    while len(blocks) * block_size + 1 < n_tokens:
+        blocks += blocks_of(next(stream))
+    return unpack(blocks)
+
+
+def checkpointed(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A stream state as a resumed process gets it: written to safetensors, read back."""
+    return load_tensors(save_tensors({k: v.contiguous() for k, v in state.items()}))
+
+
+def assert_same_batch(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    assert torch.equal(a["input_ids"], b["input_ids"])
+    assert torch.equal(a["labels"], b["labels"])
+    assert a.get("reset_state") == b.get("reset_state")
+
+
+def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def sft_records(text: str) -> list[dict[str, str]]:
+    lines = [line for line in text.split("\n") if line.strip()]
+    return [{"prompt": f"Q: {a}\nA: ", "completion": b} for a, b in zip(lines, lines[1:],
+                                                                        strict=False)]
+
+
+STREAMS = {
+    "text": dict(block_size=16, shuffle_tokens=16 * 24, num_workers=0),
+    "text_2_workers": dict(block_size=16, shuffle_tokens=16 * 24, num_workers=2),
+    "sft_packed": dict(kind="sft", block_size=32, shuffle_tokens=32 * 12, num_workers=1),
+    "sft_unpacked": dict(kind="sft", packing=False, block_size=32, shuffle_tokens=32 * 12,
+                         num_workers=0),
+    "lanes": dict(block_size=16, num_workers=1),
+    "cache": dict(block_size=16, shuffle_tokens=16 * 24),
+}
+
+
+@pytest.fixture
+def make_stream(tmp_path, corpus_file, shakespeare_text, tok, small_pieces):
+    """A function that builds a fresh training stream of the given kind (as a restarted
+    process would), over the 20 KB corpus cut in small pieces, 4 blocks a batch."""
+
+    def make(kind: str):
+        settings = dict(STREAMS[kind])
+        files = [str(corpus_file)]
+        if kind.startswith("sft"):
+            jsonl = tmp_path / "records.jsonl"
+            if not jsonl.exists():
+                jsonl.write_text("".join(json.dumps(r) + "\n"
+                                         for r in sft_records(shakespeare_text)))
+            files = [str(jsonl)]
+        if kind == "cache":
+            settings["cache"] = str(tmp_path / "cache")
+        config = DataConfig(train_files=files, **settings)
+        if kind == "cache":
+            prepare(config, tok, show_progress=False)
+        return DataStreams(config, tok, seed=7, stateful=kind == "lanes").train_batches(4)
+
+    return make
+
+
+STOPS = (0, 1, 9, 300)
+"""Where the position is saved: at the start, after one batch, mid-epoch, in the second epoch."""
+AFTER = 12
+
+
+@pytest.mark.parametrize("kind", list(STREAMS))
+def test_a_restored_position_continues_exactly_where_the_stream_was(make_stream, kind):
+    reference = make_stream(kind)
+    batches, states = [], {}
+    for i in range(max(STOPS) + AFTER):
+        if i in STOPS:
+            states[i] = checkpointed(reference.state_dict())
+        batches.append(next(reference))
+    assert reference.epoch >= 1  # the stops span an epoch boundary
+    reference.close()
+    for stop in STOPS:
+        resumed = make_stream(kind)  # a new process: nothing is replayed
+        resumed.load_state_dict(states[stop])
+        for i in range(stop, stop + AFTER):
+            assert_same_batch(next(resumed), batches[i])
+        resumed.close()
+
+
+@pytest.mark.parametrize("kind", list(STREAMS))
+def test_peek_leaves_the_position_before_the_peeked_batch(make_stream, kind):
+    stream = make_stream(kind)
+    for _ in range(5):
+        next(stream)
+    before = checkpointed(stream.state_dict())
+    peeked = stream.peek()
+    assert_same_state(checkpointed(stream.state_dict()), before)
+    resumed = make_stream(kind)  # a checkpoint taken after a peek resumes at the peeked batch
+    resumed.load_state_dict(checkpointed(stream.state_dict()))
+    assert_same_batch(next(resumed), peeked)
+    assert_same_batch(next(stream), peeked)
+    for _ in range(3):
+        assert_same_batch(next(stream), next(resumed))
+    stream.close()
+    resumed.close()
+
+
+@pytest.mark.parametrize("sample_by", ["document", "line"])
+def test_batches_do_not_depend_on_the_number_of_workers(corpus_file, tok, small_pieces,
+                                                        sample_by):
+    streams = [DataStreams(DataConfig(train_files=[str(corpus_file)], sample_by=sample_by,
+                                      block_size=16, shuffle_tokens=16 * 24, num_workers=w),
+                           tok, seed=1).train_batches(4) for w in (0, 1, 2)]
+    for _ in range(320):  # into the second epoch (pieces in a new order)
+        first, *others = [next(s) for s in streams]
+        for other in others:
+            assert_same_batch(other, first)
+    assert streams[0].epoch >= 1
+    for s in streams:
+        s.close()
+
+
+def test_a_one_document_file_is_read_in_pieces_cut_at_line_breaks(corpus_file,
+                                                                  shakespeare_text, tok,
+                                                                  monkeypatch):
+    monkeypatch.setattr(sources, "PIECE_BYTES", 4096)
+    config = DataConfig(train_files=[str(corpus_file)], val_fraction=0.0, block_size=16,
+                        shuffle_tokens=0, num_workers=1)
+    data = corpus_file.read_bytes()
+    pieces = SplitPieces(config, "train").pieces
+    assert len(pieces) >= len(data) // 4096 >= 4
+    assert pieces[0].start == 0 and pieces[-1].end == len(data)
+    for before, piece in zip(pieces, pieces[1:], strict=False):
+        assert before.end == piece.start and data[piece.start - 1:piece.start] == b"\n"
+    assert max(p.end - p.start for p in pieces) < 4096 + 200  # bounded memory: one piece
+
+    stream = DataStreams(config, tok, seed=0).train_batches(4)
+    expected = [*tok(shakespeare_text).input_ids, tok.eos_token_id]  # one document, one EOS
+    got = stream_tokens(stream, len(expected) + 40, 16)
+    assert got[:len(expected)] == expected
+    assert got[len(expected):] == expected[:len(got) - len(expected)]  # the next epoch
+    assert stream.counters["tokens"] >= len(expected)
+    stream.close()
+
+
+@pytest.mark.parametrize("piece_bytes", [1 << 20, 1024])
+def test_the_held_out_split_of_a_one_document_file_is_its_last_fraction(
+        corpus_file, shakespeare_text, tok, monkeypatch, piece_bytes):
+    monkeypatch.setattr(sources, "PIECE_BYTES", piece_bytes)
+    config = DataConfig(train_files=[str(corpus_file)], val_fraction=0.1, block_size=16,
+                        shuffle_tokens=0, num_workers=0)
+    streams = DataStreams(config, tok, seed=0)
+    assert len(streams.pieces("val").pieces) == (1 if piece_bytes > 20_000 else 2)
+    labels = [t for b in streams.val_batches(8) for t in b["labels"].flatten().tolist()
+              if t != IGNORE_INDEX]
+    cut = int(len(shakespeare_text) * 0.9)
+    # Validation targets: the held-out text (minus its first token) and the closing EOS.
+    assert tok.decode(labels[:-1]) == shakespeare_text[cut + 1:]
+    assert labels[-1] == tok.eos_token_id and labels.count(tok.eos_token_id) == 1
+    # Training: the first 90%, followed by EOS as every document is (and as before issue 11).
+    expected = [*tok(shakespeare_text[:cut]).input_ids, tok.eos_token_id]
+    got = stream_tokens(streams.train_batches(4), len(expected), 16)
+    assert got[:len(expected)] == expected
+
+
+def test_a_held_out_cut_never_splits_a_character(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "PIECE_BYTES", 512)
+    text = ("x" + "\u2014" * 7 + "\n") * 101  # 23 bytes a line: 90% of the bytes is mid-dash
+    path = tmp_path / "dashes.txt"
+    path.write_text(text, encoding="utf-8")
+    config = DataConfig(train_files=[str(path)], val_fraction=0.1)
+    train_text = "".join(texts(config, "train"))  # the pieces of the one document
+    val_text = "".join(texts(config, "val"))
+    assert train_text + val_text == text
+    assert 0 < len(val_text) <= 0.11 * len(text)
+
+
+def test_a_bad_byte_read_by_a_worker_is_one_data_error_naming_file_and_line(
+        tmp_path, shakespeare_text, tok, small_pieces):
+    lines = shakespeare_text.split("\n")
+    bad = len(lines) * 2 // 3  # in a later piece, not the first
+    path = tmp_path / "corpus.txt"
+    path.write_bytes("\n".join(lines[:bad]).encode() + b"\n\xff"
+                     + "\n".join(lines[bad:]).encode())
+    config = DataConfig(train_files=[str(path)], sample_by="line", block_size=16,
+                        shuffle_tokens=0, num_workers=1)
+    stream = DataStreams(config, tok, seed=0).train_batches(4)
+    with pytest.raises(DataError) as info:
+        for _ in range(1000):  # more than an epoch
+            next(stream)
+    message = str(info.value)
+    assert f"{path} line {bad + 1}: not UTF-8" in message
+    assert "Traceback" not in message and "worker" not in message and "\n" not in message
+    stream.close()
+
+
+# The token cache -----------------------------------------------------------------------
+
+
+def cache_config(corpus: Path, folder: Path, **settings) -> DataConfig:
+    return DataConfig(train_files=[str(corpus)], block_size=16, shuffle_tokens=0,
+                      cache=str(folder), **settings)
+
+
+def mtimes(folder: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+
+
+def test_the_cache_is_built_once_holds_the_streamed_tokens_and_follows_its_data(
+        tmp_path, corpus_file, shakespeare_text, tok):
+    folder = tmp_path / "cache"
+    config = cache_config(corpus_file, folder)
+    assert prepare(config, tok, show_progress=False) == folder
+    built = mtimes(folder)
+    prepare(config, tok, show_progress=False)
+    assert mtimes(folder) == built  # a second prepare reads nothing and writes nothing
+
+    cached = open_for(config, tok).tokens("train")  # the tokens streaming reads in an epoch
+    streamed = DataStreams(DataConfig(train_files=[str(corpus_file)], block_size=16,
+                                      shuffle_tokens=0), tok, seed=0).train_batches(4)
+    assert stream_tokens(streamed, len(cached), 16)[:len(cached)] == cached.tolist()
+
+    corpus_file.write_text(shakespeare_text + "\nAnd one more line.\n", encoding="utf-8")
+    with pytest.raises(DataError, match="hftrain prepare"):
+        open_for(config, tok)  # a stale cache is never read
+    prepare(config, tok, show_progress=False)
+    assert mtimes(folder)["train.bin"] != built["train.bin"]
+    assert len(open_for(config, tok).tokens("train")) > len(cached)
+
+
+def test_the_cache_never_writes_over_a_folder_hftrain_did_not_make(tmp_path, corpus_file, tok):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("my notes")
+    with pytest.raises(DataError, match="did not write"):
+        prepare(cache_config(corpus_file, folder), tok, show_progress=False)
+    assert {p.name: p.read_text() for p in folder.iterdir()} == {"notes.txt": "my notes"}
+
+
+def test_a_bad_byte_stops_prepare_with_one_line_and_leaves_no_cache(tmp_path, shakespeare_text,
+                                                                    tok, small_pieces):
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(shakespeare_text[:15_000].encode() + b"\xff" + shakespeare_text[15_000:]
+                     .encode())
+    line = shakespeare_text[:15_000].count("\n") + 1
+    with pytest.raises(DataError, match=f"{path} line {line}: not UTF-8"):
+        prepare(cache_config(path, tmp_path / "cache"), tok, show_progress=False)
+    assert not (tmp_path / "cache").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["corpus.txt"]  # nothing half-written
+
+
+def test_a_cache_made_with_another_tokenizer_is_refused(tmp_path, corpus_file, shakespeare_text,
+                                                       tok):
+    config = cache_config(corpus_file, tmp_path / "cache")
+    prepare(config, tok, show_progress=False)
+    other = build_tokenizer(TokenizerConfig(kind="char"), [shakespeare_text + "\u00e9"], 16)
+    with pytest.raises(DataError, match="tokenizer"):
+        open_for(config, other)
+    with pytest.raises(DataError, match="tokenizer"):
+        DataStreams(config, other, seed=0)
+    assert json.loads((tmp_path / "cache" / CACHE_RECORD).read_text())  # left as it was
+
+
+def logged_losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r}
+
+
+def test_hftrain_prepare_then_train_from_the_cache(tmp_path, corpus_file, capsys):
+    data = tiny_recipe_dict(corpus_file, tmp_path / "run", train={"max_steps": 40})
+    data["data"]["cache"] = str(tmp_path / "cache")
+    recipe = tmp_path / "run.yaml"
+    recipe.write_text(json.dumps(data))
+    main(["prepare", str(recipe)])
+    assert "token cache" in capsys.readouterr().out
+    built = mtimes(tmp_path / "cache")
+    result = train(recipe_from_dict(data), recipe)
+    assert mtimes(tmp_path / "cache") == built  # trained from it, not rebuilt
+    assert (result.run_dir / "final" / "config.json").is_file()
+    losses = list(logged_losses(result.run_dir).values())
+    assert losses[-1] < losses[0] - 0.3
+
+
+def test_a_run_that_builds_the_cache_trains_as_one_that_finds_it(tmp_path, corpus_file):
+    """The same recipe and seed give the same run whether or not the cache was there."""
+    runs = []
+    for name in ("builds", "finds"):
+        data = tiny_recipe_dict(corpus_file, tmp_path / name, train={"max_steps": 10})
+        data["data"]["cache"] = str(tmp_path / "cache")
+        runs.append(train(recipe_from_dict(data)).run_dir)
+    assert logged_losses(runs[0]) == logged_losses(runs[1])
+
+
+# Kill -9 and resume, through the CLI ---------------------------------------------------
+
+
+def trained_steps(record: Path) -> dict[int, str]:
+    """step -> digest of its micro-batches; a later line for a step wins (a resumed run
+    retrains the steps the killed run did after its last checkpoint)."""
+    steps = {}
+    for line in record.read_text().splitlines():
+        step, digest = line.split()
+        steps[int(step)] = digest
+    return steps
+
+
+def run_with_fault(record: Path, recipe: Path, kill_at_step: int = 0,
+                   extra: tuple[str, ...] = ()) -> tuple[int, str]:
+    """Exit code and stderr of `hftrain train` under tests/fault_injection.py. The output goes
+    to a file, not a pipe: data workers outliving a killed run must not keep the test
+    waiting, and a run that hangs fails the test instead of stalling it."""
+    log = record.with_suffix(f".{kill_at_step}{''.join(extra)}.log")
+    with open(log, "w") as out:
+        proc = subprocess.run([sys.executable, str(FAULTS), str(record), str(kill_at_step), "0",
+                               "--", "train", str(recipe), *extra],
+                              stdout=out, stderr=out, cwd=REPO, timeout=180)
+    return proc.returncode, log.read_text()[-2000:]
+
+
+@pytest.mark.parametrize("setting", ["workers", "cache", "dropout"])
+def test_kill_9_then_resume_trains_on_the_blocks_of_the_uninterrupted_run(tmp_path,
+                                                                          shakespeare_text,
+                                                                          setting):
+    """Workers and the cache keep resume exact; so does a model with dropout (the data
+    loader must not shift the random stream a resumed run continues). The corpus is 16 files,
+    so that the resumed run reads new pieces before it ends."""
+    shards = []
+    for i in range(16):
+        shards.append(tmp_path / f"part{i}.txt")
+        shards[-1].write_text(shakespeare_text[i * 1250:(i + 1) * 1250], encoding="utf-8")
+    runs = {}
+    for name in ("whole", "killed"):
+        data = tiny_recipe_dict(shards[0], tmp_path / name)
+        data["data"]["train_files"] = [str(path) for path in shards]
+        data["train"].update({"max_steps": 30, "log_interval": 5})
+        data["checkpoint"] = {"interval": 10, "keep": 2}
+        data["data"]["shuffle_tokens"] = 16 * 16  # a buffer much smaller than the corpus
+        if setting == "workers":
+            data["data"]["num_workers"] = 2
+        elif setting == "cache":
+            data["data"]["cache"] = str(tmp_path / f"{name}-cache")
+        else:
+            data["model"]["dropout"] = 0.1
+        runs[name] = tmp_path / f"{name}.yaml"
+        runs[name].write_text(json.dumps(data))
+    code, err = run_with_fault(tmp_path / "whole.record", runs["whole"])
+    assert code == 0, err
+    code, err = run_with_fault(tmp_path / "killed.record", runs["killed"], kill_at_step=24)
+    assert code == -signal.SIGKILL, err
+    assert latest_checkpoint(tmp_path / "killed").name == "step-00000020"
+    code, err = run_with_fault(tmp_path / "killed.record", runs["killed"], extra=("--resume",))
+    assert code == 0, err
+    assert trained_steps(tmp_path / "killed.record") == trained_steps(tmp_path / "whole.record")
+    expected, got = logged_losses(tmp_path / "whole"), logged_losses(tmp_path / "killed")
+    assert got.keys() == expected.keys()
+    for step, loss in expected.items():
+        assert got[step] == pytest.approx(loss, rel=1e-5), step
