@@ -259,7 +259,7 @@ def _run_in_folder(recipe: Recipe, accelerator: Accelerator, plan: Plan, parts: 
 
 def _train_and_finish(loop: TrainingLoop, parts: RunParts, stop: StopRequest) -> TrainResult:
     first_step, started = loop.step, time.perf_counter()
-    loop.run(parts.batches, stop)
+    loop.run(stop)
     result = TrainResult(None, loop.run_dir, None, {}, "", time.perf_counter() - started,
                          loop.step, loop.interrupted, loop.last_checkpoint,
                          loop.step - first_step)
@@ -385,7 +385,7 @@ class TrainingLoop:
     def step(self) -> int:
         return self.state.step
 
-    def run(self, batches: Iterator[dict[str, torch.Tensor]], stop: StopRequest) -> None:
+    def run(self, stop: StopRequest) -> None:
         """Train to `max_steps`, or until `stop` asks; the bar is closed however it ends.
 
         Either way the last step is checkpointed. If a step fails (bad data, a data file
@@ -393,7 +393,7 @@ class TrainingLoop:
         on, so fixing the cause and `--resume` loses nothing; with several processes the
         others may be waiting in a collective, so only the interval checkpoints are kept.
         """
-        cfg = self.recipe.train
+        cfg, batches = self.recipe.train, self.state.data
         self.model.train()
         try:
             with progress_bar(cfg.max_steps, self.accelerator.is_main_process) as bar:
@@ -403,9 +403,7 @@ class TrainingLoop:
             self._save_after_failure(exc)
             raise
         finally:
-            close = getattr(batches, "close", None)
-            if close is not None:  # stop the data workers
-                close()
+            batches.close()  # stop the data workers
         if not self._checkpointed():
             self.save_checkpoint()
 
@@ -420,6 +418,7 @@ class TrainingLoop:
         if (self.accelerator.num_processes > 1 or self.step == 0 or self._checkpointed()
                 or self.updating or isinstance(exc, (CheckpointError, TrainingDiverged))):
             return
+        self.state.data.rollback_step()  # the failed step's batches were not trained on
         try:  # keep every earlier checkpoint too: this one was not planned
             self.save_checkpoint(keep=self.recipe.checkpoint.keep + 1)
         except CheckpointError:
@@ -432,6 +431,7 @@ class TrainingLoop:
         window_start = time.perf_counter()
         while self.step < cfg.max_steps:
             waited = time.perf_counter()
+            batches.begin_step()
             micro_batches = [next(batches) for _ in range(cfg.grad_accum_steps)]
             self.window_data_wait += time.perf_counter() - waited
             lr = self.scheduler.get_last_lr()[0]
@@ -439,10 +439,11 @@ class TrainingLoop:
             loss, finite, n_tokens = self.optimizer_step(micro_batches)  # half-step checkpoint
             self.updating = False
             self.state.add_step(loss, finite, n_tokens, len(micro_batches))
+            batches.end_step()
             bar.update(1)
             log_step = self.step % cfg.log_interval == 0 or self.step == cfg.max_steps
             if log_step:
-                record = self.log_window(lr, time.perf_counter() - window_start)
+                record = self.log_window(lr, window_start)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}",
                                 tok_s=f"{record['tokens_per_s']:,.0f}")
                 window_start = time.perf_counter()
@@ -452,17 +453,21 @@ class TrainingLoop:
                           f"val_ppl {val['perplexity']:.3f}")
                 window_start, self.window_data_wait = time.perf_counter(), 0.0
             saved = every and self.step % every == 0 and self.save_checkpoint()
-            if self._agreed(stop.signum, log_step or bool(saved)):
+            if self._agreed(stop.signum, log_step or bool(saved)
+                            or self.step % STOP_CHECK_STEPS == 0):
                 if not saved:
                     self.save_checkpoint()
                 self.interrupted = stop.signum or signal.SIGTERM
                 break
 
-    def log_window(self, lr: float, elapsed: float) -> dict[str, Any]:
+    def log_window(self, lr: float, window_start: float) -> dict[str, Any]:
         """Write the mean loss of the steps since the last log line, and start a new window.
-        Reading the window's sums is the loop's one wait for the device between log lines."""
-        tokens_per_s = self.state.window_tokens / max(elapsed, 1e-9)
+        Reading the window's sums is the loop's one wait for the device between log lines
+        (the window's time is taken after it, when the window's work is done)."""
+        n_tokens = self.state.window_tokens
         window_loss, steps, skipped, first_skipped = self.state.close_window()
+        elapsed = time.perf_counter() - window_start
+        tokens_per_s = n_tokens / max(elapsed, 1e-9)
         if self.accelerator.num_processes > 1:  # each rank holds its share of the mean
             window_loss = self.accelerator.reduce(window_loss, "sum")
         if skipped and self.recipe.train.on_nan == "stop":
@@ -491,11 +496,12 @@ class TrainingLoop:
 
     def _agreed(self, signum: int, sync_point: bool) -> bool:
         """Whether any process was asked to stop: all must stop after the same step. With
-        several processes they agree at log lines and checkpoints only (a collective the
-        host waits for would cost a synchronisation per step)."""
+        several GPU processes they agree at log lines, checkpoints and every
+        STOP_CHECK_STEPS steps (a collective the host waits for is a synchronisation); on
+        CPU, where waiting costs nothing, after every step."""
         if self.accelerator.num_processes == 1:
             return bool(signum)
-        if not sync_point:
+        if not sync_point and self.accelerator.device.type != "cpu":
             return False
         flag = torch.tensor(float(signum), device=self.accelerator.device)
         return bool(self.accelerator.reduce(flag, "max").item())
@@ -554,13 +560,13 @@ class TrainingLoop:
         the one before, starting from its (detached) final state.
         """
         acc, state = self.accelerator, self.state
-        n_targets = torch.tensor(sum(int((b["labels"] != IGNORE_INDEX).sum())
-                                     for b in micro_batches), device=acc.device)
+        labels = [b["labels"].to(acc.device, non_blocking=True) for b in micro_batches]
+        n_targets = sum((y != IGNORE_INDEX).sum() for y in labels)  # on the device: no wait
         if acc.num_processes > 1:
             n_targets = acc.reduce(n_targets, "sum")
         n_targets = n_targets.clamp(min=1)
         step_loss = torch.zeros((), device=acc.device)
-        for i, batch in enumerate(micro_batches):
+        for i, (batch, y) in enumerate(zip(micro_batches, labels, strict=True)):
             last = i == len(micro_batches) - 1
             if batch.get("reset_state"):
                 state.recurrent = None
@@ -569,8 +575,7 @@ class TrainingLoop:
                                  past_key_values=state.recurrent, use_cache=self.stateful)
                 if self.stateful:
                     state.recurrent = tuple(s.detach() for s in out.past_key_values)
-                labels = batch["labels"].to(acc.device, non_blocking=True)
-                nll = token_nll(out.logits, labels).sum() / n_targets
+                nll = token_nll(out.logits, y).sum() / n_targets
                 acc.backward(nll * acc.num_processes)
             step_loss += nll.detach()
         n_tokens = sum(b["input_ids"].numel() for b in micro_batches) * acc.num_processes
@@ -580,10 +585,10 @@ class TrainingLoop:
         if self.skip_on_device:  # the fused kernel leaves weights and moments as they are
             self._inner_optimizer().found_inf = (~finite).float()
             self.optimizer.step()
-        elif bool(finite):  # optimizers without on-device skipping: wait for the check
-            self.optimizer.step()
-        if not acc.optimizer_step_was_skipped:
-            self.scheduler.step()
+        elif acc.scaler is not None or bool(finite):  # fp16: the GradScaler skips non-finite
+            self.optimizer.step()  # gradients itself; otherwise wait for the check
+        if not acc.optimizer_step_was_skipped:  # a skipped step still advances the schedule
+            self.scheduler.step()  # (as it advances the step), except fp16's loss-scale skips
         self.optimizer.zero_grad(set_to_none=True)
         return step_loss, finite, n_tokens
 
@@ -609,6 +614,10 @@ class TrainingLoop:
                         "val_ppl": val["perplexity"], "val_bpb": val["bits_per_byte"],
                         "val_tokens": val["tokens"]})
         return val
+
+
+STOP_CHECK_STEPS = 10
+"""With several GPU processes, how often (in steps) they agree on a stop request."""
 
 
 def _skips_on_device(optimizer: Any, accelerator: Accelerator) -> bool:

@@ -9,9 +9,11 @@ a run killed and resumed with workers or a cache trains on the blocks of the uni
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,13 +22,15 @@ from conftest import REPO, tiny_recipe_dict
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
+import hftrain.data.loader as loader
 import hftrain.data.sources as sources
 from hftrain.checkpoint import latest_checkpoint
 from hftrain.cli import main
 from hftrain.data import IGNORE_INDEX, DataStreams, texts
 from hftrain.data.cache import CACHE_RECORD, open_for, prepare
+from hftrain.data.loader import TrainStream
 from hftrain.data.sources import SplitPieces
-from hftrain.errors import DataError
+from hftrain.errors import DataError, HftrainError
 from hftrain.recipe import DataConfig, TokenizerConfig, recipe_from_dict
 from hftrain.tokenizer import build_tokenizer
 from hftrain.tracking import read_metrics
@@ -311,7 +315,8 @@ def test_a_bad_byte_stops_prepare_with_one_line_and_leaves_no_cache(tmp_path, sh
     with pytest.raises(DataError, match=f"{path} line {line}: not UTF-8"):
         prepare(cache_config(path, tmp_path / "cache"), tok, show_progress=False)
     assert not (tmp_path / "cache").exists()
-    assert [p.name for p in tmp_path.iterdir()] == ["corpus.txt"]  # nothing half-written
+    left = sorted(p.name for p in tmp_path.iterdir())  # nothing half-written (the builders'
+    assert left == [".cache.lock", "corpus.txt"]  # lock file beside it stays, empty)
 
 
 def test_a_cache_made_with_another_tokenizer_is_refused(tmp_path, corpus_file, shakespeare_text,
@@ -419,3 +424,226 @@ def test_kill_9_then_resume_trains_on_the_blocks_of_the_uninterrupted_run(tmp_pa
     assert got.keys() == expected.keys()
     for step, loss in expected.items():
         assert got[step] == pytest.approx(loss, rel=1e-5), step
+
+
+# Regressions of the review's fixes --------------------------------------------------------
+
+
+def test_a_hub_dataset_holds_out_the_tail_of_each_document(tmp_path):
+    """A dataset without a validation split holds out the last val_fraction of each document
+    (a local folder loads as a Hub dataset does, offline); none is an error."""
+    documents = [f"Document {i}: " + "the quick brown fox " * (5 + i) for i in range(6)]
+    folder = tmp_path / "dataset"
+    folder.mkdir()
+    (folder / "data.jsonl").write_text("".join(json.dumps({"text": d}) + "\n"
+                                               for d in documents))
+    config = DataConfig(dataset=str(folder), val_fraction=0.1)
+    heads, tails = list(texts(config, "train")), list(texts(config, "val"))
+    assert len(heads) == len(tails) == len(documents)
+    for document, head, tail in zip(documents, heads, tails, strict=True):
+        assert head + tail == document  # split, not trained on twice
+        assert 0 < len(tail) <= 0.1 * len(document) + 1 and len(head) > 8 * len(tail)
+    with pytest.raises(DataError, match="no validation data"):
+        list(texts(DataConfig(dataset=str(folder), val_fraction=0.0), "val"))
+
+
+@pytest.mark.parametrize("kind", ["text", "sft_packed"])
+def test_packed_streams_carry_no_document_lengths(make_stream, kind):
+    """Packing cuts by tokens, not documents: the position saved with every checkpoint must
+    not grow with every document read."""
+    stream = make_stream(kind)
+    pieces = 0
+    for _ in range(200):
+        next(stream)
+        assert len(stream.carry_lengths) == 0
+        pieces = stream.counters["pieces"]
+    assert pieces >= 3  # several pieces, many documents read
+    assert stream.state_dict()["data.carry_lengths"].numel() == 0
+    stream.close()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_the_process_group_checkpoints_and_resume_finishes(tmp_path, corpus_file,
+                                                                        signum):
+    """Ctrl-C in a terminal (SIGINT) and a scheduler's preemption (SIGTERM) reach the data
+    workers too: they must leave the stop to the training process, which checkpoints and
+    exits 128 + signum (130, 143) without a worker traceback."""
+    data = tiny_recipe_dict(corpus_file, tmp_path / "run", data={"num_workers": 1},
+                            train={"max_steps": 1000, "log_interval": 5}, eval={"interval": 500})
+    recipe = tmp_path / "run.yaml"
+    recipe.write_text(json.dumps(data))
+    metrics, out, err = (tmp_path / "run" / "metrics.jsonl", tmp_path / "stopped.out",
+                         tmp_path / "stopped.err")
+    with open(out, "w") as stdout, open(err, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "hftrain", "train", str(recipe)],
+                                stdout=stdout, stderr=stderr, cwd=REPO, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (metrics.exists() and '"loss"' in metrics.read_text()):  # training, with
+            assert proc.poll() is None, err.read_text()[-2000:]  # its worker running
+            assert time.monotonic() < deadline, "no training line after 120 s"
+            time.sleep(0.01)
+        os.killpg(proc.pid, signum)  # as a terminal's Ctrl-C does
+        code = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    log = err.read_text()
+    assert code == 128 + signum, log[-2000:]
+    assert "DataLoader worker" not in log and "Traceback" not in log, log[-2000:]
+    checkpoint = latest_checkpoint(tmp_path / "run")
+    assert checkpoint is not None and "stopped at step" in log
+    assert not (tmp_path / "run" / "final").exists()
+    out, err = tmp_path / "resumed.out", tmp_path / "resumed.err"
+    with open(out, "w") as stdout, open(err, "w") as stderr:
+        resumed = subprocess.run([sys.executable, "-m", "hftrain", "train", str(recipe),
+                                  "--resume"], stdout=stdout, stderr=stderr, cwd=REPO,
+                                 timeout=300)
+    assert resumed.returncode == 0, err.read_text()[-2000:]
+    assert "resumed at step" in out.read_text()
+    assert (tmp_path / "run" / "final" / "config.json").is_file()
+    assert max(logged_losses(tmp_path / "run")) == 1000
+
+
+@pytest.mark.parametrize("piece_bytes", [1 << 20, 64])
+def test_the_fine_tuning_hold_out_counts_records_across_files(tmp_path, monkeypatch,
+                                                              piece_bytes):
+    """Record i of the whole split validates when (i + 1) * val_fraction reaches an integer:
+    with 20 records in 4 files of 5, records 9 and 19, whatever the files and pieces."""
+    monkeypatch.setattr(sources, "PIECE_BYTES", piece_bytes)
+    files = []
+    for f in range(4):
+        files.append(tmp_path / f"part{f}.jsonl")
+        files[-1].write_text("".join(
+            json.dumps({"prompt": f"Q{5 * f + i}?", "completion": f" A{5 * f + i}."}) + "\n"
+            for i in range(5)))
+    config = DataConfig(kind="sft", train_files=[str(p) for p in files], val_fraction=0.1)
+    assert len(SplitPieces(config, "train").pieces) >= (4 if piece_bytes > 1000 else 8)
+    assert list(texts(config, "val")) == ["Q9?\n A9.", "Q19?\n A19."]
+    assert list(texts(config, "train")) == [f"Q{n}?\n A{n}." for n in range(20)
+                                            if n not in (9, 19)]
+
+
+def position_mark(stream) -> int:
+    """What changes at the boundary a failed step may cross: the piece read (streamed text)
+    or the epoch (the token cache, lanes)."""
+    return stream.counters["pieces"] if isinstance(stream, TrainStream) else stream.epoch
+
+
+@pytest.mark.parametrize("kind", ["text", "text_2_workers", "cache", "lanes"])
+def test_a_failed_step_does_not_count_its_batches_as_read(make_stream, kind):
+    """A step that fails after drawing 3 micro-batches is rolled back before the checkpoint:
+    the stream gives those batches again, also when the step had crossed into a new piece
+    (workers restarted) or a new epoch."""
+    reference, batches, marks = make_stream(kind), [], []
+    crossing = None  # the first batch after the first that moved to a new piece or epoch
+    while crossing is None or len(batches) < crossing + 4:
+        batches.append(next(reference))
+        marks.append(position_mark(reference))
+        if crossing is None and len(marks) > 2 and marks[-1] > marks[-2]:
+            crossing = len(marks) - 1
+    reference.close()
+    start = crossing - 1  # the failed step's 3 batches cross the boundary
+
+    stream = make_stream(kind)
+    for _ in range(start):
+        next(stream)
+    before, mark = checkpointed(stream.state_dict()), position_mark(stream)
+    stream.begin_step()
+    for i in range(3):
+        assert_same_batch(next(stream), batches[start + i])
+    assert position_mark(stream) > mark
+    stream.rollback_step()  # what the training loop does before its after-failure checkpoint
+    assert_same_state(checkpointed(stream.state_dict()), before)
+    for i in range(start, start + 4):
+        assert_same_batch(next(stream), batches[i])
+    stream.close()
+
+
+def test_an_error_at_the_end_of_an_epoch_leaves_a_valid_position(corpus_file, tok,
+                                                                 small_pieces, monkeypatch):
+    """A data file found changed when an epoch ends stops the stream; the position saved
+    then is the next epoch's start, and a stream loaded from it goes on as if nothing failed."""
+    config = DataConfig(train_files=[str(corpus_file)], block_size=16, shuffle_tokens=16 * 24,
+                        num_workers=0)
+
+    def stream_from(state):  # one block a batch: the failure interrupts no batch half-way
+        stream = DataStreams(config, tok, seed=7).train_batches(1)
+        stream.load_state_dict(state)
+        return stream
+
+    first = DataStreams(config, tok, seed=7).train_batches(1)
+    for _ in range(5):
+        next(first)
+    saved = checkpointed(first.state_dict())
+    real, calls = loader.check_unchanged, []
+
+    def fails_once(fingerprints):
+        calls.append(fingerprints)
+        if len(calls) == 1:
+            raise DataError(f"{corpus_file} changed during the run")
+        real(fingerprints)
+
+    monkeypatch.setattr(loader, "check_unchanged", fails_once)
+    failed, n = stream_from(saved), 0
+    with pytest.raises(DataError, match="changed during the run"):
+        while n < 10_000:
+            next(failed)
+            n += 1
+    assert 100 < n < 10_000
+    state = checkpointed(failed.state_dict())
+    assert state["data.position"][:2].tolist() == [1, 0]  # epoch 1, piece 0
+    resumed, unfailed = stream_from(state), stream_from(saved)
+    for _ in range(n):
+        next(unfailed)
+    for _ in range(4 * AFTER):
+        expected = next(unfailed)
+        assert_same_batch(next(resumed), expected)
+        assert_same_batch(next(failed), expected)  # the failed stream itself goes on too
+    assert unfailed.epoch == 1 and len(calls) == 2
+
+
+def test_a_stale_cache_holding_a_file_hftrain_did_not_write_is_left_as_it_was(
+        tmp_path, corpus_file, shakespeare_text, tok):
+    folder = tmp_path / "cache"
+    config = cache_config(corpus_file, folder)
+    prepare(config, tok, show_progress=False)
+    (folder / "notes.txt").write_text("my notes")
+    corpus_file.write_text(shakespeare_text + "\nAnd one more line.\n", encoding="utf-8")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with pytest.raises(DataError, match="notes.txt"):
+        prepare(config, tok, show_progress=False)  # a rebuild would replace the folder
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+@pytest.mark.parametrize("cut", [2, 3, 6])  # bytes: whole tokens, or half of one
+def test_a_truncated_token_cache_is_refused_as_damaged(tmp_path, corpus_file, tok, cut):
+    folder = tmp_path / "cache"
+    config = cache_config(corpus_file, folder)
+    prepare(config, tok, show_progress=False)
+    train_bin = folder / "train.bin"
+    train_bin.write_bytes(train_bin.read_bytes()[:-cut])
+    with pytest.raises(DataError, match="damaged"):
+        open_for(config, tok)
+    with pytest.raises(DataError, match="damaged"):
+        DataStreams(config, tok, seed=0)
+
+
+@pytest.mark.parametrize("where", ["read-only folder", "under a file"])
+def test_a_token_cache_that_cannot_be_written_is_one_error(tmp_path, corpus_file, tok, where):
+    if where == "read-only folder":
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only folders")
+        parent = tmp_path / "read-only"
+        parent.mkdir()
+        parent.chmod(0o555)
+    else:
+        parent = tmp_path / "a file"
+        parent.write_text("")
+    try:
+        with pytest.raises(HftrainError, match="could not write the token cache"):
+            prepare(cache_config(corpus_file, parent / "cache"), tok, show_progress=False)
+    finally:
+        if parent.is_dir():
+            parent.chmod(0o755)

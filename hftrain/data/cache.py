@@ -17,10 +17,12 @@ Fine-tuning data (`data.kind: sft`) is not cached: its labels need the records.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +30,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from hftrain.atomic import atomic_directory
-from hftrain.data.loader import PieceTokenizer, _checked, piece_loader
+from hftrain.atomic import atomic_directory, write_error_reason
+from hftrain.data.loader import PieceTokenizer, UndoableSteps, _checked, piece_loader
 from hftrain.data.packing import collate, lane_windows
 from hftrain.data.sources import SplitPieces
 from hftrain.errors import DataError, HftrainError
 from hftrain.recipe import DataConfig
 
 CACHE_RECORD = "hftrain_cache.json"
+CACHE_FILES = {CACHE_RECORD, "train.bin", "val.bin", "train.documents.npy",
+               "val.documents.npy"}
 FORMAT = 1
 _SETTINGS = ("train_files", "val_files", "val_fraction", "dataset", "dataset_config",
              "train_split", "val_split", "format", "text_column", "sample_by")
@@ -69,14 +73,49 @@ def prepare(config: DataConfig, tokenizer: Any, show_progress: bool = True) -> P
     record = read_record(folder)
     if record is not None and record.get("identity") == wanted:
         return folder
+    try:
+        with _builder_lock(folder):  # two runs starting on one new cache: one builds it
+            record = read_record(folder)
+            if record is not None and record.get("identity") == wanted:
+                return folder  # the other process built it while this one waited
+            _check_and_build(config, tokenizer, folder, wanted, record, show_progress)
+    except OSError as exc:  # a read-only or missing parent folder, a full disk
+        raise HftrainError(f"could not write the token cache {folder} "
+                           f"({write_error_reason(exc)})") from None
+    return folder
+
+
+@contextmanager
+def _builder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive `flock` on `.NAME.lock` beside the cache (the folder itself is replaced
+    whole, so the lock cannot live inside it); a second builder waits, saying so."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.with_name(f".{folder.name}.lock"), "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"hftrain: waiting for another process building the token cache {folder}",
+                  file=sys.stderr)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _check_and_build(config: DataConfig, tokenizer: Any, folder: Path, wanted: dict[str, Any],
+                     record: dict[str, Any] | None, show_progress: bool) -> None:
+    if folder.exists() and not folder.is_dir():
+        raise DataError(f"data.cache {folder} is a file; point data.cache at a folder")
     if folder.exists() and record is None and any(folder.iterdir()):
         raise DataError(f"data.cache {folder} is a folder hftrain did not write (it has no "
                         f"{CACHE_RECORD}); point data.cache at a new or empty folder")
+    foreign = sorted(p.name for p in folder.iterdir() if p.name not in CACHE_FILES) \
+        if folder.is_dir() else []
+    if foreign:  # a rebuild replaces the folder: never with files hftrain did not write
+        raise DataError(f"data.cache {folder} must be rebuilt (its data, settings or tokenizer "
+                        f"changed) but also holds {', '.join(foreign)}; move those away first")
     if record is not None:
         print(f"hftrain: {folder} was tokenized from other files, settings or tokenizer: "
               "rebuilding it", file=sys.stderr)
     _build(config, tokenizer, folder, wanted, show_progress)
-    return folder
 
 
 def read_record(folder: Path) -> dict[str, Any] | None:
@@ -137,18 +176,30 @@ class TokenCache:
     def __init__(self, folder: Path, record: dict[str, Any], config: DataConfig,
                  pad_id: int) -> None:
         self.folder, self.record, self.config, self.pad_id = folder, record, config, pad_id
+        # opened once: a later rebuild of the folder (another recipe's prepare) replaces the
+        # files, and a run keeps reading the ones it started with
+        self._tokens = {split: self._open(split) for split in record["splits"]}
+
+    def _open(self, split: str) -> np.ndarray:
+        path, expected = self.folder / f"{split}.bin", self.record["splits"][split]["tokens"]
+        dtype = np.dtype(self.record["dtype"])
+        try:
+            size = path.stat().st_size
+        except OSError as exc:
+            raise HftrainError(f"cannot read the token cache {path}: {exc.strerror}") from None
+        if size != expected * dtype.itemsize:
+            raise DataError(f"the token cache {path} has {size:,} bytes, {expected:,} tokens "
+                            f"({expected * dtype.itemsize:,} bytes) were written: it is "
+                            f"damaged; delete {self.folder} and run hftrain prepare again")
+        if expected == 0:
+            return np.empty(0, dtype=dtype)
+        return np.memmap(path, dtype=dtype, mode="r")
 
     def tokens(self, split: str) -> np.ndarray:
-        if split not in self.record["splits"]:
+        if split not in self._tokens:
             raise DataError(f"no validation data in {self.folder}: set data.val_files or "
                             "data.val_fraction > 0 and run hftrain prepare again")
-        path = self.folder / f"{split}.bin"
-        if self.record["splits"][split]["tokens"] == 0:
-            return np.empty(0, dtype=self.record["dtype"])
-        try:
-            return np.memmap(path, dtype=self.record["dtype"], mode="r")
-        except (OSError, ValueError) as exc:
-            raise HftrainError(f"cannot read the token cache {path}: {exc}") from None
+        return self._tokens[split]
 
     def train_stream(self, batch_size: int, seed: int, rank: int, world_size: int,
                      stateful: bool, pin_memory: bool) -> Any:
@@ -192,7 +243,7 @@ def _padded(tokens: np.ndarray, start: int, width: int) -> np.ndarray:
     return row
 
 
-class CachedStream:
+class CachedStream(UndoableSteps):
     """Training batches from a token cache: the blocks of each epoch in a seeded permutation
     (stream order without shuffling), every N-th to rank r. Position: (epoch, index).
 
@@ -245,10 +296,16 @@ class CachedStream:
         return batch
 
     def peek(self) -> dict[str, torch.Tensor]:
-        epoch, index = self.epoch, self.index
+        snapshot = self._snapshot()
         batch = next(self)
-        self.epoch, self.index = epoch, index
+        self._restore(snapshot)
         return batch
+
+    def _snapshot(self) -> tuple:
+        return self.epoch, self.index, dict(self.counters)
+
+    def _restore(self, snapshot: tuple) -> None:
+        self.epoch, self.index, self.counters = snapshot
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"data.position": torch.tensor([self.epoch, self.index, self.n_blocks],
@@ -260,6 +317,3 @@ class CachedStream:
             raise DataError(f"the token cache holds {self.n_blocks} blocks now, {n_blocks} "
                             "when the checkpoint was saved; it was rebuilt from other data")
         self.epoch, self.index = epoch, index
-
-    def close(self) -> None:
-        pass

@@ -23,6 +23,7 @@ import itertools
 import os
 import signal
 import sys
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -136,10 +137,14 @@ def _worker_init(_: int, parent: int) -> None:
     """Workers tokenize one piece at a time on one thread: the parallelism is the workers
     (and the Rust tokenizer must not start a thread pool in a forked process).
 
-    On Linux a worker also dies with the training process. Without this, a worker whose
+    On Linux a worker dies with the training process. Without this, a worker whose
     parent was killed (kill -9, the OOM killer) can hang for ever at exit, flushing pieces
     into a queue nobody reads, holding its memory and the job's output pipes open."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    # Ctrl-C and SIGTERM reach the whole process group: the training process handles them
+    # (finishes the step, checkpoints, stops its workers); a worker must not die of them.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if sys.platform == "linux":
         import ctypes
 
@@ -163,13 +168,50 @@ def piece_loader(tokenize: PieceTokenizer, sampler: Sampler, num_workers: int) -
                       prefetch_factor=PREFETCH_PIECES if num_workers else None)
 
 
+def _stop_workers(loader: Iterator[Tokenized]) -> None:
+    shutdown = getattr(loader, "_shutdown_workers", None)  # absent without workers
+    if shutdown is not None:
+        shutdown()
+
+
 def _checked(item: Tokenized) -> Tokenized:
     if item.error is not None:
         raise DataError(item.error)
     return item
 
 
-class TrainStream:
+class UndoableSteps:
+    """A stream whose position can be put back to where a training step started: a step
+    that fails part-way (a bad record in its third micro-batch, an out-of-memory forward)
+    has drawn batches it never trained on, and the checkpoint written after the failure
+    must not count them as read."""
+
+    _step_start: Any = None
+
+    def begin_step(self) -> None:
+        self._step_start = self._snapshot()
+
+    def end_step(self) -> None:
+        self._step_start = None
+
+    def rollback_step(self) -> None:
+        """Back to the start of the unfinished step (if one is open); workers restart."""
+        if self._step_start is not None:
+            self._restore(self._step_start)
+            self._step_start = None
+            self.close()
+
+    def _snapshot(self) -> Any:
+        raise NotImplementedError
+
+    def _restore(self, snapshot: Any) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class TrainStream(UndoableSteps):
     """This rank's endless stream of training batches, with an exact, cheap position.
 
     Pieces are packed (documents joined by EOS, cut into overlapping blocks; fine-tuning
@@ -195,12 +237,13 @@ class TrainStream:
         capacity = config.shuffle_tokens // config.block_size if shuffle else 0
         self.shuffle = BlockShuffle(capacity, seed, rank)
         self.sft = config.kind == "sft"
+        self.one_example_per_block = self.sft and not config.packing
         self.epoch = self.k = 0
         self.carry = np.empty((2, 0) if self.sft else 0, dtype=np.int64)
         self.carry_lengths = np.empty(0, dtype=np.int64)
         self.counters = {"pieces": 0, "documents": 0, "tokens": 0}
         """What this rank has read and tokenized since the run (or the resume) started."""
-        self._epoch_tokens = self._epoch_documents = 0
+        self._epoch_tokens = 0
         self._loader: Iterator[Tokenized] | None = None
         self._pending: tuple[dict, dict] | None = None
 
@@ -232,7 +275,7 @@ class TrainStream:
                 return out
 
     def _packed_block(self) -> np.ndarray:
-        if self.sft and not self.config.packing:  # one example per block, cut or padded
+        if self.one_example_per_block:  # cut or padded
             while len(self.carry_lengths) == 0:
                 self._take_piece()
             n, self.carry_lengths = int(self.carry_lengths[0]), self.carry_lengths[1:]
@@ -240,7 +283,7 @@ class TrainStream:
             return next(pad_examples([example], self.config.block_size))
         while self.carry.shape[-1] < self.width:
             self._take_piece()
-        block = self.carry[..., : self.width]
+        block = self.carry[..., : self.width].copy()  # not a view holding the whole piece
         self.carry = self.carry[..., self.config.block_size :]
         return block
 
@@ -248,26 +291,37 @@ class TrainStream:
         if self._loader is None:
             sampler = _FromPosition(self.order, self.epoch, self.k)
             self._loader = iter(piece_loader(self.tokenize, sampler, self.config.num_workers))
+            # Stop the workers when the stream is closed, collected, or left open at exit: a
+            # worker blocked writing a piece nobody reads would otherwise hang the exit.
+            self._stop_workers = weakref.finalize(self, _stop_workers, self._loader)
         item = _checked(next(self._loader))
         self.carry = np.concatenate([self.carry, item.tokens], axis=-1)
-        self.carry_lengths = np.concatenate([self.carry_lengths, item.lengths])
+        if self.one_example_per_block:  # the only case that cuts by document
+            self.carry_lengths = np.concatenate([self.carry_lengths, item.lengths])
         self.counters["pieces"] += 1
         self.counters["documents"] += len(item.lengths)
         self.counters["tokens"] += item.tokens.shape[-1]
-        self._epoch_documents += len(item.lengths)
         self._epoch_tokens += item.tokens.shape[-1]
         self.k += 1
         if self.k == self.order.per_epoch:
             self._end_epoch()
 
     def _end_epoch(self) -> None:
-        """After this rank's last piece of an epoch: the files are unchanged (a file cut
-        short mid-epoch ends it early), and the data fills at least one block."""
-        check_unchanged(self.pieces.fingerprints)
-        check_length(self.config, self.pieces.source.name, self._epoch_tokens,
-                     self.order.world_size)
+        """After this rank's last piece of an epoch (the position moves on first, so that a
+        failure here leaves a valid one): the files are unchanged (a file cut short mid-epoch
+        ends it early), and the data fills at least one block."""
+        n_tokens, self._epoch_tokens = self._epoch_tokens, 0
         self.epoch, self.k = self.epoch + 1, 0
-        self._epoch_tokens = self._epoch_documents = 0
+        check_unchanged(self.pieces.fingerprints)
+        check_length(self.config, self.pieces.source.name, n_tokens, self.order.world_size)
+
+    def _snapshot(self) -> tuple:
+        return (list(self.shuffle.blocks), self.shuffle.draws, self.carry, self.carry_lengths,
+                self.epoch, self.k, self._epoch_tokens, dict(self.counters), self._pending)
+
+    def _restore(self, snapshot: tuple) -> None:
+        (self.shuffle.blocks, self.shuffle.draws, self.carry, self.carry_lengths, self.epoch,
+         self.k, self._epoch_tokens, self.counters, self._pending) = snapshot
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The position as tensors (saved per rank with the checkpoint)."""
@@ -277,7 +331,7 @@ class TrainStream:
         buffer = np.stack(blocks) if blocks else np.empty((0, *self.carry.shape[:-1],
                                                             self.width), dtype=np.int64)
         position = [self.epoch, self.k, self.shuffle.draws, self.order.n_pieces,
-                    self._epoch_tokens, self._epoch_documents]
+                    self._epoch_tokens]
         return {"data.position": torch.tensor(position, dtype=torch.int64),
                 "data.carry": torch.from_numpy(np.ascontiguousarray(self.carry)),
                 "data.carry_lengths": torch.from_numpy(self.carry_lengths.copy()),
@@ -285,7 +339,7 @@ class TrainStream:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Continue from a saved position: the workers restart at its next piece."""
-        epoch, k, draws, n_pieces, epoch_tokens, epoch_documents = (
+        epoch, k, draws, n_pieces, epoch_tokens = (
             int(v) for v in state["data.position"].tolist())
         if n_pieces != self.order.n_pieces:
             raise DataError(
@@ -294,19 +348,21 @@ class TrainStream:
                 "size, so the saved position no longer points into them")
         self.close()
         self.epoch, self.k = epoch, k
-        self._epoch_tokens, self._epoch_documents = epoch_tokens, epoch_documents
+        self._epoch_tokens = epoch_tokens
         self.carry = state["data.carry"].cpu().numpy().astype(np.int64)
         self.carry_lengths = state["data.carry_lengths"].cpu().numpy().astype(np.int64)
         self.shuffle.blocks = list(state["data.shuffle_buffer"].cpu().numpy().astype(np.int64))
         self.shuffle.draws = draws
         self._pending = None
+        if not 0 <= k <= self.order.per_epoch:
+            raise DataError(f"the saved data position (piece {k} of an epoch) does not fit the "
+                            f"{self.order.per_epoch} pieces this process reads per epoch")
 
     def close(self) -> None:
-        """Stop the workers (they also stop when the stream is garbage-collected)."""
-        loader, self._loader = self._loader, None
-        shutdown = getattr(loader, "_shutdown_workers", None)
-        if shutdown is not None:
-            shutdown()
+        """Stop the workers (also done when the stream is collected, and at exit)."""
+        if self._loader is not None:
+            self._stop_workers()
+            self._loader = None
 
 
 def check_length(config: DataConfig, source: str, n_tokens: int, world_size: int) -> None:
@@ -331,7 +387,7 @@ def read_all(tokenize: PieceTokenizer, indices: list[int], num_workers: int) -> 
     return np.concatenate(arrays, axis=-1) if arrays else np.empty(0, dtype=np.int64)
 
 
-class LaneStream:
+class LaneStream(UndoableSteps):
     """Stateful (truncated BPTT) training: each pass over the corpus is one token array laid
     out in lanes (`lane_windows`), the same every epoch, so the position is (epoch, window).
 
@@ -396,17 +452,26 @@ class LaneStream:
             self._pending = (next(self), state)
         return self._pending[0]
 
+    def _snapshot(self) -> tuple:
+        return self.epoch, self.window, self._pending
+
+    def _restore(self, snapshot: tuple) -> None:
+        self.epoch, self.window, self._pending = snapshot
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         if self._pending is not None:
             return self._pending[1]
-        return {"data.position": torch.tensor([self.epoch, self.window], dtype=torch.int64)}
+        n_windows = len(self._epoch_windows())
+        return {"data.position": torch.tensor([self.epoch, self.window, n_windows],
+                                              dtype=torch.int64)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.epoch, self.window = (int(v) for v in state["data.position"].tolist())
+        self.epoch, self.window, n_windows = (int(v) for v in state["data.position"].tolist())
         self._pending = None
-
-    def close(self) -> None:
-        pass
+        if n_windows != len(self._epoch_windows()):
+            raise DataError(f"the training data ({self.name}) makes {len(self._epoch_windows())}"
+                            f" windows per pass now, {n_windows} when the checkpoint was saved: "
+                            "it changed, so the saved position no longer points into it")
 
 
 def val_batches(pieces: SplitPieces, tokenizer: Any, config: DataConfig, batch_size: int,

@@ -20,6 +20,7 @@ UTF-8 with universal newlines; `line` keeps empty lines; `paragraph` splits on b
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import math
@@ -56,7 +57,8 @@ class Piece:
     """`sample_by: document`: whether the piece holds the end of its file's document, which
     is followed by EOS. A document read in several pieces continues from piece to piece."""
     first_record: int = 0
-    """Index of the piece's first record in the file (fine-tuning hold-out)."""
+    """Index of the piece's first record in the split (fine-tuning hold-out); for a Hub
+    piece, which of the `end` pieces sharing its shard it is."""
 
 
 def resolve_files(patterns: list[str], key: str) -> list[str]:
@@ -116,6 +118,10 @@ class SplitPieces:
         self.fingerprints: dict[str, tuple[int, int]] = {}
         self.held_out = False
         if config.dataset:
+            self.held_out = config.val_split is None
+            if split == "val" and self.held_out and config.val_fraction == 0:
+                raise DataError("no validation data: set data.val_split or "
+                                "data.val_fraction > 0")
             self.pieces = _hub_pieces(config, split, min_pieces)
         else:
             files, self.held_out = split_files(config, split)
@@ -137,7 +143,18 @@ class SplitPieces:
                 pieces.append(Piece(path, "json_document", 0, self.fingerprints[path][0]))
             else:
                 pieces += self._cut(path, fmt, *ranges[path], piece_bytes)
-        return pieces
+        return self._number_records(pieces)
+
+    def _number_records(self, pieces: list[Piece]) -> list[Piece]:
+        """Fine-tuning hold-out counts records across all files of the split, so each piece
+        learns the index of its first record (a scan of the JSON Lines files)."""
+        if self.config.kind != "sft" or not self.held_out:
+            return pieces
+        numbered, total = [], 0
+        for piece in pieces:
+            numbered.append(dataclasses.replace(piece, first_record=total))
+            total += _count_records(piece)
+        return numbered
 
     def _byte_range(self, path: str, fmt: str) -> tuple[int, int]:
         """The bytes of `path` this split reads: all of them, except that a held-out
@@ -160,10 +177,8 @@ class SplitPieces:
             if bounds[-1] < at < end:
                 bounds.append(at)
         bounds.append(end)
-        records = _count_records(path, bounds) if fmt == "json" else [0] * len(bounds)
-        return [Piece(path, fmt, a, b, ends_document=not document or b == end,
-                      first_record=first)
-                for a, b, first in zip(bounds, bounds[1:], records, strict=False) if b > a]
+        return [Piece(path, fmt, a, b, ends_document=not document or b == end)
+                for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
 
     def documents(self, piece: Piece) -> Iterator[Any]:
         """The piece's documents: strings (kind text) or records (kind sft), with this
@@ -230,16 +245,18 @@ def _after_separator(path: str, offset: int, limit: int, separator: bytes) -> in
     return limit
 
 
-def _count_records(path: str, bounds: list[int]) -> list[int]:
-    """How many non-blank lines (JSON Lines records) come before each bound."""
-    counts, total = [], 0
-    with open(path, "rb") as f:
-        for a, b in zip(bounds, bounds[1:], strict=False):
-            counts.append(total)
-            f.seek(a)
-            total += sum(1 for line in f.read(b - a).split(b"\n") if line.strip())
-    counts.append(total)
-    return counts
+def _count_records(piece: Piece) -> int:
+    """How many records a piece holds (non-blank JSON Lines, or a Parquet row group's rows)."""
+    if piece.fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(piece.path).metadata.row_group(piece.start).num_rows
+    if piece.fmt == "json_document":
+        document = json.loads(_read_bytes(piece))
+        return len(document) if isinstance(document, list) else 1
+    with open(piece.path, "rb") as f:
+        f.seek(piece.start)
+        return sum(1 for line in f.read(piece.end - piece.start).split(b"\n") if line.strip())
 
 
 def _is_json_document(path: str) -> bool:
@@ -256,12 +273,7 @@ def _parquet_pieces(path: str, source: Source) -> list[Piece]:
         groups = pq.ParquetFile(path).metadata.num_row_groups
     except Exception as exc:
         raise explain(exc, source) or DataError(f"cannot read {path}: {exc}") from None
-    rows, pieces = 0, []
-    metadata = pq.ParquetFile(path).metadata
-    for group in range(groups):
-        pieces.append(Piece(path, "parquet", group, group, first_record=rows))
-        rows += metadata.row_group(group).num_rows
-    return pieces
+    return [Piece(path, "parquet", group, group) for group in range(groups)]
 
 
 def _hub_pieces(config: DataConfig, split: str, min_pieces: int) -> list[Piece]:
