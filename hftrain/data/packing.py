@@ -127,7 +127,7 @@ class BlockShuffle:
         self.capacity, self.seed, self.rank = capacity, seed, rank
         self.blocks: list[np.ndarray] = []
         self.draws = 0
-        self._chunk: tuple[int, np.ndarray] | None = None
+        self._chunk: tuple[int, list[int]] | None = None
 
     def push(self, block: np.ndarray) -> np.ndarray | None:
         """Hold `block`; return the block that leaves the buffer, or None while it fills."""
@@ -145,5 +145,6 @@ class BlockShuffle:
         number = draw // self.CHUNK
         if self._chunk is None or self._chunk[0] != number:
             key = np.random.SeedSequence([self.seed, self.rank, number])
-            self._chunk = number, np.random.PCG64(key).random_raw(self.CHUNK)
-        return int(self._chunk[1][draw % self.CHUNK] % np.uint64(self.capacity))
+            raw = np.random.PCG64(key).random_raw(self.CHUNK) % np.uint64(self.capacity)
+            self._chunk = number, raw.tolist()  # Python ints: a lookup per draw, not numpy
+        return self._chunk[1][draw % self.CHUNK]
