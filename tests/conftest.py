@@ -44,3 +44,18 @@ def tiny_recipe_dict(corpus: Path, output_dir: Path, **sections: dict) -> dict:
     for name, values in sections.items():
         recipe[name].update(values)
     return recipe
+
+
+def blocks_of(batch: dict) -> list[list[int]]:
+    """The (block_size + 1)-token blocks of a batch of text: inputs plus the last target."""
+    return [[*ids, labels[-1]] for ids, labels in zip(batch["input_ids"].tolist(),
+                                                      batch["labels"].tolist(), strict=True)]
+
+
+def unpack(blocks: list[list[int]]) -> list[int]:
+    """Consecutive blocks share one token: the first block whole, then each next minus its head."""
+    stream = list(blocks[0])
+    for block in blocks[1:]:
+        assert block[0] == stream[-1], "consecutive blocks must share one token"
+        stream.extend(block[1:])
+    return stream

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, tiny_recipe_dict
+from conftest import REPO, blocks_of, tiny_recipe_dict, unpack
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
@@ -49,21 +49,6 @@ def tok(shakespeare_text):
 @pytest.fixture
 def small_pieces(monkeypatch):
     monkeypatch.setattr(sources, "PIECE_BYTES", SMALL_PIECE)
-
-
-def blocks_of(batch: dict) -> list[list[int]]:
-    """The (block_size + 1)-token blocks of a batch of text: inputs plus the last target."""
-    return [[*ids, labels[-1]] for ids, labels in zip(batch["input_ids"].tolist(),
-                                                      batch["labels"].tolist(), strict=True)]
-
-
-def unpack(blocks: list[list[int]]) -> list[int]:
-    """Consecutive blocks share one token: the first block whole, then each next minus its head."""
-    stream = list(blocks[0])
-    for block in blocks[1:]:
-        assert block[0] == stream[-1], "consecutive blocks must share one token"
-        stream.extend(block[1:])
-    return stream
 
 
 def stream_tokens(stream, n_tokens: int, block_size: int) -> list[int]:

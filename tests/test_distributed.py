@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, tiny_recipe_dict
+from conftest import REPO, blocks_of, tiny_recipe_dict, unpack
 
 from hftrain.cli import main
 from hftrain.data import DataStreams
@@ -29,21 +29,6 @@ from hftrain.train import train
 @pytest.fixture(scope="module")
 def tok(shakespeare_text):
     return build_tokenizer(TokenizerConfig(kind="char"), [shakespeare_text], 16)
-
-
-def blocks_of(batch: dict) -> list[list[int]]:
-    """The (block_size + 1)-token blocks of a batch: the inputs plus the last target."""
-    return [[*ids, labels[-1]] for ids, labels in zip(batch["input_ids"].tolist(),
-                                                      batch["labels"].tolist(), strict=True)]
-
-
-def unpack(blocks: list[list[int]]) -> list[int]:
-    """Consecutive blocks share one token: the first block whole, then each next minus its head."""
-    stream = list(blocks[0])
-    for block in blocks[1:]:
-        assert block[0] == stream[-1], "consecutive blocks must share one token"
-        stream.extend(block[1:])
-    return stream
 
 
 def line_documents(text: str) -> list[str]:
