@@ -86,7 +86,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
                            "where the token cache goes")
     folder = Path(recipe.data.cache)
     check_writable_target(folder, protected_paths(recipe, Path(args.recipe)), "data.cache")
-    token_cache.check_cacheable(recipe.data)
+    token_cache.check_target(recipe.data)
     tokenizer = _build_run_tokenizer(recipe, Path(args.recipe), already="reusing it")
     token_cache.prepare(recipe.data, tokenizer)
     record = token_cache.read_record(folder)

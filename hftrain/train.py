@@ -181,6 +181,7 @@ def train(recipe: Recipe, recipe_path: Path | None = None) -> TrainResult:
     if recipe.data.cache:  # a stale cache is rebuilt in place: never over the data
         check_writable_target(Path(recipe.data.cache), protected_paths(recipe, recipe_path),
                               "data.cache")
+        token_cache.check_target(recipe.data)
     with RunLock(run_dir, enabled=accelerator.is_main_process) as lock:
 
         def plan() -> Plan:

@@ -335,6 +335,26 @@ def test_hftrain_prepare_then_train_from_the_cache(tmp_path, corpus_file, capsys
     assert losses[-1] < losses[0] - 0.3
 
 
+@pytest.mark.parametrize("command", ["prepare", "train"])
+def test_a_cache_folder_of_someone_else_is_refused_before_anything_is_written(
+        tmp_path, corpus_file, capsys, command):
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("mine")
+    data = tiny_recipe_dict(corpus_file, tmp_path / "run")
+    data["data"]["cache"] = str(theirs)
+    recipe = tmp_path / "run.yaml"
+    recipe.write_text(json.dumps(data))
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, str(recipe)])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert exit_info.value.code == 2 and len(errors) == 1, errors
+    assert f"data.cache {theirs} is a folder hftrain did not write" in errors[0]
+    assert not (tmp_path / "run").exists()  # not even the tokenizer
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.txt", "run.yaml", "theirs"]
+    assert [p.name for p in theirs.iterdir()] == ["notes.txt"]
+
+
 def test_a_run_that_builds_the_cache_trains_as_one_that_finds_it(tmp_path, corpus_file):
     """The same recipe and seed give the same run whether or not the cache was there."""
     runs = []

@@ -73,6 +73,7 @@ def prepare(config: DataConfig, tokenizer: Any, show_progress: bool = True) -> P
     record = read_record(folder)
     if record is not None and record.get("identity") == wanted:
         return folder
+    _refuse_foreign(folder, record)  # before the lock file is made beside a folder not ours
     try:
         with _builder_lock(folder):  # two runs starting on one new cache: one builds it
             record = read_record(folder)
@@ -100,13 +101,25 @@ def _builder_lock(folder: Path) -> Iterator[None]:
         yield
 
 
-def _check_and_build(config: DataConfig, tokenizer: Any, folder: Path, wanted: dict[str, Any],
-                     record: dict[str, Any] | None, show_progress: bool) -> None:
+def check_target(config: DataConfig) -> None:
+    """Refuse, before anything is written, a `data.cache` that is a file or a folder of
+    someone else's."""
+    check_cacheable(config)
+    folder = Path(config.cache).expanduser()
+    _refuse_foreign(folder, read_record(folder))
+
+
+def _refuse_foreign(folder: Path, record: dict[str, Any] | None) -> None:
     if folder.exists() and not folder.is_dir():
         raise DataError(f"data.cache {folder} is a file; point data.cache at a folder")
     if folder.exists() and record is None and any(folder.iterdir()):
         raise DataError(f"data.cache {folder} is a folder hftrain did not write (it has no "
                         f"{CACHE_RECORD}); point data.cache at a new or empty folder")
+
+
+def _check_and_build(config: DataConfig, tokenizer: Any, folder: Path, wanted: dict[str, Any],
+                     record: dict[str, Any] | None, show_progress: bool) -> None:
+    _refuse_foreign(folder, record)
     foreign = sorted(p.name for p in folder.iterdir() if p.name not in CACHE_FILES) \
         if folder.is_dir() else []
     if foreign:  # a rebuild replaces the folder: never with files hftrain did not write
