@@ -77,16 +77,14 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     """The tokenizer (as `hftrain tokenizer`), then the token cache `data.cache` names."""
     from hftrain.data import cache as token_cache
     from hftrain.recipe import load_recipe
-    from hftrain.run_folder import check_writable_target
-    from hftrain.train import protected_paths
+    from hftrain.train import check_cache_target
 
     recipe = load_recipe(args.recipe, args.overrides)
     if not recipe.data.cache:
         raise HftrainError(f"{args.recipe} sets no data.cache: add data.cache=FOLDER to say "
                            "where the token cache goes")
     folder = Path(recipe.data.cache)
-    check_writable_target(folder, protected_paths(recipe, Path(args.recipe)), "data.cache")
-    token_cache.check_target(recipe.data)
+    check_cache_target(recipe, Path(args.recipe))
     tokenizer = _build_run_tokenizer(recipe, Path(args.recipe), already="reusing it")
     token_cache.prepare(recipe.data, tokenizer)
     record = token_cache.read_record(folder)

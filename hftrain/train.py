@@ -54,6 +54,7 @@ from hftrain.run_folder import (
     check_new_run_target,
     check_writable_target,
     clear_run_folder,
+    contains,
     is_run_folder,
     write_marker,
 )
@@ -102,6 +103,17 @@ def protected_paths(recipe: Recipe, recipe_path: Path | None) -> list[Path]:
         paths.append(recipe_path)
     reused = (recipe.model.init_from, recipe.tokenizer.name_or_path)  # folders a run starts from
     return paths + [Path(p) for p in reused if p and Path(p).exists()]
+
+
+def check_cache_target(recipe: Recipe, recipe_path: Path | None) -> None:
+    """`data.cache` may be rebuilt in place: it must hold none of the data or the recipe, and
+    be neither the run folder nor inside it (a run folder holds only hftrain's run files)."""
+    cache, run_dir = Path(recipe.data.cache), Path(recipe.run.output_dir)
+    check_writable_target(cache, protected_paths(recipe, recipe_path), "data.cache")
+    if contains(run_dir, cache) or contains(cache, run_dir):
+        raise HftrainError(f"data.cache '{cache}' and run.output_dir '{run_dir}' overlap; give "
+                           "the token cache a folder of its own (e.g. cache/NAME)")
+    token_cache.check_target(recipe.data)
 
 
 def start_run_folder(run_dir: Path, recipe: Recipe, tokenizer: Any, built: bool,
@@ -179,9 +191,7 @@ def train(recipe: Recipe, recipe_path: Path | None = None) -> TrainResult:
     set_seed(recipe.run.seed)
     check_writable_target(run_dir, protected_paths(recipe, recipe_path), "run.output_dir")
     if recipe.data.cache:  # a stale cache is rebuilt in place: never over the data
-        check_writable_target(Path(recipe.data.cache), protected_paths(recipe, recipe_path),
-                              "data.cache")
-        token_cache.check_target(recipe.data)
+        check_cache_target(recipe, recipe_path)
     with RunLock(run_dir, enabled=accelerator.is_main_process) as lock:
 
         def plan() -> Plan:

@@ -355,6 +355,33 @@ def test_a_cache_folder_of_someone_else_is_refused_before_anything_is_written(
     assert [p.name for p in theirs.iterdir()] == ["notes.txt"]
 
 
+@pytest.mark.parametrize("where", ["the run folder", "inside the run folder", "under a file"])
+def test_a_cache_that_cannot_be_a_cache_is_refused_up_front(tmp_path, corpus_file, capsys,
+                                                             where):
+    (tmp_path / "afile").write_text("x")
+    cache = {"the run folder": tmp_path / "run", "inside the run folder": tmp_path / "run" / "c",
+             "under a file": tmp_path / "afile" / "c"}[where]
+    data = tiny_recipe_dict(corpus_file, tmp_path / "run")
+    data["data"]["cache"] = str(cache)
+    recipe = tmp_path / "run.yaml"
+    recipe.write_text(json.dumps(data))
+    for command in ("prepare", "train"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, str(recipe)])
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert exit_info.value.code == 2 and len(errors) == 1, errors
+        expected = "is under" if where == "under a file" else "overlap"
+        assert expected in errors[0], errors[0]
+        assert not (tmp_path / "run").exists()  # nothing written, not even the tokenizer
+
+
+def test_a_folder_given_as_a_data_file_is_named_as_such(tmp_path, tok):
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    with pytest.raises(DataError, match=f"data file {folder} .* is not a regular file"):
+        DataStreams(DataConfig(train_files=[str(folder)]), tok, 0).train_batches(2)
+
+
 def test_a_run_that_builds_the_cache_trains_as_one_that_finds_it(tmp_path, corpus_file):
     """The same recipe and seed give the same run whether or not the cache was there."""
     runs = []

@@ -112,6 +112,9 @@ def check_target(config: DataConfig) -> None:
 def _refuse_foreign(folder: Path, record: dict[str, Any] | None) -> None:
     if folder.exists() and not folder.is_dir():
         raise DataError(f"data.cache {folder} is a file; point data.cache at a folder")
+    under_file = next((p for p in folder.parents if p.exists() and not p.is_dir()), None)
+    if under_file is not None:
+        raise DataError(f"data.cache {folder} is under {under_file}, which is a file")
     if folder.exists() and record is None and any(folder.iterdir()):
         raise DataError(f"data.cache {folder} is a folder hftrain did not write (it has no "
                         f"{CACHE_RECORD}); point data.cache at a new or empty folder")

@@ -70,8 +70,12 @@ def resolve_files(patterns: list[str], key: str) -> list[str]:
             if not matches:
                 raise DataError(f"no file matches {key} pattern '{pattern}'")
             files.extend(matches)
-        elif not Path(pattern).is_file():
+        elif not Path(pattern).exists():
             raise DataError(f"data file not found: {pattern} (from {key})")
+        elif not Path(pattern).is_file():
+            raise DataError(f"data file {pattern} (from {key}) is not a regular file (a "
+                            "folder, a pipe or a device); name the files, or a glob like "
+                            "dir/*.txt")
         else:
             files.append(pattern)
     return files
