@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -674,7 +675,9 @@ def test_a_token_cache_that_cannot_be_written_is_one_error(tmp_path, corpus_file
         parent = tmp_path / "a file"
         parent.write_text("")
     try:
-        with pytest.raises(HftrainError, match="could not write the token cache"):
+        expected = ("could not write the token cache" if where == "read-only folder"
+                    else f"data.cache {parent / 'cache'} is under {parent}, which is a file")
+        with pytest.raises(HftrainError, match=re.escape(expected)):
             prepare(cache_config(corpus_file, parent / "cache"), tok, show_progress=False)
     finally:
         if parent.is_dir():
