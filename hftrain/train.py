@@ -156,8 +156,11 @@ def build_parts(recipe: Recipe, accelerator: Accelerator) -> RunParts:
     generation settings: a bad file or setting fails here, with nothing written."""
     tokenizer, built = prepare_tokenizer(recipe)
     if recipe.data.cache:  # tokenized once, by the main process, before any rank reads it
-        on_main_process(accelerator, lambda: token_cache.prepare(
-            recipe.data, tokenizer, show_progress=True) and None)
+
+        def prepare_cache() -> None:
+            token_cache.prepare(recipe.data, tokenizer)
+
+        on_main_process(accelerator, prepare_cache)
     streams = DataStreams(recipe.data, tokenizer, seed=recipe.run.seed,
                           stateful=recipe.train.stateful, rank=accelerator.process_index,
                           world_size=accelerator.num_processes,

@@ -26,7 +26,7 @@ from hftrain.data.packing import (
     pack_blocks,
     pad_examples,
 )
-from hftrain.data.sources import SplitPieces, resolve_files, split_source
+from hftrain.data.sources import SplitPieces, resolve_files
 from hftrain.data_check import check_unchanged
 from hftrain.errors import DataError
 from hftrain.recipe import DataConfig
@@ -116,7 +116,3 @@ class DataStreams:
         written. Rank 0 always holds the first piece; another rank may rightly hold none."""
         if self.rank == 0 and next(self.val_batches(batch_size), None) is None:
             raise DataError(f"the validation data is empty: {describe_source(self.config, 'val')}")
-
-    @property
-    def sources(self) -> dict[str, Any]:
-        return {split: split_source(self.config, split) for split in self._pieces}

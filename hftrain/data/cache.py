@@ -31,8 +31,14 @@ import torch
 from tqdm.auto import tqdm
 
 from hftrain.atomic import atomic_directory, write_error_reason
-from hftrain.data.loader import PieceTokenizer, UndoableSteps, _checked, piece_loader
-from hftrain.data.packing import collate, lane_windows
+from hftrain.data.loader import (
+    PieceTokenizer,
+    UndoableSteps,
+    _checked,
+    lane_val_batches,
+    piece_loader,
+)
+from hftrain.data.packing import collate
 from hftrain.data.sources import SplitPieces
 from hftrain.errors import DataError, HftrainError
 from hftrain.recipe import DataConfig
@@ -49,8 +55,7 @@ def identity(config: DataConfig, tokenizer: Any) -> dict[str, Any]:
     """What the cached tokens depend on: the data settings, each file's size and mtime, and
     the tokenizer (its full JSON)."""
     files: dict[str, list[int]] = {}
-    splits = ["train"] + (["val"] if config.val_files or config.val_fraction > 0 else [])
-    for split in splits:
+    for split in _splits(config):
         for path, fp in SplitPieces(config, split).fingerprints.items():
             files[str(Path(path).resolve())] = list(fp)
     backend = tokenizer.backend_tokenizer.to_str()
@@ -234,14 +239,7 @@ class TokenCache:
         block = self.config.block_size
         pad_id = self.pad_id
         if stateful:
-            lanes, first = batch_size * world_size, rank * batch_size
-            if len(tokens) < 2:
-                return
-            array = np.asarray(tokens, dtype=np.int64)
-            for i, rows in enumerate(lane_windows(array, lanes, block, pad_tail=True)):
-                batch = collate(rows[first : first + batch_size], batch_size, pad_id)
-                batch["reset_state"] = i == 0
-                yield batch
+            yield from lane_val_batches(tokens, batch_size, rank, world_size, block, pad_id)
             return
         n_blocks = -(-(len(tokens) - 1) // block) if len(tokens) > 1 else 0
         mine = list(range(rank, n_blocks, world_size))

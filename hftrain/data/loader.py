@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from hftrain.data.packing import (
     BlockShuffle,
+    batched,
     collate,
     lane_windows,
     pack_arrays,
@@ -483,13 +484,8 @@ def val_batches(pieces: SplitPieces, tokenizer: Any, config: DataConfig, batch_s
     tokenize = PieceTokenizer(pieces, tokenizer)
     if stateful:
         tokens = read_all(tokenize, list(range(len(pieces.pieces))), 0)
-        if len(tokens) < 2:
-            return
-        lanes, first = batch_size * world_size, rank * batch_size
-        for i, rows in enumerate(lane_windows(tokens, lanes, config.block_size, True)):
-            batch = collate(rows[first : first + batch_size], batch_size, tokenizer.pad_token_id)
-            batch["reset_state"] = i == 0
-            yield batch
+        yield from lane_val_batches(tokens, batch_size, rank, world_size, config.block_size,
+                                    tokenizer.pad_token_id)
         return
     mine = range(rank, len(pieces.pieces), world_size)
     documents = (_checked(tokenize[i]) for i in mine)
@@ -500,14 +496,20 @@ def val_batches(pieces: SplitPieces, tokenizer: Any, config: DataConfig, batch_s
     else:
         blocks = pack_arrays((item.tokens for item in documents), config.block_size,
                              pad_tail=True)
-    pending: list[np.ndarray] = []
-    for block in blocks:
-        pending.append(block)
-        if len(pending) == batch_size:
-            yield collate(pending, batch_size, tokenizer.pad_token_id)
-            pending = []
-    if pending:
-        yield collate(pending, batch_size, tokenizer.pad_token_id)
+    yield from batched(blocks, batch_size, tokenizer.pad_token_id)
 
+
+def lane_val_batches(tokens: np.ndarray, batch_size: int, rank: int, world_size: int,
+                     block_size: int, pad_id: int) -> Iterator[dict[str, Any]]:
+    """Stateful evaluation of a token stream: the lanes of all ranks laid over it (the last
+    one padded so that every token is scored), rank r keeping its `batch_size` of them."""
+    if len(tokens) < 2:
+        return
+    lanes, first = batch_size * world_size, rank * batch_size
+    array = np.asarray(tokens, dtype=np.int64)
+    for i, rows in enumerate(lane_windows(array, lanes, block_size, pad_tail=True)):
+        batch = collate(rows[first : first + batch_size], batch_size, pad_id)
+        batch["reset_state"] = i == 0
+        yield batch
 
 __all__ = ["IGNORE_INDEX", "LaneStream", "PieceTokenizer", "TrainStream", "val_batches"]
