@@ -1,7 +1,8 @@
 """Validation: token-weighted NLL over the whole stream -> loss, perplexity, bits per byte.
 
-Every process sums the NLL of its scored tokens, the number of those tokens and the bytes they
-spell; the three sums are added across processes before the ratio is taken. Averaging per-batch
+Every process sums the NLL of its scored tokens, the number of those tokens and the bytes of
+text they stand for (`hftrain.framing`); the three sums are added across processes before the
+ratio is taken. Averaging per-batch
 or per-process means instead would weight a half-padded batch like a full one.
 """
 
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 
 from hftrain.data import IGNORE_INDEX, batched
 from hftrain.errors import HftrainError
+from hftrain.framing import Framing, token_bytes
 
 METRIC_PATH = Path(__file__).parent / "metrics" / "perplexity"
 
@@ -29,23 +31,13 @@ def perplexity_metric() -> evaluate.EvaluationModule:
     return evaluate.load(str(METRIC_PATH))
 
 
-def token_byte_lengths(tokenizer: Any) -> torch.Tensor:
-    """UTF-8 bytes each token id stands for (0 for special tokens), for bits per byte.
-
-    Byte-level BPE tokens are spelled in GPT-2's byte alphabet, one character per byte;
-    other tokenizers' tokens are measured by decoding them.
-    """
-    special = set(tokenizer.all_special_ids)
-    byte_level = "ByteLevel" in str(tokenizer.backend_tokenizer.decoder)
-    lengths = []
-    for token_id in range(len(tokenizer)):
-        if token_id in special:
-            lengths.append(0)
-        elif byte_level:
-            lengths.append(len(tokenizer.convert_ids_to_tokens(token_id)))
-        else:
-            lengths.append(len(tokenizer.decode([token_id]).encode("utf-8")))
-    return torch.tensor(lengths, dtype=torch.long)
+def model_inputs(batch: dict[str, Any], device: Any) -> dict[str, torch.Tensor]:
+    """The model's inputs from a batch: token ids, and the position ids of packed fine-tuning
+    examples (from which transformers keeps each example's attention to itself)."""
+    inputs = {"input_ids": batch["input_ids"].to(device, non_blocking=True)}
+    if "position_ids" in batch:
+        inputs["position_ids"] = batch["position_ids"].to(device, non_blocking=True)
+    return inputs
 
 
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -67,36 +59,36 @@ def evaluate_lm(
     model: Any,
     batches: Iterable[dict[str, torch.Tensor]],
     accelerator: Any,
-    byte_lengths: torch.Tensor,
     max_batches: int | None = None,
     stateful: bool = False,
 ) -> dict[str, float]:
-    """Score `batches` with `model`; returns loss, perplexity, bits_per_byte and tokens.
+    """Score `batches` with `model`; returns loss, perplexity, bits_per_byte, nll, tokens and
+    bytes.
 
-    With `stateful`, the batches are consecutive windows of lanes (`data.lane_windows`) and the
+    Each batch carries `byte_counts`, the UTF-8 bytes of text each target stands for
+    (`hftrain.framing.token_bytes`), summed over the scored targets for bits per byte. With
+    `stateful`, the batches are consecutive windows of lanes (`data.lane_windows`) and the
     recurrent state carries from one to the next, so every token is scored with its whole
     lane as context.
     """
     was_training = model.training
     model.eval()
     device = accelerator.device
-    byte_lengths = byte_lengths.to(device)
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # nll, tokens, bytes
     state = None
     for i, batch in enumerate(batches):
         if max_batches is not None and i >= max_batches:
             break
-        input_ids = batch["input_ids"].to(device)
         labels = batch["labels"].to(device)
         if batch.get("reset_state"):
             state = None
         with accelerator.autocast():
-            out = model(input_ids=input_ids, past_key_values=state, use_cache=stateful)
+            out = model(**model_inputs(batch, device), past_key_values=state, use_cache=stateful)
         logits, state = out.logits, out.past_key_values if stateful else None
         scored = labels != IGNORE_INDEX
         sums[0] += token_nll(logits, labels).sum(dtype=torch.float64)
         sums[1] += scored.sum()
-        sums[2] += byte_lengths[labels[scored]].sum()
+        sums[2] += batch["byte_counts"].to(device)[scored].sum()
     model.train(was_training)
     nll, tokens, n_bytes = accelerator.reduce(sums, reduction="sum").tolist()
     return perplexity_metric().compute(
@@ -104,25 +96,26 @@ def evaluate_lm(
     )
 
 
-def text_windows(ids: list[int], block_size: int, stride: int) -> Iterator[np.ndarray]:
+def text_windows(tokens: np.ndarray, block_size: int, stride: int) -> Iterator[np.ndarray]:
     """Sliding windows over one text's tokens that score every target exactly once.
 
-    Window k reads tokens [k * stride, k * stride + block_size] and scores only the targets
-    the previous window did not reach, so each target is predicted from up to block_size
-    tokens of context, at least block_size - stride of them after the first window. With
-    stride = block_size the windows are the packed blocks of in-training evaluation. Yields
-    (2, block_size + 1) arrays: token ids, and labels (IGNORE_INDEX where not scored or past
-    the end). Needs 1 <= stride <= block_size (`evaluate_texts` checks it).
+    `tokens` is (2, n): token ids, and the bytes each stands for. Window k reads tokens
+    [k * stride, k * stride + block_size] and scores only the targets the previous window did
+    not reach, so each target is predicted from up to block_size tokens of context, at least
+    block_size - stride of them after the first window. With stride = block_size the windows
+    are the packed blocks of in-training evaluation. Yields (3, block_size + 1) arrays: ids,
+    labels (IGNORE_INDEX where not scored or past the end) and bytes (`packing.collate` rows
+    "ids", "labels", "bytes"). Needs 1 <= stride <= block_size (`evaluate_texts` checks it).
     """
-    tokens = np.asarray(ids, dtype=np.int64)
-    last = len(tokens) - 1  # index of the last target; index 0 is never a target
+    tokens = np.asarray(tokens, dtype=np.int64)
+    last = tokens.shape[1] - 1  # index of the last target; index 0 is never a target
     scored_until = 0
     for begin in range(0, max(last, 1), stride):
         end = min(begin + block_size, last)
-        window = np.full((2, block_size + 1), IGNORE_INDEX, dtype=np.int64)
-        window[0, : end - begin + 1] = tokens[begin : end + 1]
+        window = np.full((3, block_size + 1), IGNORE_INDEX, dtype=np.int64)
+        window[[0, 2], : end - begin + 1] = tokens[:, begin : end + 1]
         first_new = scored_until + 1 - begin  # position in the window of the first new target
-        window[1, first_new : end - begin + 1] = tokens[scored_until + 1 : end + 1]
+        window[1, first_new : end - begin + 1] = tokens[0, scored_until + 1 : end + 1]
         yield window
         scored_until = end
         if end == last:
@@ -132,33 +125,45 @@ def text_windows(ids: list[int], block_size: int, stride: int) -> Iterator[np.nd
 def evaluate_texts(model: Any, tokenizer: Any, texts: Iterable[str], accelerator: Any,
                    block_size: int, stride: int | None = None,
                    batch_size: int = 16) -> dict[str, float]:
-    """Corpus perplexity and bits per byte of `texts`, each scored on its own (text + EOS) with
-    sliding windows (`text_windows`); windows of different texts share padded batches, and
-    padding is never scored."""
+    """Corpus perplexity and bits per byte of `texts`, each scored on its own as a document
+    (start token, text, EOS: `hftrain.framing`; the first text token is scored after the start
+    token, as lm-eval scores it after its BOS prefix) with sliding windows (`text_windows`);
+    windows of different texts share padded batches, and padding is never scored."""
     stride = stride or block_size
     if not 1 <= stride <= block_size:
         raise HftrainError(f"the stride must be between 1 and the block size ({block_size}), "
                            f"got {stride}")
     backend = tokenizer.backend_tokenizer
-    eos = [tokenizer.eos_token_id]
+    framing = Framing.of(tokenizer)
 
     def windows() -> Iterator[np.ndarray]:
         for text in texts:
-            ids = backend.encode(text, add_special_tokens=False).ids + eos
-            yield from text_windows(ids, block_size, stride)
+            encoding = backend.encode(text, add_special_tokens=False)
+            ids = [framing.start] + encoding.ids + [framing.end]
+            counts = np.concatenate([[0], token_bytes(framing, text, encoding, begins=False)])
+            yield from text_windows(np.stack([ids, counts]), block_size, stride)
 
-    batches = batched(windows(), batch_size, tokenizer.pad_token_id)
-    return evaluate_lm(model, batches, accelerator, token_byte_lengths(tokenizer))
+    rows = ("ids", "labels", "bytes")
+    batches = batched(windows(), batch_size, tokenizer.pad_token_id, rows)
+    return evaluate_lm(model, batches, accelerator)
+
+
+def recorded_block_size(export: str) -> int | None:
+    """The block size an hftrain export was trained with (its hftrain_recipe.yaml), or None
+    (another model, or a Hub id)."""
+    recipe = Path(export) / "hftrain_recipe.yaml"
+    if not recipe.is_file():
+        return None
+    import yaml
+
+    return int(yaml.safe_load(recipe.read_text(encoding="utf-8"))["data"]["block_size"])
 
 
 def export_block_size(export: str, model: Any) -> int:
-    """The block size the export was trained with (its hftrain_recipe.yaml), else the model's
-    maximum positions."""
-    recipe = Path(export) / "hftrain_recipe.yaml"
-    if recipe.is_file():
-        import yaml
-
-        return int(yaml.safe_load(recipe.read_text(encoding="utf-8"))["data"]["block_size"])
+    """The block size the export was trained with, else the model's maximum positions."""
+    recorded = recorded_block_size(export)
+    if recorded is not None:
+        return recorded
     positions = getattr(model.config, "n_positions", None)
     if positions is None:
         raise HftrainError(f"cannot tell the block size of '{export}'; pass --block-size")

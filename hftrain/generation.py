@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from hftrain.errors import HftrainError
+from hftrain.framing import Framing
 from hftrain.tokenizer import load_tokenizer
 
 
@@ -34,17 +35,16 @@ def generate_text(
     top_k: int | None = 200,
     top_p: float | None = None,
 ) -> str:
-    """Continue `prompt` (an empty prompt starts a new document, after EOS).
+    """Continue `prompt` as the start of a document: after the start token, as every document
+    is read in training (`hftrain.framing`), so an empty prompt samples a new document.
 
     A model with a fixed number of positions (GPT-2) cannot see more than that many tokens:
     when the text fills the window, generation restarts from its last half, as nanoGPT crops
     its context. Stops early at EOS.
     """
     device = next(model.parameters()).device
-    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
-    if ids.numel() == 0:
-        ids = torch.tensor([[tokenizer.eos_token_id]])
-    ids = ids.to(device)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    ids = torch.tensor([[Framing.of(tokenizer).start, *prompt_ids]], device=device)
     n_prompt = ids.size(1)
     window = getattr(model.config, "max_position_embeddings", None)
     sampling = {"do_sample": temperature > 0}
@@ -71,5 +71,4 @@ def generate_text(
     if tokenizer.eos_token_id in new_ids:
         new_ids = new_ids[: new_ids.index(tokenizer.eos_token_id)]
     # Decode prompt and continuation together: a word-level decoder puts the space between.
-    prompt_ids = ids[0, :n_prompt].tolist() if prompt else []
     return tokenizer.decode(prompt_ids + new_ids, skip_special_tokens=True)

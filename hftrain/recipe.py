@@ -88,15 +88,16 @@ class DataConfig:
     fine-tuning on records `{"prompt", "completion"}` or `{"messages": [...]}` (rendered with
     the tokenizer's chat template); only completion / assistant tokens are scored."""
     packing: bool = True
-    """`sft`: pack examples (each ending with EOS) into full blocks, as text is packed; false:
-    one example per block, padded (never scored) or cut to block_size + 1 tokens."""
+    """`sft`: pack examples (each ending with EOS) into full blocks, as text is packed, each
+    attending only to itself (its own position ids); false: one example per block, padded
+    (never scored) or cut to block_size + 1 tokens. Recurrent models need false."""
     format: Literal["auto", "text", "json", "parquet"] = "auto"
     """File format; `auto` picks it from the file extension."""
     text_column: str = "text"
     """Column holding the text in JSON Lines, Parquet and Hub datasets."""
     sample_by: Literal["document", "paragraph", "line"] = "document"
     """For .txt files, what one document is: the whole file, a paragraph or a line.
-    Documents are joined with the EOS token."""
+    Each document follows the start token and ends with EOS (`hftrain.framing`)."""
     block_size: int = 64
     """Tokens of context per training example (the model's maximum positions for GPT-2)."""
     shuffle_tokens: int = 1_000_000
@@ -201,7 +202,8 @@ class CheckpointConfig:
 @dataclass
 class EvalConfig:
     interval: int = 500
-    """Evaluate on the whole validation stream every this many steps (and always at the end)."""
+    """Evaluate every this many steps, on the first `max_batches` validation batches when
+    that is set (else the whole validation split), and always at the end on the whole split."""
     batch_size: int = 32
     """Blocks (or, in stateful evaluation, lanes) per evaluation batch on each process."""
     max_batches: int | None = None
@@ -312,6 +314,10 @@ def recipe_from_dict(raw: dict[str, Any], source: str = "<recipe>") -> Recipe:
     if recipe.train.stateful and recipe.data.kind == "sft":
         raise RecipeError(f"{source}: train.stateful reads a continuous text stream; "
                           "it does not combine with data.kind: sft")
+    if recipe.model.supports_stateful and recipe.data.kind == "sft" and recipe.data.packing:
+        raise RecipeError(f"{source}: data.packing would carry the recurrent state of a "
+                          f"'{arch}' from one fine-tuning example into the next; set "
+                          "data.packing: false")
     return recipe
 
 

@@ -2,8 +2,9 @@
 
 Two record shapes are read (JSON Lines, Parquet or a Hub dataset):
 
-- `{"prompt": str, "completion": str}`: the prompt followed by the completion and EOS, as
-  plain text (TRL's "standard" format); only the completion and EOS are scored.
+- `{"prompt": str, "completion": str}`: the start token (`hftrain.framing`), the prompt, the
+  completion and EOS, as plain text (TRL's "standard" format); only the completion and EOS
+  are scored.
 - `{"messages": [{"role": ..., "content": ...}, ...]}`: a conversation rendered with the
   tokenizer's chat template; only the assistant turns are scored.
 
@@ -19,17 +20,20 @@ from typing import Any
 import numpy as np
 
 from hftrain.errors import DataError, RecordError
+from hftrain.framing import Framing, token_bytes
 
 IGNORE_INDEX = -100
 
 DEFAULT_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
     "{% for message in messages %}"
-    "<|bos|>{{ message['role'] }}\n{{ message['content'] }}<|eos|>"
+    "<|turn|>{{ message['role'] }}\n{{ message['content'] }}{{ eos_token }}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}<|bos|>assistant\n{% endif %}"
+    "{% if add_generation_prompt %}<|turn|>assistant\n{% endif %}"
 )
-"""Set on every tokenizer hftrain builds: each turn is `<|bos|>role\\ncontent<|eos|>`, so
-a fine-tuned model ends its answer with EOS, which stops `generate`."""
+"""Set on every tokenizer hftrain builds: a conversation opens with BOS, as every document
+does, and each turn is `<|turn|>role\\ncontent<|endoftext|>`, so a fine-tuned model ends its
+answer with EOS, which stops `generate`."""
 
 SFT_COLUMNS = ("prompt", "completion", "messages")
 
@@ -94,7 +98,7 @@ def _conversation_segments(messages: list[dict], tokenizer: Any) -> list[tuple[s
     rendered = ""
     for i, message in enumerate(messages):
         is_answer = message.get("role") == "assistant"
-        if is_answer:  # the generation prompt ("<|bos|>assistant\n") is context
+        if is_answer:  # the generation prompt ("<|turn|>assistant\n") is context
             prefix = _render(tokenizer, messages[:i], add_generation_prompt=True)
             segments.append((_extension(rendered, prefix), False))
             rendered = prefix
@@ -119,12 +123,24 @@ def _extension(before: str, after: str) -> str:
     return after[len(before):]
 
 
-def encode_record(record: dict[str, Any], tokenizer: Any) -> np.ndarray:
-    """A (2, n) array: token ids, and labels (the id where scored, IGNORE_INDEX elsewhere)."""
+def encode_record(record: dict[str, Any], tokenizer: Any, with_bytes: bool = False) -> np.ndarray:
+    """A (2, n) array: token ids, and labels (the id where scored, IGNORE_INDEX elsewhere).
+
+    A prompt/completion record opens with the start token, as every document does
+    (`hftrain.framing`; a chat template writes its own). `with_bytes` adds a third row: the
+    UTF-8 bytes each scored token stands for (0 where not scored)."""
     backend = tokenizer.backend_tokenizer
+    framing = Framing.of(tokenizer)
     pieces = record_segments(record, tokenizer)
-    encodings = backend.encode_batch_fast([text for text, _ in pieces], add_special_tokens=False)
-    ids = [np.asarray(e.ids, dtype=np.int64) for e in encodings]
-    labels = [i if scored else np.full_like(i, IGNORE_INDEX) for i, (_, scored) in
-              zip(ids, pieces, strict=True)]
-    return np.stack([np.concatenate(ids), np.concatenate(labels)])
+    encode = backend.encode_batch if with_bytes else backend.encode_batch_fast
+    encodings = encode([text for text, _ in pieces], add_special_tokens=False)
+    opening = [] if record.get("messages") is not None else [framing.start]
+    ids = [np.asarray(opening, dtype=np.int64)] + [np.asarray(e.ids, np.int64) for e in encodings]
+    scored = [False] + [scored for _, scored in pieces]
+    labels = [i if s else np.full_like(i, IGNORE_INDEX) for i, s in zip(ids, scored, strict=True)]
+    rows = [np.concatenate(ids), np.concatenate(labels)]
+    if with_bytes:
+        counts = [token_bytes(framing, text, e, begins=False, ends=False) * s
+                  for e, (text, s) in zip(encodings, pieces, strict=True)]
+        rows.append(np.concatenate([np.zeros(len(opening), np.int64), *counts]))
+    return np.stack(rows)

@@ -1,7 +1,9 @@
 """Tokenizers: build one with `tokenizers` from the training stream, or load an existing one.
 
 Whatever is built is wrapped as a `PreTrainedTokenizerFast`, so `AutoTokenizer.from_pretrained`
-reloads it with no hftrain installed.
+reloads it with no hftrain installed. Its BOS and EOS are one token, `<|endoftext|>`, as in
+GPT-2: it separates documents, so a client that puts BOS before a text (lm-eval does) gives
+the model the context it trained on (`hftrain.framing`).
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from hftrain.atomic import atomic_directory
@@ -17,8 +19,11 @@ from hftrain.errors import DataError, HftrainError
 from hftrain.recipe import TokenizerConfig
 from hftrain.sft import DEFAULT_CHAT_TEMPLATE
 
-PAD, BOS, EOS, UNK = "<|pad|>", "<|bos|>", "<|eos|>", "<|unk|>"
-SPECIAL_TOKENS = [PAD, BOS, EOS, UNK]
+PAD, ENDOFTEXT, UNK, TURN = "<|pad|>", "<|endoftext|>", "<|unk|>", "<|turn|>"
+SPECIAL_TOKENS = [PAD, ENDOFTEXT, UNK, TURN]
+"""`<|endoftext|>` is BOS and EOS; `<|turn|>` opens a turn of the chat template."""
+END_OF_LINE = "\n"
+"""The word tokenizer's end-of-line token: a line break inside a document is a word."""
 
 
 def build_tokenizer(
@@ -40,9 +45,10 @@ def build_tokenizer(
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         pad_token=PAD,
-        bos_token=BOS,
-        eos_token=EOS,
+        bos_token=ENDOFTEXT,
+        eos_token=ENDOFTEXT,
         unk_token=UNK,
+        additional_special_tokens=[TURN],
         model_max_length=model_max_length,
     )
     tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE  # so chat data can fine-tune what it trains
@@ -80,15 +86,33 @@ def _char_level(texts: Iterable[str]) -> Tokenizer:
 
 
 def _word_level(texts: Iterable[str], vocab_size: int, min_frequency: int) -> Tokenizer:
-    """One token per whitespace-separated word, the `vocab_size` most frequent kept; the rest
-    map to UNK. Decoding joins words with single spaces (the default decoder)."""
+    """One token per whitespace-separated word, the `vocab_size` most frequent kept (the rest
+    map to UNK), and one END_OF_LINE token per line break, as the classic Penn Treebank and
+    WikiText setups mark line ends: a document read whole keeps its line structure.
+
+    Decoding joins words with single spaces and puts line breaks back without spaces around
+    them."""
     tokenizer = Tokenizer(models.WordLevel(unk_token=UNK))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.normalizer = normalizers.Replace(Regex(r"\r\n?"), END_OF_LINE)
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"\n"), behavior="isolated"),  # a line break is a word
+        pre_tokenizers.Split(Regex(r"[^\S\n]+"), behavior="removed"),  # other space is not
+    ])
+    tokenizer.decoder = decoders.Sequence([
+        decoders.Replace(Regex("^"), " "),  # a space before every word,
+        decoders.Fuse(),
+        decoders.Replace(Regex(r" ?\n ?"), END_OF_LINE),  # none around line breaks,
+        decoders.Strip(" ", 1, 0),  # nor before the first word
+    ])
     trainer = trainers.WordLevelTrainer(
         vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS,
         show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
+    vocab = tokenizer.get_vocab()
+    if END_OF_LINE not in vocab:  # a corpus of single lines: still a word, for other text
+        vocab[END_OF_LINE] = len(vocab)
+        tokenizer.model = models.WordLevel(vocab, unk_token=UNK)
     return tokenizer
 
 

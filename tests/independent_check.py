@@ -22,7 +22,9 @@ model = AutoModelForCausalLM.from_pretrained(export).eval()
 tokenizer = AutoTokenizer.from_pretrained(export)
 text = Path(text_path).read_text(encoding="utf-8")
 held_out = text[int(len(text) * (1 - val_fraction)):]
-ids = tokenizer(held_out, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+# the document framing every client uses: BOS (the export's start token) before, EOS after
+ids = [tokenizer.bos_token_id, *tokenizer(held_out, add_special_tokens=False).input_ids,
+       tokenizer.eos_token_id]
 block = model.config.n_positions
 nll, count = 0.0, 0
 with torch.no_grad():

@@ -78,12 +78,16 @@ def test_held_out_validation_is_exactly_the_last_fraction(corpus_file: Path,
     tok = char_tokenizer(shakespeare_text)
     config = DataConfig(train_files=[str(corpus_file)], val_fraction=0.1, block_size=32)
     streams = DataStreams(config, tok, seed=0)
-    labels = [t for b in streams.val_batches(8) for t in b["labels"].flatten().tolist()
-              if t != IGNORE_INDEX]
+    batches = list(streams.val_batches(8))
+    labels = [t for b in batches for t in b["labels"].flatten().tolist() if t != IGNORE_INDEX]
     cut = int(len(shakespeare_text) * 0.9)
-    # Validation targets are the held-out text (minus its first token) and the closing EOS.
-    assert tok.decode(labels[:-1]) == shakespeare_text[cut + 1:]
+    # Validation opens with the start token, so every token of the held-out text is a target
+    # (the first one after the start token, as lm-eval scores it), then the closing EOS.
+    assert batches[0]["input_ids"][0, 0] == tok.bos_token_id
+    assert tok.decode(labels[:-1]) == shakespeare_text[cut:]
     assert labels[-1] == tok.eos_token_id
+    scored_bytes = sum(int(b["byte_counts"][b["labels"] != IGNORE_INDEX].sum()) for b in batches)
+    assert scored_bytes == len(shakespeare_text[cut:].encode())
     assert next(texts(config, "train")) == shakespeare_text[:cut]
 
 
@@ -115,7 +119,8 @@ def test_json_lines_and_parquet_sources_read_the_text_column(tmp_path: Path):
                             val_files=[str(path)], block_size=4)
         labels = [t for b in DataStreams(config, tok, seed=0).val_batches(4)
                   for t in b["labels"].flatten().tolist() if t != IGNORE_INDEX]
-        expected = [t for d in docs for t in [*tok(d).input_ids, tok.eos_token_id]][1:]
+        # every document after the start token (the previous one's EOS), all scored
+        expected = [t for d in docs for t in [*tok(d).input_ids, tok.eos_token_id]]
         assert labels == expected, path.suffix
 
 

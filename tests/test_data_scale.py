@@ -8,6 +8,7 @@ a run killed and resumed with workers or a cache trains on the blocks of the uni
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -190,11 +191,12 @@ def test_a_one_document_file_is_read_in_pieces_cut_at_line_breaks(corpus_file,
     assert max(p.end - p.start for p in pieces) < 4096 + 200  # bounded memory: one piece
 
     stream = DataStreams(config, tok, seed=0).train_batches(4)
-    expected = [*tok(shakespeare_text).input_ids, tok.eos_token_id]  # one document, one EOS
-    got = stream_tokens(stream, len(expected) + 40, 16)
-    assert got[:len(expected)] == expected
-    assert got[len(expected):] == expected[:len(got) - len(expected)]  # the next epoch
-    assert stream.counters["tokens"] >= len(expected)
+    document = [*tok(shakespeare_text).input_ids, tok.eos_token_id]  # one document, one EOS
+    got = stream_tokens(stream, len(document) + 41, 16)
+    assert got[0] == tok.bos_token_id  # the stream opens with the start token (= EOS)
+    assert got[1:len(document) + 1] == document
+    assert got[len(document) + 1:] == document[:len(got) - len(document) - 1]  # next epoch
+    assert stream.counters["tokens"] >= len(document)
     stream.close()
 
 
@@ -209,11 +211,11 @@ def test_the_held_out_split_of_a_one_document_file_is_its_last_fraction(
     labels = [t for b in streams.val_batches(8) for t in b["labels"].flatten().tolist()
               if t != IGNORE_INDEX]
     cut = int(len(shakespeare_text) * 0.9)
-    # Validation targets: the held-out text (minus its first token) and the closing EOS.
-    assert tok.decode(labels[:-1]) == shakespeare_text[cut + 1:]
+    # Validation targets: the held-out text (after the start token) and the closing EOS.
+    assert tok.decode(labels[:-1]) == shakespeare_text[cut:]
     assert labels[-1] == tok.eos_token_id and labels.count(tok.eos_token_id) == 1
-    # Training: the first 90%, followed by EOS as every document is (and as before issue 11).
-    expected = [*tok(shakespeare_text[:cut]).input_ids, tok.eos_token_id]
+    # Training: the start token, the first 90%, and EOS.
+    expected = [tok.bos_token_id, *tok(shakespeare_text[:cut]).input_ids, tok.eos_token_id]
     got = stream_tokens(streams.train_batches(4), len(expected), 16)
     assert got[:len(expected)] == expected
 
@@ -281,6 +283,25 @@ def test_the_cache_is_built_once_holds_the_streamed_tokens_and_follows_its_data(
     prepare(config, tok, show_progress=False)
     assert mtimes(folder)["train.bin"] != built["train.bin"]
     assert len(open_for(config, tok).tokens("train")) > len(cached)
+
+
+@pytest.mark.parametrize("stateful", [False, True])
+def test_cached_validation_scores_what_streamed_validation_scores(tmp_path, corpus_file, tok,
+                                                                  stateful):
+    """The same tokens, targets and bytes per target (bits per byte) from the cache as from
+    the stream, blocks or lanes: a cache never changes a reported figure."""
+    config = cache_config(corpus_file, tmp_path / "cache", val_fraction=0.1)
+    prepare(config, tok, show_progress=False)
+    streamed = dataclasses.replace(config, cache=None)
+    from_cache = list(DataStreams(config, tok, 0, stateful=stateful).val_batches(4))
+    from_files = list(DataStreams(streamed, tok, 0, stateful=stateful).val_batches(4))
+    assert len(from_cache) == len(from_files) > 1
+    for a, b in zip(from_cache, from_files, strict=True):
+        for key in ("input_ids", "labels", "byte_counts"):
+            assert torch.equal(a[key], b[key]), key
+    held_out = corpus_file.read_bytes()[int(corpus_file.stat().st_size * 0.9):]
+    scored = sum(int(b["byte_counts"][b["labels"] != IGNORE_INDEX].sum()) for b in from_cache)
+    assert abs(scored - len(held_out)) <= 3  # the cut lands on a character boundary
 
 
 def test_the_cache_never_writes_over_a_folder_hftrain_did_not_make(tmp_path, corpus_file, tok):

@@ -81,8 +81,9 @@ def test_each_rank_tokenizes_its_own_share_and_the_ranks_cover_every_piece(
         while len(blocks) * 16 + 1 < len(expected) + 40:  # into the next epoch
             blocks += blocks_of(next(stream))
         got = unpack(blocks)
-        # This rank's blocks are exactly its pieces' tokens, in order (then the next epoch).
-        assert got == (expected * 2)[:len(got)]
+        # This rank's blocks are exactly its pieces' tokens, in order, after the start token
+        # (then the next epoch).
+        assert got == [tok.bos_token_id, *expected * 2][:len(got)]
         stream.close()
 
     for c in counters:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from accelerate import Accelerator
 from conftest import tiny_recipe_dict
@@ -64,15 +65,18 @@ def test_eval_command_equals_in_training_evaluation(runs, capsys, arch):
 def test_windows_score_every_target_once_with_at_least_block_minus_stride_context(block_size,
                                                                                     stride):
     ids = list(range(1000, 1000 + 50))
-    scored, context = [], []
-    for window in text_windows(ids, block_size, stride):
-        tokens, labels = window
+    n_bytes = [i % 7 for i in range(50)]
+    scored, context, scored_bytes = [], [], 0
+    for window in text_windows(np.array([ids, n_bytes]), block_size, stride):
+        tokens, labels, counts = window
         for position in range(1, block_size + 1):
             if labels[position] != IGNORE_INDEX:
                 scored.append(int(labels[position]))
                 context.append(position)
+                scored_bytes += int(counts[position])
                 assert tokens[position] == labels[position]
     assert scored == ids[1:]  # each target once, in order
+    assert scored_bytes == sum(n_bytes[1:])  # with the bytes it stands for
     for target, seen in zip(range(1, 50), context, strict=True):
         assert seen >= min(target, block_size - stride + 1)
     # the trained-model property (a smaller stride never scores worse) is checked on the
@@ -89,7 +93,9 @@ def test_a_batch_of_unequal_texts_equals_them_one_by_one(runs):
              for t in texts]
     tokens = sum(r["tokens"] for r in alone)
     loss = sum(r["loss"] * r["tokens"] for r in alone) / tokens
-    assert together["tokens"] == tokens == sum(len(t) + 1 for t in texts) - len(texts)
+    # every character of each text (the first after the start token) and its EOS
+    assert together["tokens"] == tokens == sum(len(t) + 1 for t in texts)
+    assert together["bytes"] == sum(len(t.encode()) for t in texts)
     assert together["loss"] == pytest.approx(loss, rel=1e-6)
     assert together["perplexity"] == pytest.approx(math.exp(loss), rel=1e-6)
 
@@ -162,7 +168,7 @@ def test_push_uploads_exactly_the_staged_files_and_never_the_token(runs, tmp_pat
     assert (upload, repo2) == ("upload_folder", "me/tiny-lstm")
     assert set(files) == {"README.md", "loss.png", "config.json", "model.safetensors",
                           "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                          "hftrain_recipe.yaml", "chat_template.jinja",
+                          "hftrain_recipe.yaml", "hftrain_run.json", "chat_template.jinja",
                           "configuration_recurrent.py", "modeling_recurrent.py"}
     for name, content in files.items():
         assert SECRET.encode() not in content, name

@@ -1,4 +1,5 @@
-"""Generation continues prompts past a fixed-context model's window and stops at EOS."""
+"""Generation reads a prompt as the start of a document, continues it past a fixed-context
+model's window and stops at EOS."""
 
 from __future__ import annotations
 
@@ -45,3 +46,15 @@ def test_generation_stops_at_eos(shakespeare_text):
         model.lm_head.weight.zero_()
         model.lm_head.weight[tok.eos_token_id, 0] = 10.0
     assert generate_text(model, tok, "ROMEO:", max_new_tokens=30, temperature=0) == "ROMEO:"
+
+
+def test_a_prompt_is_read_as_the_start_of_a_document(shakespeare_text):
+    """The model sees the start token before the prompt, as it saw every document in
+    training (and as lm-eval's BOS prefix gives it)."""
+    model, tok = tiny(shakespeare_text)
+    text = generate_text(model, tok, "ROMEO:", max_new_tokens=8, temperature=0)
+    ids = torch.tensor([[tok.bos_token_id, *tok("ROMEO:", add_special_tokens=False).input_ids]])
+    expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
+                              do_sample=False, pad_token_id=tok.pad_token_id,
+                              eos_token_id=tok.eos_token_id)
+    assert text == tok.decode(expected[0, 1:], skip_special_tokens=True)

@@ -17,7 +17,7 @@ from conftest import tiny_recipe_dict
 
 from hftrain.data import IGNORE_INDEX, collate, lane_windows
 from hftrain.errors import RecipeError
-from hftrain.evaluation import evaluate_lm, token_byte_lengths
+from hftrain.evaluation import evaluate_lm
 from hftrain.models.rnn import RecurrentFields, build_recurrent
 from hftrain.recipe import TokenizerConfig, recipe_from_dict
 from hftrain.tokenizer import build_tokenizer
@@ -164,9 +164,9 @@ def test_stateful_evaluation_equals_one_pass_over_each_lane(tokenizer):
     for i, rows in enumerate(lane_windows(tokens, n_lanes=3, window=16, pad_tail=True)):
         batch = collate(rows, 3, tokenizer.pad_token_id)
         batch["reset_state"] = i == 0
+        batch["byte_counts"] = torch.ones_like(batch["labels"])
         batches.append(batch)
-    result = evaluate_lm(model, batches, Accelerator(cpu=True), token_byte_lengths(tokenizer),
-                         stateful=True)
+    result = evaluate_lm(model, batches, Accelerator(cpu=True), stateful=True)
     lane_len = -(-199 // 3)
     padded = np.concatenate([tokens, np.full(lane_len * 3 - 199, IGNORE_INDEX)])
     nll, count = 0.0, 0
@@ -193,7 +193,9 @@ def test_stateful_training_end_to_end(tmp_path, corpus_file, shakespeare_text):
     losses = [r["loss"] for r in records if "loss" in r]
     assert losses[-1] < losses[0] - 0.5
     held_out = shakespeare_text[int(len(shakespeare_text) * 0.9):]
-    assert result.val["tokens"] == len(held_out)  # every token and the final EOS, minus one
+    # every character (the first after the start token) and the final EOS
+    assert result.val["tokens"] == len(held_out) + 1
+    assert result.val["bytes"] == len(held_out.encode())
     assert (result.final_dir / "modeling_recurrent.py").exists()
     assert result.sample.startswith("ROMEO:")
 

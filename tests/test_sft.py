@@ -46,8 +46,9 @@ def scored_text(tok, example: np.ndarray) -> str:
 
 def test_only_completions_and_assistant_turns_are_scored(tok):
     example = encode_record(RECORDS[0], tok)
-    assert tok.decode(example[0].tolist()) == RECORDS[0]["prompt"] + RECORDS[0]["completion"] \
-        + tok.eos_token
+    # an example opens with the start token, as every document does (and as generation does)
+    assert tok.decode(example[0].tolist()) == tok.bos_token + RECORDS[0]["prompt"] \
+        + RECORDS[0]["completion"] + tok.eos_token
     assert scored_text(tok, example) == RECORDS[0]["completion"] + tok.eos_token
 
     chat = {"messages": [{"role": "user", "content": "Speak."},
@@ -76,6 +77,29 @@ def test_packed_examples_score_every_completion_token_once_in_order(tmp_path, to
     assert tok.decode(scored) == expected
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_examples_do_not_attend_to_each_other(tmp_path, tok, attention):
+    """A fine-tuning example packed after others gets the logits it gets alone: its position
+    ids restart at 0, from which transformers builds a block-diagonal causal mask (as for
+    padding-free packing with `DataCollatorWithFlattening`)."""
+    batch = next(iter(sft_streams(tmp_path, tok, packing=True, block_size=96).val_batches(1)))
+    positions = batch["position_ids"][0]
+    starts = [0, *(i for i in range(1, len(positions)) if positions[i] == 0)]
+    assert len(starts) >= 3, "the block should hold several examples"
+    torch.manual_seed(0)
+    model = build_gpt2(GPT2Fields(n_layer=2, n_head=2, n_embd=32), tok, 96).eval()
+    model.config._attn_implementation = attention
+    with torch.no_grad():
+        # without a cache, as in training and evaluation (a cache turns the packing off)
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                       use_cache=False).logits
+        for begin, end in zip(starts, [*starts[1:], len(positions)], strict=True):
+            alone = model(input_ids=batch["input_ids"][:, begin:end]).logits
+            torch.testing.assert_close(packed[:, begin:end], alone, rtol=1e-5, atol=1e-5)
+        crossed = model(input_ids=batch["input_ids"]).logits  # what packing did before
+    assert not torch.allclose(crossed[:, starts[1]:], packed[:, starts[1]:], atol=1e-3)
+
+
 def manual_masked_loss(model, tok) -> torch.Tensor:
     """Sum of completion-token NLL over all records / completion-token count, computed one
     record at a time from the prompt and completion strings."""
@@ -83,10 +107,10 @@ def manual_masked_loss(model, tok) -> torch.Tensor:
     for record in RECORDS:
         prompt = tok(record["prompt"], add_special_tokens=False)["input_ids"]
         answer = tok(record["completion"], add_special_tokens=False)["input_ids"]
-        ids = torch.tensor([prompt + answer + [tok.eos_token_id]])
+        ids = torch.tensor([[tok.bos_token_id, *prompt, *answer, tok.eos_token_id]])
         logits = model(input_ids=ids[:, :-1]).logits[0]
         nll = F.cross_entropy(logits, ids[0, 1:], reduction="none")
-        total = total + nll[len(prompt) - 1 :].sum()
+        total = total + nll[len(prompt) :].sum()
         count += len(answer) + 1
     return total / count
 

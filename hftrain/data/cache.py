@@ -3,9 +3,10 @@
 For corpora read many times (several epochs, several runs on one local corpus), tokenizing
 on every pass wastes most of the data pipeline's CPU. `hftrain prepare RECIPE` (or the first
 run whose recipe sets `data.cache: FOLDER`) writes, per split, `<split>.bin` (the token
-stream: documents end to end, each followed by EOS, as uint16 or uint32) and
-`<split>.documents.npy` (where each document ends), and `hftrain_cache.json` recording what
-the tokens were made from. Training then reads blocks straight from the memory map
+stream: documents end to end, framed as `hftrain.framing` says, as uint16 or uint32) and
+`<split>.documents.npy` (where each document ends), `val.bytes.bin` (the UTF-8 bytes each
+validation token stands for, uint32, for bits per byte) and `hftrain_cache.json` recording
+what the tokens were made from. Training then reads blocks straight from the memory map
 (nanoGPT's and Megatron's layout): block i of an epoch is `tokens[b*B : b*B + B + 1]` for the
 i-th entry b of a seeded permutation, rank r takes entries r, r + N, ..., so the rank split
 is exact and the position is (epoch, i), restored in O(1).
@@ -22,7 +23,7 @@ import hashlib
 import json
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +46,9 @@ from hftrain.recipe import DataConfig
 
 CACHE_RECORD = "hftrain_cache.json"
 CACHE_FILES = {CACHE_RECORD, "train.bin", "val.bin", "train.documents.npy",
-               "val.documents.npy"}
-FORMAT = 1
+               "val.documents.npy", "val.bytes.bin"}
+FORMAT = 2
+"""2: documents framed by a start token; validation bytes per token."""
 _SETTINGS = ("train_files", "val_files", "val_fraction", "dataset", "dataset_config",
              "train_split", "val_split", "format", "text_column", "sample_by")
 
@@ -154,25 +156,42 @@ def _build(config: DataConfig, tokenizer: Any, folder: Path, wanted: dict[str, A
     folder.parent.mkdir(parents=True, exist_ok=True)
     with atomic_directory(folder) as tmp:
         for split in _splits(config):
-            pieces = SplitPieces(config, split)
-            tokenize = PieceTokenizer(pieces, tokenizer)
-            loader = piece_loader(tokenize, range(len(pieces.pieces)),
-                                  min(max(config.num_workers, 1), len(pieces.pieces)))
-            n_tokens, ends = 0, []
-            with open(tmp / f"{split}.bin", "wb") as out, tqdm(
-                    total=len(pieces.pieces), desc=f"tokenize {split}", unit="piece",
-                    disable=not show_progress) as bar:
-                for item in loader:
-                    item = _checked(item)
-                    out.write(item.tokens.astype(dtype).tobytes())
-                    ends.append(n_tokens + np.cumsum(item.lengths))
-                    n_tokens += len(item.tokens)
-                    bar.update(1)
-            np.save(tmp / f"{split}.documents.npy",
-                    np.concatenate(ends) if ends else np.empty(0, dtype=np.int64))
-            splits[split] = {"tokens": n_tokens, "documents": int(sum(len(e) for e in ends))}
+            splits[split] = _write_split(config, tokenizer, split, tmp, dtype, show_progress)
         record = {"identity": wanted, "dtype": np.dtype(dtype).name, "splits": splits}
         (tmp / CACHE_RECORD).write_text(json.dumps(record, indent=2), encoding="utf-8")
+
+
+def _write_split(config: DataConfig, tokenizer: Any, split: str, folder: Path, dtype: Any,
+                 show_progress: bool) -> dict[str, int]:
+    """`<split>.bin`, `<split>.documents.npy` and (validation) `val.bytes.bin`."""
+    pieces = SplitPieces(config, split)
+    tokenize = PieceTokenizer(pieces, tokenizer, with_bytes=split == "val")
+    loader = piece_loader(tokenize, range(len(pieces.pieces)),
+                          min(max(config.num_workers, 1), len(pieces.pieces)))
+    opening = tokenize.opening(0)
+    n_tokens, ends = opening.shape[-1], []
+    with ExitStack() as files:
+        out = files.enter_context(open(folder / f"{split}.bin", "wb"))
+        out_bytes = files.enter_context(open(folder / "val.bytes.bin", "wb")) \
+            if tokenize.with_bytes else None
+        bar = files.enter_context(tqdm(total=len(pieces.pieces), desc=f"tokenize {split}",
+                                       unit="piece", disable=not show_progress))
+
+        def write(tokens: np.ndarray) -> None:
+            out.write((tokens[0] if out_bytes is not None else tokens).astype(dtype).tobytes())
+            if out_bytes is not None:
+                out_bytes.write(tokens[1].astype(np.uint32).tobytes())
+
+        write(opening)
+        for item in loader:
+            item = _checked(item)
+            write(item.tokens)
+            ends.append(n_tokens + np.cumsum(item.lengths))
+            n_tokens += item.tokens.shape[-1]
+            bar.update(1)
+    np.save(folder / f"{split}.documents.npy",
+            np.concatenate(ends) if ends else np.empty(0, dtype=np.int64))
+    return {"tokens": n_tokens, "documents": int(sum(len(e) for e in ends))}
 
 
 def _splits(config: DataConfig) -> list[str]:
@@ -200,10 +219,14 @@ class TokenCache:
         # opened once: a later rebuild of the folder (another recipe's prepare) replaces the
         # files, and a run keeps reading the ones it started with
         self._tokens = {split: self._open(split) for split in record["splits"]}
+        if "val" in record["splits"]:
+            self._val_bytes = self._open("val", "val.bytes.bin", np.uint32)
 
-    def _open(self, split: str) -> np.ndarray:
-        path, expected = self.folder / f"{split}.bin", self.record["splits"][split]["tokens"]
-        dtype = np.dtype(self.record["dtype"])
+    def _open(self, split: str, name: str | None = None, dtype: Any = None) -> np.ndarray:
+        """A split's tokens (or, by `name`, another array of one entry per token)."""
+        path = self.folder / (name or f"{split}.bin")
+        expected = self.record["splits"][split]["tokens"]
+        dtype = np.dtype(dtype or self.record["dtype"])
         try:
             size = path.stat().st_size
         except OSError as exc:
@@ -235,17 +258,19 @@ class TokenCache:
 
     def val_batches(self, batch_size: int, rank: int, world_size: int,
                     stateful: bool) -> Iterator[dict[str, Any]]:
-        tokens = self.tokens("val")
-        block = self.config.block_size
-        pad_id = self.pad_id
+        ids = self.tokens("val")
+        block, pad_id = self.config.block_size, self.pad_id
         if stateful:
+            tokens = np.stack([np.asarray(ids, np.int64), np.asarray(self._val_bytes, np.int64)])
             yield from lane_val_batches(tokens, batch_size, rank, world_size, block, pad_id)
             return
-        n_blocks = -(-(len(tokens) - 1) // block) if len(tokens) > 1 else 0
+        n_blocks = -(-(len(ids) - 1) // block) if len(ids) > 1 else 0
         mine = list(range(rank, n_blocks, world_size))
         for start in range(0, len(mine), batch_size):
-            rows = [_padded(tokens, b * block, block + 1) for b in mine[start : start + batch_size]]
-            yield collate(rows, batch_size, pad_id)
+            rows = [np.stack([_padded(ids, b * block, block + 1),
+                              _padded(self._val_bytes, b * block, block + 1)])
+                    for b in mine[start : start + batch_size]]
+            yield collate(rows, batch_size, pad_id, ("ids", "bytes"))
 
 
 def _padded(tokens: np.ndarray, start: int, width: int) -> np.ndarray:

@@ -43,6 +43,7 @@ from hftrain.data.packing import (
 from hftrain.data.sources import Piece, SplitPieces
 from hftrain.data_check import check_unchanged
 from hftrain.errors import DataError
+from hftrain.framing import Framing, token_bytes
 from hftrain.recipe import DataConfig
 from hftrain.sft import IGNORE_INDEX, encode_record
 
@@ -52,27 +53,32 @@ PREFETCH_PIECES = 4
 
 @dataclass
 class Tokenized:
-    """One piece, tokenized: its documents' tokens end to end (each finished document followed
-    by EOS), as 1-D ids or (2, n) ids and labels; or why it could not be read."""
+    """One piece, tokenized: its documents' tokens end to end, framed by start and end tokens
+    (`hftrain.framing`), as 1-D ids or the rows `PieceTokenizer.rows` names; or why it could
+    not be read."""
 
     tokens: np.ndarray
     lengths: np.ndarray
-    """Tokens of each document (fine-tuning: each example), EOS included."""
+    """Tokens of each document (fine-tuning: each example), start and EOS included."""
     error: str | None = None
 
 
 class PieceTokenizer(Dataset):
     """Reads and tokenizes pieces of a split, by index: what the loader's workers run.
 
-    `encode_batch_fast` skips the character offsets nothing here reads (4x faster than
-    `encode_batch` on a 1 MB document). A data error becomes `Tokenized.error`, raised by the
+    Training reads `encode_batch_fast`, which skips the character offsets (4x faster than
+    `encode_batch` on a 1 MB document); evaluation (`with_bytes`) reads them, to count the
+    bytes each token stands for. A data error becomes `Tokenized.error`, raised by the
     training process as one line instead of a worker traceback.
     """
 
-    def __init__(self, pieces: SplitPieces, tokenizer: Any) -> None:
-        self.pieces, self.tokenizer = pieces, tokenizer
-        self.eos_id = tokenizer.eos_token_id
+    def __init__(self, pieces: SplitPieces, tokenizer: Any, with_bytes: bool = False) -> None:
+        self.pieces, self.tokenizer, self.with_bytes = pieces, tokenizer, with_bytes
+        self.framing = Framing.of(tokenizer)
         self.sft = pieces.config.kind == "sft"
+        rows = ("ids", "labels", "starts") if self.sft else ("ids",)
+        self.rows = (*rows, "bytes") if with_bytes else rows
+        """The rows of `Tokenized.tokens` (`packing.collate`); 1-D when only ids."""
 
     def __len__(self) -> int:
         return len(self.pieces.pieces)
@@ -87,22 +93,46 @@ class PieceTokenizer(Dataset):
 
     def _texts(self, piece: Piece) -> Tokenized:
         documents = list(self.pieces.documents(piece))
-        encodings = self.tokenizer.backend_tokenizer.encode_batch_fast(
-            documents, add_special_tokens=False)
-        ids = [e.ids for e in encodings]
-        for i in range(len(ids) - (0 if piece.ends_document else 1)):
-            ids[i].append(self.eos_id)  # a document read in pieces continues in the next
+        backend = self.tokenizer.backend_tokenizer
+        encode = backend.encode_batch if self.with_bytes else backend.encode_batch_fast
+        encodings = encode(documents, add_special_tokens=False)
+        ids, counts, last = [], [], len(documents) - 1
+        for i, (text, encoding) in enumerate(zip(documents, encodings, strict=True)):
+            # a document read in pieces starts in the first and ends in the last
+            begins, ends = i > 0 or piece.starts_document, i < last or piece.ends_document
+            ids.append(self.framing.document(encoding.ids, begins, ends))
+            if self.with_bytes:
+                counts.append(token_bytes(self.framing, text, encoding, begins, ends))
         lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
         tokens = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64,
                              count=int(lengths.sum()))
+        if self.with_bytes:
+            tokens = np.stack([tokens, np.concatenate([np.empty(0, np.int64), *counts])])
         return Tokenized(tokens, lengths)
 
     def _records(self, piece: Piece) -> Tokenized:
-        examples = [np.stack(encode_record(record, self.tokenizer))
+        examples = [encode_record(record, self.tokenizer, self.with_bytes)
                     for record in self.pieces.documents(piece)]
         lengths = np.array([e.shape[1] for e in examples], dtype=np.int64)
-        tokens = np.concatenate(examples, axis=1) if examples else np.empty((2, 0), np.int64)
-        return Tokenized(tokens.astype(np.int64), lengths)
+        if not examples:
+            return Tokenized(np.empty((len(self.rows), 0), np.int64), lengths)
+        tokens = np.concatenate(examples, axis=1).astype(np.int64)
+        starts = np.zeros(tokens.shape[1], dtype=np.int64)
+        starts[np.cumsum(lengths) - lengths] = 1
+        return Tokenized(np.insert(tokens, 2, starts, axis=0), lengths)
+
+    def opening(self, first_piece: int) -> np.ndarray:
+        """What a stream that begins with piece `first_piece` opens with: the start token of
+        its first document when every later one's is the previous one's EOS (in the rows of
+        `Tokenized.tokens`; empty for fine-tuning examples, which open themselves)."""
+        starts = first_piece < len(self.pieces.pieces) and \
+            self.pieces.pieces[first_piece].starts_document
+        ids = np.asarray(self.framing.opening if starts and not self.sft else [], np.int64)
+        if len(self.rows) == 1:
+            return ids
+        opening = np.zeros((len(self.rows), len(ids)), dtype=np.int64)
+        opening[0] = ids
+        return opening
 
 
 class PieceOrder:
@@ -240,7 +270,7 @@ class TrainStream(UndoableSteps):
         self.sft = config.kind == "sft"
         self.one_example_per_block = self.sft and not config.packing
         self.epoch = self.k = 0
-        self.carry = np.empty((2, 0) if self.sft else 0, dtype=np.int64)
+        self.carry = self.tokenize.opening(int(self.order.epoch(0)[0]))
         self.carry_lengths = np.empty(0, dtype=np.int64)
         self.counters = {"pieces": 0, "documents": 0, "tokens": 0}
         """What this rank has read and tokenized since the run (or the resume) started."""
@@ -256,7 +286,7 @@ class TrainStream(UndoableSteps):
             batch, self._pending = self._pending[0], None
             return batch
         blocks = [self._next_block() for _ in range(self.batch_size)]
-        batch = collate(blocks, self.batch_size, self.pad_id)
+        batch = collate(blocks, self.batch_size, self.pad_id, self.tokenize.rows)
         if self.pin_memory:  # lets the copy to the GPU run without blocking the host
             batch = {k: v.pin_memory() for k, v in batch.items()}
         return batch
@@ -352,7 +382,10 @@ class TrainStream(UndoableSteps):
         self._epoch_tokens = epoch_tokens
         self.carry = state["data.carry"].cpu().numpy().astype(np.int64)
         self.carry_lengths = state["data.carry_lengths"].cpu().numpy().astype(np.int64)
-        self.shuffle.blocks = list(state["data.shuffle_buffer"].cpu().numpy().astype(np.int64))
+        buffer = state["data.shuffle_buffer"].cpu().numpy().astype(np.int64)
+        if self.sft:
+            self.carry, buffer = _with_starts(self.carry), _with_starts(buffer)
+        self.shuffle.blocks = list(buffer)
         self.shuffle.draws = draws
         self._pending = None
         if not 0 <= k <= self.order.per_epoch:
@@ -364,6 +397,14 @@ class TrainStream(UndoableSteps):
         if self._loader is not None:
             self._stop_workers()
             self._loader = None
+
+
+def _with_starts(tokens: np.ndarray) -> np.ndarray:
+    """Fine-tuning tokens saved before examples carried a row of starts (ids, labels), with
+    one of zeros added (the examples held then attend to each other, as they did)."""
+    if tokens.shape[-2] == 2:
+        return np.insert(tokens, 2, 0, axis=-2)
+    return tokens
 
 
 def check_length(config: DataConfig, source: str, n_tokens: int, world_size: int) -> None:
@@ -382,10 +423,11 @@ def check_length(config: DataConfig, source: str, n_tokens: int, world_size: int
 
 
 def read_all(tokenize: PieceTokenizer, indices: list[int], num_workers: int) -> np.ndarray:
-    """The tokens of the given pieces, end to end (in order, tokenized by the workers)."""
+    """The tokens of the given pieces, end to end (in order, tokenized by the workers), after
+    the stream's opening."""
     loader = piece_loader(tokenize, indices, min(num_workers, len(indices)))
-    arrays = [_checked(item).tokens for item in loader]
-    return np.concatenate(arrays, axis=-1) if arrays else np.empty(0, dtype=np.int64)
+    opening = tokenize.opening(indices[0] if indices else len(tokenize))
+    return np.concatenate([opening, *(_checked(item).tokens for item in loader)], axis=-1)
 
 
 class LaneStream(UndoableSteps):
@@ -481,34 +523,37 @@ def val_batches(pieces: SplitPieces, tokenizer: Any, config: DataConfig, batch_s
     first is scored: rank r packs pieces r, r + N, ... (so with N processes the first token of
     each rank's first piece, N tokens in all, has no context and is not scored); stateful
     evaluation lays all ranks' lanes over the whole split, as `LaneStream` does."""
-    tokenize = PieceTokenizer(pieces, tokenizer)
+    tokenize = PieceTokenizer(pieces, tokenizer, with_bytes=True)
     if stateful:
         tokens = read_all(tokenize, list(range(len(pieces.pieces))), 0)
         yield from lane_val_batches(tokens, batch_size, rank, world_size, config.block_size,
                                     tokenizer.pad_token_id)
         return
-    mine = range(rank, len(pieces.pieces), world_size)
+    mine = list(range(rank, len(pieces.pieces), world_size))
     documents = (_checked(tokenize[i]) for i in mine)
     if config.kind == "sft" and not config.packing:
         blocks: Iterator[np.ndarray] = pad_examples(
             (ex for item in documents for ex in np.split(item.tokens, np.cumsum(item.lengths)[:-1],
                                                          axis=1)), config.block_size)
     else:
-        blocks = pack_arrays((item.tokens for item in documents), config.block_size,
-                             pad_tail=True)
-    yield from batched(blocks, batch_size, tokenizer.pad_token_id)
+        opening = tokenize.opening(mine[0] if mine else len(tokenize))
+        arrays = itertools.chain([opening], (item.tokens for item in documents))
+        blocks = pack_arrays(arrays, config.block_size, pad_tail=True)
+    yield from batched(blocks, batch_size, tokenizer.pad_token_id, tokenize.rows)
 
 
 def lane_val_batches(tokens: np.ndarray, batch_size: int, rank: int, world_size: int,
                      block_size: int, pad_id: int) -> Iterator[dict[str, Any]]:
-    """Stateful evaluation of a token stream: the lanes of all ranks laid over it (the last
-    one padded so that every token is scored), rank r keeping its `batch_size` of them."""
-    if len(tokens) < 2:
+    """Stateful evaluation of a token stream (ids, or rows of ids and bytes): the lanes of all
+    ranks laid over it (the last one padded so that every token is scored), rank r keeping its
+    `batch_size` of them."""
+    if tokens.shape[-1] < 2:
         return
     lanes, first = batch_size * world_size, rank * batch_size
     array = np.asarray(tokens, dtype=np.int64)
+    names = ("ids", "bytes") if array.ndim == 2 else ("ids",)
     for i, rows in enumerate(lane_windows(array, lanes, block_size, pad_tail=True)):
-        batch = collate(rows[first : first + batch_size], batch_size, pad_id)
+        batch = collate(rows[first : first + batch_size], batch_size, pad_id, names)
         batch["reset_state"] = i == 0
         yield batch
 

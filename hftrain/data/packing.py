@@ -2,8 +2,9 @@
 
 Each block holds `block_size + 1` tokens and overlaps the next by one, so inputs are
 `block[:-1]` and targets `block[1:]`: every token after the first is a target exactly once.
-A block is 1-D token ids (every next token is a target) or (2, width) ids and labels
-(fine-tuning examples, whose prompt tokens are IGNORE_INDEX in the labels).
+A block is 1-D token ids (every next token is a target) or a 2-D array of named rows
+(`collate`): ids and labels for fine-tuning examples (prompt tokens are IGNORE_INDEX in the
+labels), example starts for packed examples, bytes for evaluation.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def pad_examples(examples: Iterable[np.ndarray], block_size: int) -> Iterator[np
     width = block_size + 1
     for example in examples:
         example = example[:, :width]
-        block = np.full((2, width), IGNORE_INDEX, dtype=np.int64)
+        block = np.full((example.shape[0], width), IGNORE_INDEX, dtype=np.int64)
         block[:, : example.shape[1]] = example
         yield block
 
@@ -71,46 +72,71 @@ def lane_windows(
     state carry from one window to the next (truncated BPTT). Without `pad_tail` the last
     (len - 1) mod n_lanes tokens are dropped, as the classic `batchify` does; with it the last
     lane is padded with IGNORE_INDEX so that every token is scored. The last window of an
-    epoch is padded to full width, keeping shapes fixed.
+    epoch is padded to full width, keeping shapes fixed. `tokens` may have rows (ids and
+    bytes): the last axis is the stream.
     """
-    n_targets = len(tokens) - 1
+    n_targets = tokens.shape[-1] - 1
     lane_len = -(-n_targets // n_lanes) if pad_tail else n_targets // n_lanes
     if pad_tail:
-        padding = np.full(lane_len * n_lanes - n_targets, IGNORE_INDEX, dtype=np.int64)
-        tokens = np.concatenate([tokens, padding])
-    lanes = np.stack([tokens[j * lane_len : (j + 1) * lane_len + 1] for j in range(n_lanes)])
+        padding = np.full((*tokens.shape[:-1], lane_len * n_lanes - n_targets), IGNORE_INDEX,
+                          dtype=np.int64)
+        tokens = np.concatenate([tokens, padding], axis=-1)
+    lanes = np.stack([tokens[..., j * lane_len : (j + 1) * lane_len + 1] for j in range(n_lanes)])
     for start in range(0, lane_len, window):
-        chunk = lanes[:, start : start + window + 1]  # (n_lanes, <= window + 1)
-        missing = window + 1 - chunk.shape[1]
+        chunk = lanes[..., start : start + window + 1]  # (n_lanes, [rows,] <= window + 1)
+        missing = window + 1 - chunk.shape[-1]
         if missing:
-            chunk = np.pad(chunk, ((0, 0), (0, missing)), constant_values=IGNORE_INDEX)
+            widths = [(0, 0)] * (chunk.ndim - 1) + [(0, missing)]
+            chunk = np.pad(chunk, widths, constant_values=IGNORE_INDEX)
         yield list(chunk)
 
 
-def collate(blocks: list[np.ndarray], batch_size: int, pad_id: int) -> dict[str, torch.Tensor]:
-    """Stack blocks into fixed-shape `input_ids` and `labels`; missing rows are all padding.
+def collate(blocks: list[np.ndarray], batch_size: int, pad_id: int,
+            rows: tuple[str, ...] = ("ids", "labels")) -> dict[str, torch.Tensor]:
+    """Stack blocks into fixed-shape batch tensors; missing rows of the batch are all padding.
 
-    A block is 1-D token ids (every next token is a target) or (2, width) ids and labels.
+    A block is 1-D token ids (every next token is a target) or an array whose rows `rows`
+    names: "ids"; "labels" (the ids where absent); "starts", 1 where a packed fine-tuning
+    example starts, which become `position_ids` counting from each example's start, so that
+    the model's attention keeps examples apart (transformers builds a block-diagonal mask
+    from them, as for its `DataCollatorWithFlattening`); "bytes", the UTF-8 bytes each token
+    stands for (`byte_counts` of the targets, for bits per byte).
     """
     stacked = np.stack(blocks)
     if stacked.ndim == 2:
-        stacked = np.stack([stacked, stacked], axis=1)
-    rows = np.full((batch_size, *stacked.shape[1:]), IGNORE_INDEX, dtype=np.int64)
-    rows[: len(blocks)] = stacked
-    inputs = torch.from_numpy(rows[:, 0, :-1].copy())
+        stacked, rows = stacked[:, None, :], ("ids",)
+    full = np.full((batch_size, *stacked.shape[1:]), IGNORE_INDEX, dtype=np.int64)
+    full[: len(blocks)] = stacked
+    named = dict(zip(rows, full.transpose(1, 0, 2), strict=True))
+    ids = named["ids"]
+    inputs = torch.from_numpy(ids[:, :-1].copy())
     inputs[inputs == IGNORE_INDEX] = pad_id
-    return {"input_ids": inputs, "labels": torch.from_numpy(rows[:, 1, 1:].copy())}
+    labels = named.get("labels", ids)
+    batch = {"input_ids": inputs, "labels": torch.from_numpy(labels[:, 1:].copy())}
+    if "starts" in named:
+        batch["position_ids"] = torch.from_numpy(example_positions(named["starts"][:, :-1]))
+    if "bytes" in named:
+        batch["byte_counts"] = torch.from_numpy(np.maximum(named["bytes"][:, 1:], 0))
+    return batch
 
 
-def batched(blocks: Iterable[np.ndarray], batch_size: int, pad_id: int) -> Iterator[dict]:
+def example_positions(starts: np.ndarray) -> np.ndarray:
+    """Position ids that restart at 0 where `starts` is 1 (and at the start of each row)."""
+    index = np.broadcast_to(np.arange(starts.shape[-1]), starts.shape)
+    last_start = np.maximum.accumulate(np.where(starts == 1, index, 0), axis=-1)
+    return index - last_start
+
+
+def batched(blocks: Iterable[np.ndarray], batch_size: int, pad_id: int,
+            rows: tuple[str, ...] = ("ids", "labels")) -> Iterator[dict]:
     pending: list[np.ndarray] = []
     for block in blocks:
         pending.append(block)
         if len(pending) == batch_size:
-            yield collate(pending, batch_size, pad_id)
+            yield collate(pending, batch_size, pad_id, rows)
             pending = []
     if pending:
-        yield collate(pending, batch_size, pad_id)
+        yield collate(pending, batch_size, pad_id, rows)
 
 
 class BlockShuffle:

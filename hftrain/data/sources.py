@@ -56,6 +56,9 @@ class Piece:
     ends_document: bool = True
     """`sample_by: document`: whether the piece holds the end of its file's document, which
     is followed by EOS. A document read in several pieces continues from piece to piece."""
+    starts_document: bool = True
+    """Likewise, whether the piece holds the start of its document (which the start token
+    precedes, `hftrain.framing`)."""
     first_record: int = 0
     """Index of the piece's first record in the split (fine-tuning hold-out); for a Hub
     piece, which of the `end` pieces sharing its shard it is."""
@@ -181,7 +184,8 @@ class SplitPieces:
             if bounds[-1] < at < end:
                 bounds.append(at)
         bounds.append(end)
-        return [Piece(path, fmt, a, b, ends_document=not document or b == end)
+        return [Piece(path, fmt, a, b, ends_document=not document or b == end,
+                      starts_document=not document or a == start)
                 for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
 
     def documents(self, piece: Piece) -> Iterator[Any]:

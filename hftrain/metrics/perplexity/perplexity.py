@@ -4,11 +4,14 @@ The Hub's `perplexity` metric reloads a model by id and averages per-text perple
 weights a 3-token text like a 3,000-token one. A language model's perplexity is a property of
 the corpus: exp(total NLL / total scored tokens). This module receives, per batch (and per
 process, already reduced), the summed NLL in nats, the number of scored tokens and the number of
-UTF-8 bytes those tokens spell, and returns:
+UTF-8 bytes of text those tokens stand for (whitespace and unknown words included: the same
+text gives the same byte count whatever the tokenizer), and returns:
 
 - loss: mean NLL per token (nats)
 - perplexity: exp(loss)
-- bits_per_byte: total NLL in bits / bytes of text, comparable across tokenizers
+- bits_per_byte: total NLL in bits / bytes of text, comparable across tokenizers (the formula
+  of lm-evaluation-harness's `bits_per_byte`)
+- nll, tokens, bytes: the sums themselves
 """
 
 import math
@@ -22,7 +25,7 @@ Args:
     token_count: number of scored tokens of each batch (padding and ignored labels excluded).
     byte_count: UTF-8 bytes of text those tokens stand for.
 Returns:
-    loss, perplexity, bits_per_byte, tokens.
+    loss, perplexity, bits_per_byte, nll, tokens, bytes.
 """
 
 
@@ -52,5 +55,7 @@ class Perplexity(evaluate.Metric):
             "loss": loss,
             "perplexity": math.exp(loss),
             "bits_per_byte": nll / (math.log(2) * n_bytes) if n_bytes else float("nan"),
+            "nll": nll,
             "tokens": tokens,
+            "bytes": n_bytes,
         }
