@@ -20,6 +20,7 @@ from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from hftrain.errors import HftrainError
+from hftrain.launch import RUN_RECORD
 from hftrain.run_folder import contains
 from hftrain.tracking import read_metrics
 
@@ -39,7 +40,7 @@ A {{ description }} trained with hftrain{{ init_note }}.
 | parameters | {{ parameters }} |
 | tokenizer | {{ tokenizer }} |
 | training data | {{ train_data }} |
-| steps x global batch | {{ steps }} x {{ global_batch }} blocks of {{ block_size }} tokens |
+| steps x global batch | {{ steps }} x {{ global_batch }} |
 | optimizer | {{ optimizer }} |
 {% if validation %}| validation ({{ val_data }}) | {{ validation }} |
 {% endif %}
@@ -153,8 +154,7 @@ def model_card(folder: Path, repo_id: str, val: dict[str, Any] | None) -> ModelC
         train_data=data.get("dataset") or ", ".join(data.get("train_files") or []) or "unknown",
         val_data=dataset_name,
         steps=train.get("max_steps", "?"),
-        global_batch=train.get("batch_size", 0) * train.get("grad_accum_steps", 1),
-        block_size=data.get("block_size", "?"),
+        global_batch=global_batch(train, data.get("block_size", "?"), _run_record(folder)),
         optimizer=f"{train.get('optimizer', '?')}, lr {train.get('lr', '?')}, "
                   f"{train.get('scheduler', '?')} schedule",
         validation=(f"loss {val['val_loss']:.4f}, perplexity {val['val_ppl']:.3f}, bits per "
@@ -163,6 +163,32 @@ def model_card(folder: Path, repo_id: str, val: dict[str, Any] | None) -> ModelC
         remote=", trust_remote_code=True" if recurrent else "",
         prompt=recipe.get("sample", {}).get("prompt", "") or "",
     )
+
+
+def _run_record(folder: Path) -> dict[str, Any]:
+    """The export's `hftrain_run.json` (how many processes trained it), or {} for an export
+    written before hftrain recorded it."""
+    path = folder / RUN_RECORD
+    try:
+        record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except ValueError:
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def global_batch(train: dict[str, Any], block_size: Any, run: dict[str, Any]) -> str:
+    """The global batch and what makes it: `train.batch_size` is per process, so the figure
+    is batch_size x grad_accum_steps x processes; without a record of the processes, the card
+    says it gives a per-process figure rather than pass it off as the global one."""
+    per_process = train.get("batch_size", 0) * train.get("grad_accum_steps", 1)
+    parts = f"batch_size {train.get('batch_size', '?')} x grad_accum_steps " \
+            f"{train.get('grad_accum_steps', 1)}"
+    processes = run.get("processes")
+    if not isinstance(processes, int) or processes < 1:
+        return (f"{per_process} blocks of {block_size} tokens per process ({parts}; the number "
+                "of processes was not recorded)")
+    return (f"{per_process * processes} blocks of {block_size} tokens ({parts} x {processes} "
+            f"process{'es' if processes > 1 else ''})")
 
 
 def _tokenizer_origin(recipe: dict[str, Any]) -> str:

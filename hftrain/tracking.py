@@ -32,7 +32,8 @@ class MetricsLog:
 
     def write(self, record: dict[str, Any]) -> None:
         if self.accelerator is not None and self.accelerator.trackers:
-            values = {k: v for k, v in record.items() if k != "step"}
+            # a figure that does not exist (null: a window of skipped steps) is not sent
+            values = {k: v for k, v in record.items() if k != "step" and v is not None}
             self.accelerator.log(values, step=record["step"])
         if self.enabled:
             clean = {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v)
@@ -124,6 +125,14 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
 
 
+def loss_points(records: list[dict[str, Any]]) -> list[tuple[int, float]]:
+    """(step, training loss) of the logged steps. A window whose every step was skipped has
+    no loss (null): it becomes NaN, which matplotlib leaves out, so the curve shows a gap
+    there instead of a dive to a loss that was never measured."""
+    return [(r["step"], math.nan if r["loss"] is None else r["loss"])
+            for r in records if "loss" in r]
+
+
 def plot_losses(metrics_path: Path, out_path: Path) -> Path | None:
     """Train and validation loss against step, as a PNG; None if matplotlib is missing."""
     try:
@@ -134,7 +143,7 @@ def plot_losses(metrics_path: Path, out_path: Path) -> Path | None:
     except ImportError:
         return None
     records = read_metrics(metrics_path)
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    train = loss_points(records)
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     if train:

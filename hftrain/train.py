@@ -41,9 +41,15 @@ from hftrain.errors import (
     RunStopped,
     TrainingDiverged,
 )
-from hftrain.evaluation import evaluate_lm, token_byte_lengths, token_nll
+from hftrain.evaluation import evaluate_lm, model_inputs, token_nll
 from hftrain.generation import generate_text
 from hftrain.hub import push
+from hftrain.launch import (
+    check_sharding_before_start,
+    check_sharding_set_up,
+    report_setup,
+    write_run_record,
+)
 from hftrain.models import build_model
 from hftrain.models.base import is_lora
 from hftrain.optim import build_optimizer, build_scheduler
@@ -183,6 +189,7 @@ def train(recipe: Recipe, recipe_path: Path | None = None) -> TrainResult:
     """
     run_dir = Path(recipe.run.output_dir)
     trackers = default_trackers() if recipe.run.trackers is None else recipe.run.trackers
+    check_sharding_before_start(cpu=_cpu_data_parallel())  # Accelerate would not shard
     accelerator = Accelerator(
         mixed_precision=recipe.train.mixed_precision,
         cpu=_cpu_data_parallel(),
@@ -190,6 +197,8 @@ def train(recipe: Recipe, recipe_path: Path | None = None) -> TrainResult:
         project_dir=str(run_dir),
         dynamo_backend="inductor" if recipe.train.compile else None,
     )
+    check_sharding_set_up(accelerator)
+    report_setup(accelerator, recipe.train.mixed_precision)  # what runs, said once
     keep_freed_heap_memory(accelerator.device)
     set_seed(recipe.run.seed)
     check_writable_target(run_dir, protected_paths(recipe, recipe_path), "run.output_dir")
@@ -250,8 +259,7 @@ def _run_in_folder(recipe: Recipe, accelerator: Accelerator, plan: Plan, parts: 
         accelerator.init_trackers("hftrain", config=flat_config(recipe.to_dict()))
     log = MetricsLog(run_dir / "metrics.jsonl", accelerator.is_main_process, accelerator)
     loop = TrainingLoop(recipe, accelerator, parts.model, parts.optimizer, parts.scheduler,
-                        parts.streams, log, token_byte_lengths(parts.tokenizer), run_dir,
-                        parts.batches)
+                        parts.streams, log, run_dir, parts.batches)
     if plan.checkpoint is not None:
         loop.resume(plan.checkpoint)
         accelerator.print(f"resumed from {plan.checkpoint} at step {loop.step}")
@@ -368,8 +376,7 @@ class TrainingLoop:
 
     def __init__(self, recipe: Recipe, accelerator: Accelerator, model: Any, optimizer: Any,
                  scheduler: Any, streams: DataStreams, log: MetricsLog,
-                 byte_lengths: torch.Tensor, run_dir: Path | None = None,
-                 batches: Any = None) -> None:
+                 run_dir: Path | None = None, batches: Any = None) -> None:
         self.recipe = recipe
         self.accelerator = accelerator
         self.model = model
@@ -377,7 +384,6 @@ class TrainingLoop:
         self.scheduler = scheduler
         self.streams = streams
         self.log = log
-        self.byte_lengths = byte_lengths
         self.run_dir = run_dir
         self.state = TrainState(batches, accelerator.device)
         self.window_data_wait = 0.0  # seconds spent in `next(batches)`, for `data_wait`
@@ -457,9 +463,7 @@ class TrainingLoop:
             bar.update(1)
             log_step = self.step % cfg.log_interval == 0 or self.step == cfg.max_steps
             if log_step:
-                record = self.log_window(lr, window_start)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}",
-                                tok_s=f"{record['tokens_per_s']:,.0f}")
+                self._show_window(bar, self.log_window(lr, window_start))
                 window_start = time.perf_counter()
             if self.step % self.recipe.eval.interval == 0 and self.step < cfg.max_steps:
                 val = self.evaluate(self.recipe.eval.max_batches)
@@ -486,7 +490,8 @@ class TrainingLoop:
             window_loss = self.accelerator.reduce(window_loss, "sum")
         if skipped and self.recipe.train.on_nan == "stop":
             self._diverged(first_skipped, skipped, steps + skipped)
-        record = {"step": self.step, "loss": window_loss.item() / max(steps, 1),
+        # a window whose every step was skipped has no loss: null, never a made-up 0.0
+        record = {"step": self.step, "loss": window_loss.item() / steps if steps else None,
                   "lr": lr, "tokens": self.state.tokens_seen, "tokens_per_s": tokens_per_s,
                   # the share of the window this process spent waiting for its batches
                   "data_wait": min(self.window_data_wait / max(elapsed, 1e-9), 1.0),
@@ -499,6 +504,18 @@ class TrainingLoop:
         self.log.write(record)
         self.window_data_wait = 0.0
         return record
+
+    def _show_window(self, bar: Any, record: dict[str, Any]) -> None:
+        """The bar's figures for the window just logged. A window whose every step was
+        skipped has no loss to show: it says so on a line of its own (the bar's postfix may
+        not reach a log file for 30 s), rather than show a loss of 0."""
+        skipped = record["loss"] is None
+        bar.set_postfix(loss="skipped" if skipped else f"{record['loss']:.4f}",
+                        lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:,.0f}")
+        if skipped:
+            bar.write(f"step {self.step}: every step since the last log line was skipped "
+                      f"(loss not finite; {record['skipped_steps']} skipped in all), no loss "
+                      "to log")
 
     def _diverged(self, first: int, skipped: int, window: int) -> None:
         newest = self.last_checkpoint
@@ -585,7 +602,7 @@ class TrainingLoop:
             if batch.get("reset_state"):
                 state.recurrent = None
             with nullcontext() if last else acc.no_sync(self.model):
-                out = self.model(input_ids=batch["input_ids"].to(acc.device, non_blocking=True),
+                out = self.model(**model_inputs(batch, acc.device),
                                  past_key_values=state.recurrent, use_cache=self.stateful)
                 if self.stateful:
                     state.recurrent = tuple(s.detach() for s in out.past_key_values)
@@ -601,8 +618,9 @@ class TrainingLoop:
             self.optimizer.step()
         elif acc.scaler is not None or bool(finite):  # fp16: the GradScaler skips non-finite
             self.optimizer.step()  # gradients itself; otherwise wait for the check
-        if not acc.optimizer_step_was_skipped:  # a skipped step still advances the schedule
-            self.scheduler.step()  # (as it advances the step), except fp16's loss-scale skips
+        self.scheduler.step()  # every step, skipped or not (a NaN, fp16's loss-scale skip):
+        # the step counter and the schedule advance together, so step N runs at the
+        # schedule's learning rate for step N however many steps before it were skipped
         self.optimizer.zero_grad(set_to_none=True)
         return step_loss, finite, n_tokens
 
@@ -622,8 +640,7 @@ class TrainingLoop:
         # Unwrapped: ranks may hold unequal numbers of validation batches, and a DDP-wrapped
         # forward may wait on the other ranks; the sums are reduced once at the end instead.
         model = bare_model(self.accelerator, self.model)
-        val = evaluate_lm(model, batches, self.accelerator, self.byte_lengths, max_batches,
-                          stateful=self.stateful)
+        val = evaluate_lm(model, batches, self.accelerator, max_batches, stateful=self.stateful)
         self.log.write({"step": self.step, "val_loss": val["loss"],
                         "val_ppl": val["perplexity"], "val_bpb": val["bits_per_byte"],
                         "val_tokens": val["tokens"]})
@@ -664,6 +681,7 @@ def export(accelerator: Accelerator, model: Any, tokenizer: Any, recipe: Recipe,
             unwrapped.save_pretrained(tmp, state_dict=state_dict)
             tokenizer.save_pretrained(tmp)
             dump_recipe(recipe, tmp / "hftrain_recipe.yaml")
+            write_run_record(accelerator, recipe, tmp)  # processes: the recipe cannot say
     accelerator.wait_for_everyone()
     return final_dir, unwrapped
 
