@@ -139,12 +139,21 @@ def cmd_train(args: argparse.Namespace) -> None:
     val = result.val
     print(f"validation: loss {val['loss']:.4f} | perplexity {val['perplexity']:.3f} | "
           f"bits/byte {val['bits_per_byte']:.4f} | {val['tokens']:,} tokens")
-    resumed = f" (resumed at step {result.step - result.steps_run})" if \
-        result.steps_run < result.step else ""
-    print(f"trained {result.steps_run} steps{resumed} in {result.train_seconds:.1f} s; "
-          f"model exported to {result.final_dir}")
+    print(f"{trained_steps(result.step - result.steps_run, result.step)} in "
+          f"{result.train_seconds:.1f} s; model exported to {result.final_dir}")
     if result.sample:
         print(f"sample:\n{result.sample}")
+
+
+def trained_steps(first: int, last: int) -> str:
+    """What this invocation trained: all of a new run's steps, or after a resume the steps
+    it added and where it took over (never the run's total as if this run had made it)."""
+    if first == 0:
+        return f"trained {last} steps"
+    if first == last:  # the run was checkpointed at its end: evaluated and exported only
+        return f"trained 0 steps (resumed at step {last})"
+    return (f"trained steps {first + 1}-{last} ({last - first} steps this run, resumed at "
+            f"step {first})")
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -162,6 +171,54 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    """Perplexity and bits per byte on --data files, lm-eval tasks with --tasks, or both."""
+    import json
+
+    if not args.data and not args.tasks:
+        raise HftrainError("hftrain eval needs --data FILE (perplexity, bits per byte) or "
+                           "--tasks T1,T2 (lm-eval benchmarks), or both")
+    tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
+    if args.tasks is not None and not tasks:
+        raise HftrainError("--tasks names no task: give lm-eval task names, e.g. --tasks "
+                           "lambada_openai,hellaswag")
+    if not tasks and (args.include_path or args.limit):
+        raise HftrainError("--include-path and --limit apply to lm-eval tasks: add --tasks")
+    if tasks:
+        from hftrain.harness import require_lm_eval
+
+        require_lm_eval()  # before --data spends any time
+    result: dict[str, Any] = _eval_data(args) if args.data else {}
+    if tasks:
+        from hftrain.evaluation import recorded_block_size
+        from hftrain.harness import format_results, run_tasks
+
+        task_results = run_tasks(
+            args.export, tasks, include_path=args.include_path, limit=args.limit,
+            batch_size=args.batch_size,
+            max_length=args.block_size or recorded_block_size(args.export),
+            trust_remote_code=args.trust_remote_code)
+        result["tasks"] = task_results
+        if not args.json:
+            print("\n".join(format_results(task_results)))
+    if args.json:
+        print(json.dumps(result))
+
+
+def _lm_eval_limit(text: str) -> int | float:
+    """--limit: a whole number of documents per task, or a fraction of them below 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
+    if not value > 0 or (value >= 1 and value != int(value)):  # NaN fails too
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1 or a fraction "
+                                         f"between 0 and 1, got {text}")
+    return value if value < 1 else int(value)
+
+
+def _eval_data(args: argparse.Namespace) -> dict[str, Any]:
+    """`hftrain eval --data`: score the files, print the line (unless --json), return the
+    figures with the block size and stride they were scored with."""
     from accelerate import Accelerator
 
     from hftrain.data import texts
@@ -185,9 +242,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
     accelerator = Accelerator()
     result = evaluate_texts(model.to(accelerator.device), tokenizer, documents, accelerator,
                             block_size, stride, args.batch_size)
-    print(f"{', '.join(args.data)}: loss {result['loss']:.4f} | perplexity "
-          f"{result['perplexity']:.3f} | bits/byte {result['bits_per_byte']:.4f} | "
-          f"{result['tokens']:,} tokens (block {block_size}, stride {stride})")
+    if not args.json:
+        print(f"{', '.join(args.data)}: loss {result['loss']:.4f} | perplexity "
+              f"{result['perplexity']:.3f} | bits/byte {result['bits_per_byte']:.4f} | "
+              f"{result['tokens']:,} tokens (block {block_size}, stride {stride})")
+    return {**result, "block_size": block_size, "stride": stride}
 
 
 def _some_text(documents: Iterable[str], source: str) -> Iterator[str]:
@@ -281,21 +340,35 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "train":
             p.add_argument("--resume", action="store_true",
                            help="continue from the newest checkpoint (checkpoint.resume=auto)")
-    e = sub.add_parser("eval", help="perplexity and bits per byte of an export on text files")
+    e = sub.add_parser("eval", help="perplexity and bits per byte of an export on text files, "
+                                     "and lm-eval benchmarks")
     e.add_argument("export", help="an export folder (run_dir/final) or Hub id")
-    e.add_argument("--data", nargs="+", required=True,
+    e.add_argument("--data", nargs="+", default=None,
                    help="text (.txt), JSON Lines or Parquet files; each document is scored alone")
+    e.add_argument("--tasks", default=None,
+                   help="comma-separated lm-eval tasks (needs the extra: pip install "
+                        "'hftrain[eval]'); --data, --tasks or both")
+    e.add_argument("--include-path", default=None,
+                   help="a folder of local lm-eval task YAMLs (for --tasks)")
+    e.add_argument("--limit", type=_lm_eval_limit, default=None,
+                   help="lm-eval: at most N documents per task (a fraction if below 1); "
+                        "for quick checks, not for reporting")
     e.add_argument("--block-size", type=_int_at_least(1), default=None,
-                   help="tokens of context per window (default: the training recipe's)")
+                   help="tokens of context per window (default: the training recipe's); "
+                        "also lm-eval's max_length")
     e.add_argument("--stride", type=_int_at_least(1), default=None,
                    help="tokens between windows (default: block size, no overlap); smaller "
-                        "strides give every token more context and cost more forward passes")
+                        "strides give every token more context and cost more forward passes "
+                        "(--data only: lm-eval's windows do not overlap)")
     e.add_argument("--batch-size", type=_int_at_least(1), default=16)
     e.add_argument("--text-column", default="text", help="column of JSON Lines/Parquet files")
     e.add_argument("--sample-by", choices=["document", "paragraph", "line"], default="document",
                    help="what one document of a .txt file is")
     e.add_argument("--trust-remote-code", action="store_true",
                    help="allow model code shipped with the export (recurrent models)")
+    e.add_argument("--json", action="store_true",
+                   help="print the result as one JSON object (--data figures, block_size, "
+                        "stride; lm-eval metrics under \"tasks\")")
     e.set_defaults(func=cmd_eval)
     h = sub.add_parser("push", help="upload an export with a model card to the Hugging Face Hub")
     h.add_argument("export", help="an export folder (run_dir/final)")

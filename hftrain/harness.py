@@ -1,0 +1,163 @@
+"""Standard benchmarks through EleutherAI's lm-evaluation-harness (`lm-eval`).
+
+hftrain does not re-implement benchmarks: their prompts, few-shot layouts, answer matching
+and normalisations are what make figures comparable between papers, and lm-eval is where the
+field keeps them. `hftrain eval EXPORT --tasks T1,T2` hands the export folder to lm-eval's
+`HFLM` as any transformers client would load it (remote code included, with
+`--trust-remote-code`) and runs `lm_eval.simple_evaluate`; local task YAMLs come in through
+`--include-path`. lm-eval is an optional extra (`pip install 'hftrain[eval]'`): it pulls in
+some 30 packages that training does not need.
+
+Windows: lm-eval scores a long text (`loglikelihood_rolling`) in windows of `max_length`
+tokens, the first one after a prefix token (the tokenizer's `bos_token`, else `eos_token`).
+hftrain passes its block size as `max_length`, so with the default `--block-size` lm-eval sees
+the text in the windows the model was trained on, like `hftrain eval --data`.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from hftrain.errors import HftrainError
+
+LM_EVAL_MISSING = "hftrain eval --tasks needs lm-eval: pip install 'hftrain[eval]'"
+
+
+def require_lm_eval() -> None:
+    """Stop with one line (exit status 2) when lm-eval cannot be imported."""
+    try:
+        import lm_eval  # noqa: F401
+        from lm_eval.models.huggingface import HFLM  # noqa: F401
+    except ImportError as exc:
+        missing = getattr(exc, "name", None)
+        if missing in (None, "lm_eval") or str(missing).startswith("lm_eval."):
+            raise HftrainError(LM_EVAL_MISSING) from None
+        raise HftrainError(f"{LM_EVAL_MISSING} (lm-eval is installed but cannot import "
+                           f"'{missing}')") from None
+
+
+ROLLING_TASK_YAML = """\
+task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{{{text}}}}"
+metric_list:
+  - metric: word_perplexity
+    aggregation: weighted_perplexity
+    higher_is_better: false
+  - metric: byte_perplexity
+    aggregation: weighted_perplexity
+    higher_is_better: false
+  - metric: bits_per_byte
+    aggregation: bits_per_byte
+    higher_is_better: false
+metadata:
+  version: 1.0
+"""
+
+
+def write_rolling_task(folder: Path, name: str, texts: list[str]) -> Path:
+    """A local lm-eval task (for `--include-path folder --tasks name`) that scores `texts`,
+    each as one document, by rolling log-likelihood (perplexity, bits per byte), as lm-eval's
+    wikitext task does: `folder/name.jsonl` and `folder/name.yaml`."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / f"{name}.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    task = folder / f"{name}.yaml"
+    task.write_text(ROLLING_TASK_YAML.format(name=name, data=data.resolve()), encoding="utf-8")
+    return task
+
+
+def _device() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def run_tasks(
+    export: str,
+    tasks: list[str],
+    include_path: str | None = None,
+    limit: float | None = None,
+    batch_size: int = 16,
+    max_length: int | None = None,
+    trust_remote_code: bool = False,
+) -> dict[str, dict[str, float]]:
+    """Run lm-eval `tasks` on the model in `export`; returns {task: {metric: value}}.
+
+    Metric names are lm-eval's, with its filter appended when it is not the default one
+    ("exact_match,strict-match"); standard errors come as "<metric>_stderr" where lm-eval
+    computed one. `limit`: documents per task (a fraction when below 1), for quick checks;
+    lm-eval marks such figures as not for reporting. `max_length`: the window of rolling
+    log-likelihoods and the longest context (None: lm-eval reads it from the model config).
+    """
+    require_lm_eval()
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    if include_path is not None and not Path(include_path).is_dir():
+        raise HftrainError(f"--include-path: no such folder: {include_path}")
+    looks_local = Path(export).is_absolute() or export.startswith(".") or export.count("/") > 1
+    if looks_local and not Path(export).exists():
+        raise HftrainError(f"export folder not found: {export}")
+    manager = TaskManager(include_path=include_path)
+    known = set(manager.match_tasks(tasks))
+    unknown = [t for t in tasks if t not in known and "*" not in t and not Path(t).is_file()]
+    if unknown:
+        where = f" or in {include_path}" if include_path else " (local task YAMLs: --include-path)"
+        raise HftrainError(f"unknown lm-eval task {', '.join(map(repr, unknown))}: not one of "
+                           f"lm-eval's tasks{where}; `lm-eval ls tasks` lists them")
+    try:
+        lm = HFLM(pretrained=export, trust_remote_code=trust_remote_code, max_length=max_length,
+                  batch_size=batch_size, device=_device())
+    except (OSError, ValueError) as exc:
+        raise HftrainError(f"lm-eval cannot load '{export}': {exc}".split("\n")[0]) from None
+    output = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,
+                             log_samples=False)
+    if output is None:  # only on processes other than the main one
+        return {}
+    return {task: _metrics(values) for task, values in output["results"].items()}
+
+
+def _metrics(values: dict[str, Any]) -> dict[str, float]:
+    """lm-eval's {"bits_per_byte,none": x, "bits_per_byte_stderr,none": "N/A", "alias": ...}
+    as {"bits_per_byte": x}: numbers only, default filter name dropped."""
+    metrics = {}
+    for key, value in values.items():
+        if not isinstance(value, int | float) or isinstance(value, bool) or "," not in key:
+            continue  # alias, "N/A" standard errors, sample counts
+        name, _, filter_name = key.partition(",")
+        if filter_name != "none":
+            name = f"{name},{filter_name}"
+        metrics[name] = float(value)
+    return metrics
+
+
+def format_results(results: dict[str, dict[str, float]]) -> list[str]:
+    """One line per task metric: `task  metric  value [± stderr]`."""
+    lines = []
+    for task, metrics in results.items():
+        for name, value in metrics.items():
+            if "_stderr" in name:
+                continue
+            base, _, filter_name = name.partition(",")
+            stderr = metrics.get(f"{base}_stderr" + (f",{filter_name}" if filter_name else ""))
+            line = f"{task}: {name} {value:.4f}"
+            if stderr is not None and math.isfinite(stderr):
+                line += f" ± {stderr:.4f}"
+            lines.append(line)
+    return lines
