@@ -59,3 +59,16 @@ def unpack(blocks: list[list[int]]) -> list[int]:
         assert block[0] == stream[-1], "consecutive blocks must share one token"
         stream.extend(block[1:])
     return stream
+
+
+def cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    """Run the hftrain CLI in-process: exit code, stdout, stderr."""
+    from hftrain.cli import main
+
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, tiny_recipe_dict
+from conftest import REPO, cli, tiny_recipe_dict
 
 import hftrain.atomic
 import hftrain.tracking
@@ -34,17 +34,6 @@ def recipe_file(tmp_path: Path, corpus: Path, out: Path, **train) -> Path:
     path = tmp_path / f"{out.name}.yaml"
     path.write_text(json.dumps(data))
     return path
-
-
-def cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    """Run the CLI in-process: exit code, stdout, stderr."""
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def one_error_line(err: str) -> str:

@@ -20,11 +20,10 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType
-from conftest import REPO, tiny_recipe_dict
+from conftest import REPO, cli, tiny_recipe_dict
 
 import hftrain.launch
 import hftrain.train
-from hftrain.cli import main
 from hftrain.errors import HftrainError
 from hftrain.hub import model_card
 from hftrain.launch import check_sharding_set_up
@@ -47,17 +46,6 @@ def recipe_file(tmp_path: Path, corpus: Path, **train) -> Path:
     path = tmp_path / "run.yaml"
     path.write_text(json.dumps(data))
     return path
-
-
-def cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    """Run the CLI in-process: exit code, stdout, stderr."""
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def nan_on_steps(monkeypatch, steps: range) -> None:
