@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from hftrain.errors import HftrainError, ReportedByMainProcess
+from hftrain.errors import DataError, HftrainError, ReportedByMainProcess
 
 
 def _quiet_libraries() -> None:
@@ -242,6 +242,9 @@ def _eval_data(args: argparse.Namespace) -> dict[str, Any]:
     accelerator = Accelerator()
     result = evaluate_texts(model.to(accelerator.device), tokenizer, documents, accelerator,
                             block_size, stride, args.batch_size)
+    if result["bytes"] == 0:  # special tokens only: nothing the bits per byte could divide
+        raise DataError(f"no text to score in {', '.join(args.data)}: it holds only special "
+                        "tokens")
     if not args.json:
         print(f"{', '.join(args.data)}: loss {result['loss']:.4f} | perplexity "
               f"{result['perplexity']:.3f} | bits/byte {result['bits_per_byte']:.4f} | "
@@ -252,7 +255,6 @@ def _eval_data(args: argparse.Namespace) -> dict[str, Any]:
 def _some_text(documents: Iterable[str], source: str) -> Iterator[str]:
     """`documents`, checked to hold some text once they are all read (nothing to score is
     an error, not a perplexity)."""
-    from hftrain.errors import DataError
 
     empty = True
     for text in documents:

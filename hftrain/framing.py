@@ -33,14 +33,17 @@ class Framing:
     end: int
     special: frozenset[int] = frozenset()
     """The tokenizer's special tokens but UNK: written in a text, they stand for no text
-    (UNK stands for the unknown text it replaces)."""
+    (UNK stands for the unknown text it replaces, unless it is also a special token with a
+    role of its own, as GPT-2's `<|endoftext|>` is)."""
 
     @classmethod
     def of(cls, tokenizer: Any) -> Framing:
         bos = tokenizer.bos_token_id
-        return cls(start=tokenizer.eos_token_id if bos is None else bos,
-                   end=tokenizer.eos_token_id,
-                   special=frozenset(tokenizer.all_special_ids) - {tokenizer.unk_token_id})
+        eos, unk = tokenizer.eos_token_id, tokenizer.unk_token_id
+        special = set(tokenizer.all_special_ids)
+        if unk not in (bos, eos, tokenizer.pad_token_id):  # GPT-2's UNK is its <|endoftext|>
+            special.discard(unk)
+        return cls(start=eos if bos is None else bos, end=eos, special=frozenset(special))
 
     @property
     def shared(self) -> bool:
@@ -74,19 +77,19 @@ def token_bytes(framing: Framing, text: str, encoding: Any, begins: bool = True,
     last token goes to the closing EOS, or (when the document goes on in the next part) to
     the last token.
     """
-    offsets = encoding.offsets
-    ends_at = np.fromiter((end for _, end in offsets), dtype=np.int64, count=len(offsets))
+    offsets = np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2)
     if not text.isascii():  # character offsets -> byte offsets
         widths = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
         widths = 1 + (widths >= 0x80) + (widths >= 0x800) + (widths >= 0x10000)
         byte_at = np.concatenate([[0], np.cumsum(widths, dtype=np.int64)])
-        ends_at, total = byte_at[ends_at], int(byte_at[-1])
+        offsets, total = byte_at[offsets], int(byte_at[-1])
     else:
         total = len(text)
-    ends_at = np.maximum.accumulate(ends_at) if len(ends_at) else ends_at
+    ends_at = np.maximum.accumulate(offsets[:, 1]) if len(offsets) else offsets[:, 1]
     counts = np.diff(ends_at, prepend=0)
-    if framing.special:
-        counts[np.isin(encoding.ids, list(framing.special))] = 0
+    if framing.special:  # its own characters are not text (the space before it still is)
+        special = np.isin(encoding.ids, list(framing.special))
+        counts[special] -= np.minimum(offsets[special, 1] - offsets[special, 0], counts[special])
     rest = total - (int(ends_at[-1]) if len(ends_at) else 0)
     head = np.zeros(len(framing.prefix) if begins else 0, dtype=np.int64)
     if ends:

@@ -71,4 +71,6 @@ def generate_text(
     if tokenizer.eos_token_id in new_ids:
         new_ids = new_ids[: new_ids.index(tokenizer.eos_token_id)]
     # Decode prompt and continuation together: a word-level decoder puts the space between.
-    return tokenizer.decode(prompt_ids + new_ids, skip_special_tokens=True)
+    # Special tokens are dropped, but not <|unk|>: an unknown prompt word stays visible.
+    special = Framing.of(tokenizer).special
+    return tokenizer.decode([i for i in prompt_ids + new_ids if i not in special])

@@ -42,6 +42,7 @@ from hftrain.data.loader import (
 from hftrain.data.packing import collate
 from hftrain.data.sources import SplitPieces
 from hftrain.errors import DataError, HftrainError
+from hftrain.framing import Framing
 from hftrain.recipe import DataConfig
 
 CACHE_RECORD = "hftrain_cache.json"
@@ -63,6 +64,7 @@ def identity(config: DataConfig, tokenizer: Any) -> dict[str, Any]:
     backend = tokenizer.backend_tokenizer.to_str()
     return {"format": FORMAT, "settings": {k: getattr(config, k) for k in _SETTINGS},
             "files": files, "eos_id": tokenizer.eos_token_id,
+            "start_id": Framing.of(tokenizer).start,
             "tokenizer_sha256": hashlib.sha256(backend.encode()).hexdigest()}
 
 

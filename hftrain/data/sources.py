@@ -24,6 +24,7 @@ import dataclasses
 import glob
 import json
 import math
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,17 @@ from hftrain.sft import SFT_COLUMNS, record_problem, value_kind
 
 PIECE_BYTES = 1 << 20
 """Target size of a piece of a text or JSON Lines file."""
+
+CUTS = {
+    "line": re.compile(rb"\n"),
+    "paragraph": re.compile(rb"\n\r?\n"),
+    # One document in several pieces, each tokenized on its own: cut only where the whole
+    # text's tokens split anyway. A line break followed by at most one space and then a
+    # non-space is its own pre-token for GPT-2's byte-level regex (after two spaces it would
+    # join them), for the word tokenizer and for characters.
+    "document": re.compile(rb"\n(?=[^\s]| [^\s])"),
+}
+"""Where a piece may start: after a line, a blank line, or a safe line break."""
 
 _FORMAT_BY_SUFFIX = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json",
                      ".parquet": "parquet"}
@@ -173,11 +185,12 @@ class SplitPieces:
         return (0, cut) if self.split == "train" else (cut, size)
 
     def _cut(self, path: str, fmt: str, start: int, end: int, piece_bytes: int) -> list[Piece]:
-        """Byte ranges of about `piece_bytes`, each starting after a line break (a blank
-        line for paragraphs)."""
+        """Byte ranges of about `piece_bytes`, each starting after a line break (`CUTS`)."""
         document = fmt == "text" and self.config.sample_by == "document"
         n = max(1, math.ceil((end - start) / piece_bytes))
-        separator = b"\n\n" if fmt == "text" and self.config.sample_by == "paragraph" else b"\n"
+        separator = CUTS["document" if document else
+                         "paragraph" if fmt == "text" and self.config.sample_by == "paragraph"
+                         else "line"]
         bounds = [start]
         for i in range(1, n):
             at = _after_separator(path, start + (end - start) * i // n, end, separator)
@@ -230,8 +243,9 @@ def _char_boundary(path: str, offset: int) -> int:
     return offset - (len(window) - 1 - at) if window else offset
 
 
-def _after_separator(path: str, offset: int, limit: int, separator: bytes) -> int:
-    """The offset just after the first `separator` at or after `offset` (`limit` if none)."""
+def _after_separator(path: str, offset: int, limit: int, separator: re.Pattern[bytes]) -> int:
+    """The offset just after the first match of `separator` at or after `offset` (`limit` if
+    none)."""
     with open(path, "rb") as f:
         f.seek(offset)
         carried = b""
@@ -241,14 +255,10 @@ def _after_separator(path: str, offset: int, limit: int, separator: bytes) -> in
             if not chunk:
                 return limit
             window = carried + chunk
-            found = window.find(separator)
-            if found < 0 and separator == b"\n\n":
-                found = window.find(b"\n\r\n")
-                if found >= 0:
-                    return position - len(carried) + found + 3
-            if found >= 0:
-                return position - len(carried) + found + len(separator)
-            carried = window[-(len(separator) + 1):]
+            found = separator.search(window)
+            if found is not None:
+                return position - len(carried) + found.end()
+            carried = window[-4:]  # a separator, or the bytes its look-ahead needs
             position += len(chunk)
     return limit
 
