@@ -16,7 +16,7 @@ def test_shakespeare_char_recipe_reaches_nanogpt_loss(tmp_path, monkeypatch):
     recipe = load_recipe(REPO / "recipes/shakespeare/gpt2-char.yaml",
                          [f"run.output_dir={tmp_path / 'run'}"])
     result = train(recipe)
-    assert result.val["tokens"] == 111_540  # the whole validation split
+    assert result.val["tokens"] == 111_541  # the whole validation split and its EOS
     assert result.val["loss"] <= 1.90
     text = CORPUS.read_text(encoding="utf-8")
     assert_export_agrees(result, independent_check(result.final_dir, text, tmp_path))
@@ -37,7 +37,7 @@ def assert_smaller_strides_score_no_worse(result, text: str) -> None:
     blocks = evaluate_texts(result.model, tok, [text], acc, block_size=64, stride=64)
     for stride in (32, 16, 8):
         overlapped = evaluate_texts(result.model, tok, [text], acc, block_size=64, stride=stride)
-        assert overlapped["tokens"] == blocks["tokens"] == len(text)
+        assert overlapped["tokens"] == blocks["tokens"] == len(text) + 1  # and the EOS
         assert overlapped["perplexity"] <= blocks["perplexity"]
 
 
