@@ -228,10 +228,10 @@ def _eval_data(args: argparse.Namespace) -> dict[str, Any]:
 
     model, tokenizer = load_export(args.export, trust_remote_code=args.trust_remote_code)
     block_size = args.block_size or export_block_size(args.export, model)
-    positions = getattr(model.config, "n_positions", None)
+    positions = getattr(model.config, "max_position_embeddings", None)  # GPT-2: n_positions
     if positions is not None and block_size > positions:
         raise HftrainError(f"--block-size {block_size} is more than the {positions} positions "
-                           f"of the model in {args.export} (config n_positions)")
+                           f"of the model in {args.export} (config max_position_embeddings)")
     stride = args.stride or block_size
     if stride > block_size:
         raise HftrainError(f"--stride {stride} is more than the block size ({block_size}); "

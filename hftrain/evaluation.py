@@ -164,7 +164,7 @@ def export_block_size(export: str, model: Any) -> int:
     recorded = recorded_block_size(export)
     if recorded is not None:
         return recorded
-    positions = getattr(model.config, "n_positions", None)
+    positions = getattr(model.config, "max_position_embeddings", None)  # GPT-2: n_positions
     if positions is None:
         raise HftrainError(f"cannot tell the block size of '{export}'; pass --block-size")
     return int(positions)

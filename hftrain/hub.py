@@ -206,8 +206,15 @@ def _architecture(config: dict[str, Any]) -> str:
     if config.get("model_type") == "hftrain_recurrent":
         return (f"{config['cell']}: {config['num_layers']} layers, hidden {config['hidden_size']},"
                 f" embedding {config['embedding_size']}")
-    return (f"{config.get('model_type')}: {config.get('n_layer')} layers, {config.get('n_head')} "
-            f"heads, width {config.get('n_embd')}, context {config.get('n_positions')}")
+
+    def first(*keys: str) -> Any:  # GPT-2's names, then the Llama-style ones
+        return next((config[k] for k in keys if config.get(k) is not None), None)
+
+    kv_heads, heads = first("num_key_value_heads"), first("n_head", "num_attention_heads")
+    grouped = f" ({kv_heads} key-value)" if kv_heads not in (None, heads) else ""
+    return (f"{config.get('model_type')}: {first('n_layer', 'num_hidden_layers')} layers, "
+            f"{heads} heads{grouped}, width {first('n_embd', 'hidden_size')}, "
+            f"context {first('n_positions', 'max_position_embeddings')}")
 
 
 def _parameter_count(folder: Path) -> int:

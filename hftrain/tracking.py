@@ -111,8 +111,10 @@ def flops_per_token(model: Any, block_size: int) -> float:
     n_params = sum(p.numel() for p in model.parameters())
     config = model.config
     attention = 0
-    if getattr(config, "model_type", "") == "gpt2":
-        attention = 12 * config.n_layer * config.n_embd * block_size
+    heads = getattr(config, "num_attention_heads", None)  # transformers only (GPT-2: n_head)
+    if heads:
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        attention = 12 * config.num_hidden_layers * heads * head_dim * block_size
     return 6 * n_params + attention
 
 

@@ -25,7 +25,7 @@ held_out = text[int(len(text) * (1 - val_fraction)):]
 # the document framing every client uses: BOS (the export's start token) before, EOS after
 ids = [tokenizer.bos_token_id, *tokenizer(held_out, add_special_tokens=False).input_ids,
        tokenizer.eos_token_id]
-block = model.config.n_positions
+block = model.config.max_position_embeddings  # GPT-2: n_positions
 nll, count = 0.0, 0
 with torch.no_grad():
     for start in range(0, len(ids) - 1, block):

@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 
 from hftrain.models.base import add_lora, load_pretrained
 from hftrain.models.gpt2 import GPT2Fields, build_gpt2
+from hftrain.models.llama import LlamaFields, Qwen3Fields, build_decoder
 from hftrain.models.rnn import RecurrentFields, build_recurrent
 
 
@@ -23,6 +24,8 @@ class ModelSpec(NamedTuple):
 
 MODELS: dict[str, ModelSpec] = {
     "gpt2": ModelSpec(GPT2Fields, build_gpt2),
+    "llama": ModelSpec(LlamaFields, build_decoder),
+    "qwen3": ModelSpec(Qwen3Fields, build_decoder),
     "lstm": ModelSpec(RecurrentFields, build_recurrent),
     "gru": ModelSpec(RecurrentFields, build_recurrent),
     "rnn_tanh": ModelSpec(RecurrentFields, build_recurrent),

@@ -32,7 +32,8 @@ class ModelFields:
     lora_dropout: float = 0.0
     """Dropout on the adapters' input, in [0, 1)."""
     lora_target_modules: list[str] | None = None
-    """Module names to adapt; unset: PEFT's default for the model type (GPT-2: c_attn)."""
+    """Module names to adapt; unset: PEFT's default for the model type (GPT-2: c_attn;
+    Llama, Qwen3: q_proj, v_proj)."""
 
     def __post_init__(self) -> None:
         non_negative(self, "lora_r")
@@ -59,7 +60,7 @@ def load_pretrained(fields: Any, block_size: int) -> Any:
             f"model.arch is '{fields.arch}' but model.init_from '{fields.init_from}' holds a "
             f"'{loaded}' model; set model.arch to match it"
         )
-    positions = getattr(model.config, "n_positions", None)
+    positions = getattr(model.config, "max_position_embeddings", None)  # GPT-2: n_positions
     if positions is not None and block_size > positions:
         raise HftrainError(
             f"data.block_size {block_size} is longer than the {positions} positions of "

@@ -1,0 +1,129 @@
+"""Llama-style decoders (rotary positions, RMSNorm, gated SiLU MLP, grouped-query attention)
+from transformers' own classes: recipe fields -> `LlamaConfig` / `Qwen3Config` ->
+`AutoModelForCausalLM.from_config`. Qwen3 is the same block with RMSNorm on queries and keys
+(QK-norm), which its modeling code applies by itself.
+
+The two families share their fields (`DecoderFields`) and their builder (`build_decoder`); each
+subclass only names its config class. Exports are plain `LlamaForCausalLM` /
+`Qwen3ForCausalLM` folders that load without remote code.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+from transformers import LlamaConfig, PreTrainedModel, PreTrainedTokenizerBase, Qwen3Config
+
+from hftrain.checks import at_least_one, in_unit_interval, positive
+from hftrain.models.base import ModelFields
+
+
+@dataclass
+class DecoderFields(ModelFields):
+    """What the `model:` sections of the Llama-style architectures share."""
+
+    supports_stateful: ClassVar[bool] = False
+    config_class: ClassVar[type] = LlamaConfig
+    """The transformers config class the fields are written into."""
+
+    n_layer: int = 4
+    """Transformer blocks (config `num_hidden_layers`)."""
+    n_head: int = 4
+    """Query heads per block (config `num_attention_heads`)."""
+    n_kv_head: int | None = None
+    """Key/value heads (config `num_key_value_heads`), shared by groups of query heads
+    (grouped-query attention); must divide n_head. Unset: n_head (multi-head attention)."""
+    n_embd: int = 128
+    """Width of the residual stream (config `hidden_size`)."""
+    head_dim: int | None = None
+    """Width of each attention head, even (rotary positions rotate pairs). Unset: n_embd /
+    n_head, which must then divide evenly."""
+    intermediate_size: int | None = None
+    """Width of the gated MLP. Unset: 8/3 x n_embd rounded up to a multiple of 32 (352 for
+    width 128), which gives the three gated matrices about the weights of GPT-2's two 4x ones."""
+    rope_theta: float = 10000.0
+    """Base of the rotary position frequencies."""
+    rms_norm_eps: float = 1e-5
+    """Epsilon of the RMSNorm layers."""
+    dropout: float = 0.0
+    """Dropout on the attention weights (config `attention_dropout`); these models have no
+    other dropout."""
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    """Attention kernel; `sdpa` picks flash/memory-efficient kernels where PyTorch has them."""
+    tie_embeddings: bool = True
+    """Share the input embedding with the output projection (as GPT-2 and the small Llama 3.2
+    and Qwen3 models do)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        at_least_one(self, "n_layer", "n_head", "n_kv_head", "n_embd", "head_dim",
+                     "intermediate_size")
+        positive(self, "rope_theta", "rms_norm_eps")
+        in_unit_interval(self, "dropout")
+        if self.n_kv_head is not None and self.n_head % self.n_kv_head:
+            raise ValueError(f"n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head})")
+        if self.head_dim is None and self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head "
+                             f"({self.n_head}), or set head_dim")
+        if self.head_dim is not None and self.head_dim % 2:
+            raise ValueError(f"head_dim must be even (rotary positions rotate pairs), "
+                             f"got {self.head_dim}")
+        if self.head_dim is None and (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"n_embd / n_head ({self.n_embd // self.n_head}) is the head "
+                             "width, which must be even (rotary positions rotate pairs); "
+                             "change n_head or set head_dim")
+
+    def config_kwargs(self) -> dict[str, Any]:
+        """The transformers config arguments these fields set (vocabulary and block apart)."""
+        default_mlp = 32 * math.ceil(8 * self.n_embd / 3 / 32)
+        return {
+            "num_hidden_layers": self.n_layer,
+            "num_attention_heads": self.n_head,
+            "num_key_value_heads": self.n_kv_head or self.n_head,
+            "hidden_size": self.n_embd,
+            "head_dim": self.head_dim or self.n_embd // self.n_head,
+            "intermediate_size": self.intermediate_size or default_mlp,
+            "rope_parameters": {"rope_type": "default", "rope_theta": float(self.rope_theta)},
+            "rms_norm_eps": self.rms_norm_eps,
+            "attention_dropout": self.dropout,
+            "tie_word_embeddings": self.tie_embeddings,
+        }
+
+
+@dataclass
+class LlamaFields(DecoderFields):
+    """The `model:` section of a recipe with `arch: llama` (`LlamaForCausalLM`)."""
+
+    config_class: ClassVar[type] = LlamaConfig
+    arch: Literal["llama"] = "llama"
+
+
+@dataclass
+class Qwen3Fields(DecoderFields):
+    """The `model:` section of a recipe with `arch: qwen3` (`Qwen3ForCausalLM`: Llama's block
+    with RMSNorm on each head's queries and keys)."""
+
+    config_class: ClassVar[type] = Qwen3Config
+    arch: Literal["qwen3"] = "qwen3"
+    rms_norm_eps: float = 1e-6
+    """Epsilon of the RMSNorm layers (QK-norm included)."""
+
+
+def build_decoder(
+    fields: DecoderFields, tokenizer: PreTrainedTokenizerBase, block_size: int
+) -> PreTrainedModel:
+    """A freshly initialised model of `fields.config_class`, sized for the tokenizer's
+    vocabulary, with `max_position_embeddings` = the recipe's block."""
+    from transformers import AutoModelForCausalLM
+
+    config = fields.config_class(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=block_size,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **fields.config_kwargs(),
+    )
+    return AutoModelForCausalLM.from_config(config, attn_implementation=fields.attn_implementation)
