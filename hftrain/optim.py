@@ -1,10 +1,23 @@
-"""Optimizer with weight-decay parameter groups, and a `transformers` learning-rate schedule."""
+"""Optimizers (torch's own: AdamW, Adam, SGD, RMSprop, Adafactor, Muon) with their parameter
+groups, and a `transformers` learning-rate schedule.
+
+hftrain writes only the grouping. Every optimizer decays matrices and embeddings, never biases
+or norm scales (nanoGPT's rule: dim >= 2). `muon` splits the model as modded-nanogpt and
+nanochat do: Muon for the 2-D hidden weight matrices, AdamW for everything else, each part
+with its own learning rate, held in one optimizer object (`MuonWithAdamW`).
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from transformers import get_scheduler
+from transformers.pytorch_utils import Conv1D
 
+from hftrain.errors import HftrainError
 from hftrain.recipe import TrainConfig
 
 
@@ -17,24 +30,159 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+def _fused(model: torch.nn.Module) -> bool:
+    # The fused kernel does the whole update in one op: ~10% of a small model's step on CPU.
+    return next(model.parameters()).device.type in ("cpu", "cuda")
+
+
 def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "muon":
+        return build_muon(model, config)
     groups = parameter_groups(model, config.weight_decay)
+    betas = (config.beta1, config.beta2)
     if config.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
-    device_type = next(model.parameters()).device.type
-    return torch.optim.AdamW(
-        groups,
-        lr=config.lr,
-        betas=(config.beta1, config.beta2),
-        # The fused kernel does the whole update in one op: ~10% of a small model's step on CPU.
-        fused=device_type in ("cpu", "cuda"),
-    )
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum,
+                               nesterov=config.nesterov)
+    if config.optimizer == "rmsprop":
+        return torch.optim.RMSprop(groups, lr=config.lr, alpha=config.beta2,
+                                   momentum=config.momentum)
+    if config.optimizer == "adafactor":
+        return torch.optim.Adafactor(groups, lr=config.lr)
+    if config.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=config.lr, betas=betas, fused=_fused(model))
+    return torch.optim.AdamW(groups, lr=config.lr, betas=betas, fused=_fused(model))
+
+
+# --- Muon ---------------------------------------------------------------------------------
+
+
+def muon_split(model: torch.nn.Module) -> tuple[list[tuple[str, torch.Tensor, float]],
+                                                list[tuple[str, torch.Tensor]]]:
+    """The trainable parameters as (Muon, AdamW): Muon takes exactly the 2-D hidden weight
+    matrices (attention and MLP projections, recurrent weight matrices, a recurrent model's
+    projection to a tied embedding's width), AdamW the embeddings (token and position), the
+    output head (tied to the embedding or not), norms and biases. A tied matrix is one
+    parameter and lands once, in AdamW. Names are `model.named_parameters()`'s.
+
+    Each Muon entry carries a learning-rate factor: torch's Muon scales a matrix's step by
+    sqrt(max(1, rows / cols)) (Keller Jordan's rule for an (out, in) `nn.Linear` weight), but
+    GPT-2's `Conv1D` stores its weight as (in, out); the factor restores the rule for it.
+    """
+    owner: dict[int, torch.nn.Module] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            owner.setdefault(id(p), module)
+    not_hidden = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding)
+                  for p in m.parameters()}
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            module = getattr(model, getter)()
+        except (AttributeError, NotImplementedError):
+            module = None
+        if isinstance(module, torch.nn.Module):
+            not_hidden.update(id(p) for p in module.parameters())
+    muon, adamw = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.dim() == 2 and id(p) not in not_hidden:
+            muon.append((name, p, _conv1d_lr_factor(p) if isinstance(owner[id(p)], Conv1D)
+                         else 1.0))
+        else:
+            adamw.append((name, p))
+    return muon, adamw
+
+
+def _conv1d_lr_factor(weight: torch.Tensor) -> float:
+    n_in, n_out = weight.shape  # torch's Muon reads (rows, cols) as (out, in)
+    return math.sqrt(max(1.0, n_out / n_in)) / math.sqrt(max(1.0, n_in / n_out))
+
+
+def build_muon(model: torch.nn.Module, config: TrainConfig) -> MuonWithAdamW:
+    muon, adamw = muon_split(model)
+    if not muon:
+        raise HftrainError("train.optimizer muon found no 2-D hidden weight matrices to train "
+                           "in this model; choose another train.optimizer")
+    factors = sorted({factor for _, _, factor in muon})
+    muon_groups = [{"params": [p for _, p, f in muon if f == factor],
+                    "lr": config.muon_lr * factor} for factor in factors]
+    adamw_groups = [
+        {"params": [p for _, p in adamw if p.dim() >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for _, p in adamw if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    parts: dict[str, torch.optim.Optimizer] = {}
+    adamw_groups = [g for g in adamw_groups if g["params"]]
+    if adamw_groups:  # LoRA may train nothing but 2-D adapter matrices
+        parts["adamw"] = torch.optim.AdamW(adamw_groups, lr=config.lr,
+                                           betas=(config.beta1, config.beta2),
+                                           fused=_fused(model))
+    parts["muon"] = torch.optim.Muon(muon_groups, lr=config.muon_lr,
+                                     momentum=config.muon_momentum, nesterov=True,
+                                     weight_decay=config.muon_weight_decay)
+    return MuonWithAdamW(parts, lr=config.lr)
+
+
+class MuonWithAdamW(torch.optim.Optimizer):
+    """One optimizer made of torch's Muon and AdamW, each stepping its own parameter groups.
+
+    Why one object: Accelerate prepares, checkpoints (`save_state` / `load_state`) and scales
+    (fp16's GradScaler) one optimizer per model, and the loop and the schedule step one; two
+    optimizers side by side, as modded-nanogpt and nanochat's training scripts keep them (a
+    list they loop over, saved one file each), would need a second path through all of that.
+
+    How: the param groups and the state are this optimizer's own, as in any
+    `torch.optim.Optimizer` (AdamW's groups first, then Muon's, each tagged with `"part"`), and
+    the parts are views of them: each part's `param_groups` is the list of its tagged groups
+    and its `state` this optimizer's `state` (keyed by parameter, so never shared between
+    parts). Everything else is the base class's, unchanged: `state_dict()` is the standard
+    layout of one optimizer over all groups, `load_state_dict()` the standard checks and
+    casts, after which the views are pointed at the loaded groups again; `zero_grad()`;
+    and the scheduler's `LambdaLR` multiplies every group's own initial lr by the same factor,
+    so both parts follow the schedule from their own peak (`defaults["lr"]` is the AdamW
+    part's, which `cosine_with_min_lr` reads: min_lr is a fraction of lr for both parts).
+    `step()` steps each part with torch's own implementation.
+
+    It does not support `found_inf` (no `_step_supports_amp_scaling`): the loop skips a step
+    with a non-finite loss on the host, before `step()`.
+    """
+
+    def __init__(self, parts: dict[str, torch.optim.Optimizer], lr: float) -> None:
+        groups = []
+        for name, part in parts.items():
+            for group in part.param_groups:  # filled with the part's defaults by the part
+                group["part"] = name
+                groups.append(group)
+        super().__init__(groups, defaults={"lr": lr})
+        self.parts = parts
+        self._share()
+
+    def _share(self) -> None:
+        for name, part in self.parts.items():
+            part.param_groups = [g for g in self.param_groups if g["part"] == name]
+            part.state = self.state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)  # what `load_state_dict` ends with: new groups and state
+        if "parts" in self.__dict__:
+            self._share()
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._share()  # cheap, and safe against anyone replacing param_groups or state
+        for part in self.parts.values():
+            part.step()
+        return loss
 
 
 def build_scheduler(
     optimizer: torch.optim.Optimizer, config: TrainConfig
 ) -> torch.optim.lr_scheduler.LRScheduler:
-    """Warmup, then decay over `max_steps`; stepped once per optimizer step by the loop."""
+    """Warmup, then decay over `max_steps`; stepped once per optimizer step by the loop.
+    Every param group's lr follows the schedule from its own peak (`LambdaLR`)."""
     extra = {"min_lr": config.min_lr} if config.scheduler == "cosine_with_min_lr" else None
     return get_scheduler(
         config.scheduler,

@@ -131,9 +131,13 @@ class TrainConfig:
     Global batch = batch_size x grad_accum_steps x number of processes."""
     max_steps: int = 2000
     """Optimizer steps to train for."""
-    optimizer: Literal["adamw", "sgd"] = "adamw"
+    optimizer: Literal["adamw", "adam", "sgd", "rmsprop", "adafactor", "muon"] = "adamw"
+    """The torch optimizer: `adamw`, `adam`, `sgd`, `rmsprop`, `adafactor`, or `muon`: Muon
+    for the 2-D hidden weight matrices (attention, MLP and recurrent weights) at `muon_lr`,
+    and AdamW at `lr` for the rest (embeddings, output head, norms, biases)."""
     lr: float = 1e-3
-    """Peak learning rate, reached at the end of warmup; > 0."""
+    """Peak learning rate, reached at the end of warmup; > 0. With muon: the AdamW part's.
+    Adafactor's step is relative to each weight's size: lr caps it (torch's default 1e-2)."""
     min_lr: float = 1e-4
     """Learning rate the `cosine_with_min_lr` schedule decays to: 0 to lr (other schedules
     ignore it, so there it may exceed lr)."""
@@ -145,13 +149,24 @@ class TrainConfig:
     """Steps of linear warmup from 0 to lr; >= 0. More than max_steps is allowed (a short
     trial run of a long recipe): the rate then never reaches lr and never decays."""
     weight_decay: float = 0.1
-    """Applied to matrices and embeddings only, never to biases or norms; >= 0."""
+    """Applied to matrices and embeddings only, never to biases or norms; >= 0. Decoupled
+    (scaled by the learning rate) for adamw, adafactor and muon's AdamW part; an L2 penalty
+    added to the gradient for adam, sgd and rmsprop."""
     beta1: float = 0.9
-    """AdamW's first-moment decay, in [0, 1)."""
+    """AdamW's and Adam's first-moment decay, in [0, 1)."""
     beta2: float = 0.99
-    """AdamW's second-moment decay, in [0, 1)."""
+    """The second-moment decay, in [0, 1): AdamW's and Adam's beta2, RMSprop's alpha."""
     momentum: float = 0.0
-    """SGD momentum, in [0, 1)."""
+    """SGD and RMSprop momentum, in [0, 1)."""
+    nesterov: bool = False
+    """SGD: Nesterov momentum (needs momentum > 0)."""
+    muon_lr: float = 0.02
+    """muon: peak learning rate of the Muon part (nanochat's and Keller Jordan's 0.02); the
+    schedule scales it as it scales `lr`; > 0."""
+    muon_momentum: float = 0.95
+    """muon: Muon's (Nesterov) momentum, in [0, 1)."""
+    muon_weight_decay: float = 0.0
+    """muon: decoupled weight decay of the Muon part (scaled by its learning rate); >= 0."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this; 0 disables clipping."""
     stateful: bool = False
@@ -175,9 +190,12 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         at_least_one(self, "batch_size", "grad_accum_steps", "max_steps", "log_interval")
-        positive(self, "lr", "peak_tflops")
-        non_negative(self, "min_lr", "warmup_steps", "weight_decay", "grad_clip")
-        in_unit_interval(self, "beta1", "beta2", "momentum")
+        positive(self, "lr", "peak_tflops", "muon_lr")
+        non_negative(self, "min_lr", "warmup_steps", "weight_decay", "grad_clip",
+                     "muon_weight_decay")
+        in_unit_interval(self, "beta1", "beta2", "momentum", "muon_momentum")
+        if self.nesterov and self.optimizer == "sgd" and self.momentum == 0:
+            raise ValueError("nesterov needs momentum > 0 (SGD's Nesterov momentum)")
         if self.scheduler == "cosine_with_min_lr" and self.min_lr > self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) must be <= lr ({self.lr}): the "
                              "cosine_with_min_lr schedule decays from lr down to min_lr")
