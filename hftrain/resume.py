@@ -49,11 +49,16 @@ def trajectory(recipe: Recipe, processes: int) -> dict[str, Any]:
     return {**kept, "processes": processes}
 
 
-def changed_keys(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """`key (old -> new)` for every key whose value differs."""
+def changed_keys(saved: dict[str, Any], current: dict[str, Any],
+                 defaults: dict[str, Any] | None = None) -> list[str]:
+    """`key (old -> new)` for every key whose value differs. A key the saved settings lack
+    that still has its value in `defaults` is no change: a setting added to hftrain since the
+    run started, which the run therefore had at its default."""
+    defaults = defaults or {}
     keys = sorted(set(saved) | set(current))
     return [f"{k} ({saved.get(k)!r} -> {current.get(k)!r})" for k in keys
-            if saved.get(k) != current.get(k)]
+            if saved.get(k) != current.get(k)
+            and not (k not in saved and k in defaults and current.get(k) == defaults[k])]
 
 
 @dataclass
@@ -112,7 +117,7 @@ def _recipe_trajectory(path: Path, processes: int) -> dict[str, Any]:
 def _refuse_changes(saved: dict[str, Any], current: dict[str, Any], where: Path) -> None:
     if not saved:
         return
-    changed = changed_keys(saved, current)
+    changed = changed_keys(saved, current, flatten(Recipe().to_dict()))
     if changed:
         raise HftrainError(
             f"--resume would continue the run of {where} with a different recipe: "

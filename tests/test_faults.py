@@ -331,6 +331,21 @@ def test_resume_with_a_changed_recipe_refuses(override, key, finished, tmp_path,
     assert snapshot(run_dir) == before
 
 
+def test_a_setting_added_since_the_run_started_is_no_change_at_its_default():
+    """A checkpoint written before hftrain had `train.muon_lr` resumes while the recipe leaves
+    it at its default; set to something else, it is a change like any other."""
+    from hftrain.recipe import Recipe, flatten
+    from hftrain.resume import changed_keys
+
+    defaults = flatten(Recipe().to_dict())
+    saved = {k: v for k, v in defaults.items() if not k.startswith("train.muon")}
+    assert changed_keys(saved, dict(defaults), defaults) == []
+    assert changed_keys(saved, {**defaults, "train.muon_lr": 0.05}, defaults) == [
+        "train.muon_lr (None -> 0.05)"]
+    assert changed_keys(defaults, {**defaults, "train.lr": 0.5}, defaults) == [
+        f"train.lr ({defaults['train.lr']!r} -> 0.5)"]
+
+
 def test_a_tokenizer_built_with_other_settings_is_refused(tmp_path, corpus_file, capsys):
     recipe = recipe_file(tmp_path, corpus_file, tmp_path / "run")
     code, _, err = cli(["tokenizer", str(recipe)], capsys)
