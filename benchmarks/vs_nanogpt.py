@@ -16,7 +16,12 @@ AdamW betas (0.9, 0.99) unfused on CPU, warmup then cosine to 1e-4, clip 1.0 beh
 GradScaler, a loss print every step, train and val estimated on 20 batches every 250 steps
 and a checkpoint whenever val improves).
 
-    python benchmarks/vs_nanogpt.py [--rounds 3]
+    python benchmarks/vs_nanogpt.py [--rounds 3] [--recipe RECIPE] [key=value ...]
+
+`--recipe` and overrides time another hftrain recipe against the same reference (issue 13's
+fast recipes); the hftrain side's final validation loss is reported too. For a recipe with
+`data.block_size: 64` that loss is what `hftrain eval EXPORT --data <last 10%> --block-size
+64` reports (64-token windows, each scored on its own, as nanoGPT's figure is).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -179,36 +185,51 @@ def reference_run(out_dir: Path) -> None:
     print(f"final val loss (20 random batches): {estimate_loss()['val']:.4f}")
 
 
-def timed(command: list[str]) -> float:
+def timed(command: list[str]) -> tuple[float, float | None]:
+    """Wall time of `command`, and the final validation loss it printed (hftrain's line)."""
     start = time.perf_counter()
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - start
+    out = subprocess.run(command, check=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                         text=True).stdout
+    seconds = time.perf_counter() - start
+    loss = re.search(r"^validation: loss ([0-9.]+)", out, re.MULTILINE)
+    return seconds, float(loss.group(1)) if loss else None
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--reference", metavar="DIR", help="run the reference job into DIR")
+    parser.add_argument("--recipe", default=RECIPE, help="the hftrain recipe to time")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides for the recipe")
     args = parser.parse_args()
     if args.reference:
         reference_run(Path(args.reference))
         return
     times: dict[str, list[float]] = {"hftrain": [], "nanoGPT-style": []}
+    losses: list[float] = []
     with tempfile.TemporaryDirectory() as scratch:
         commands = {
-            "hftrain": ["hftrain", "train", RECIPE, f"run.output_dir={scratch}/run"],
+            "hftrain": ["hftrain", "train", args.recipe, *args.overrides,
+                        f"run.output_dir={scratch}/run"],
             "nanoGPT-style": [sys.executable, __file__, "--reference", scratch],
         }
         for r in range(args.rounds):
             order = list(commands) if r % 2 == 0 else list(reversed(commands))
             for name in order:
                 subprocess.run(["rm", "-rf", f"{scratch}/run"], check=True)
-                times[name].append(timed(commands[name]))
-                print(f"round {r + 1}: {name} {times[name][-1]:.1f} s", flush=True)
+                seconds, loss = timed(commands[name])
+                times[name].append(seconds)
+                if name == "hftrain" and loss is not None:
+                    losses.append(loss)
+                print(f"round {r + 1}: {name} {seconds:.1f} s"
+                      + (f", val loss {loss:.4f}" if loss is not None else ""), flush=True)
     medians = {name: statistics.median(values) for name, values in times.items()}
     for name, values in times.items():
         print(f"{name:14s} median {medians[name]:6.1f} s  (runs: "
               + ", ".join(f"{v:.1f}" for v in values) + ")")
+    if losses:
+        print(f"hftrain final val loss: median {statistics.median(losses):.4f} (runs: "
+              + ", ".join(f"{v:.4f}" for v in losses) + ")")
     print(f"ratio hftrain/nanoGPT-style wall time: "
           f"{medians['hftrain'] / medians['nanoGPT-style']:.3f} (cpu count {os.cpu_count()})")
 
