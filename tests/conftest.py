@@ -72,3 +72,22 @@ def cli(argv: list[str], capsys) -> tuple[int, str, str]:
         code = exc.code or 0
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+def assert_packed_examples_apart(model, batch: dict) -> None:
+    """Each fine-tuning example packed in `batch`'s first row gets the logits it gets alone
+    (its position ids restart at 0, without a cache as in training), and without the position
+    ids the examples would mix: the check has teeth."""
+    import torch
+
+    positions = batch["position_ids"][0]
+    starts = [0, *(i for i in range(1, len(positions)) if positions[i] == 0)]
+    assert len(starts) >= 3, "the block should hold several examples"
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                       use_cache=False).logits
+        for begin, end in zip(starts, [*starts[1:], len(positions)], strict=True):
+            alone = model(input_ids=batch["input_ids"][:, begin:end]).logits
+            torch.testing.assert_close(packed[:, begin:end], alone, rtol=1e-5, atol=1e-5)
+        crossed = model(input_ids=batch["input_ids"]).logits
+    assert not torch.allclose(crossed[:, starts[1]:], packed[:, starts[1]:], atol=1e-3)
