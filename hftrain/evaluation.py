@@ -139,8 +139,9 @@ def evaluate_texts(model: Any, tokenizer: Any, texts: Iterable[str], accelerator
     def windows() -> Iterator[np.ndarray]:
         for text in texts:
             encoding = backend.encode(text, add_special_tokens=False)
-            ids = [framing.start] + encoding.ids + [framing.end]
-            counts = np.concatenate([[0], token_bytes(framing, text, encoding, begins=False)])
+            ids = framing.opening + framing.document(encoding.ids)  # a stream of one document
+            counts = np.concatenate([np.zeros(len(framing.opening), np.int64),
+                                     token_bytes(framing, text, encoding)])
             yield from text_windows(np.stack([ids, counts]), block_size, stride)
 
     rows = ("ids", "labels", "bytes")

@@ -13,11 +13,17 @@ from hftrain.framing import Framing
 from hftrain.tokenizer import load_tokenizer
 
 
-def load_export(path: str, trust_remote_code: bool = False) -> tuple[Any, Any]:
-    """Model and tokenizer from an export folder (or Hub id), ready for generation."""
+def check_export_exists(path: str) -> None:
+    """A path that names a folder (not a Hub id like `user/name`) must exist: one line, not a
+    Hub lookup that fails offline."""
     looks_local = Path(path).is_absolute() or path.startswith(".") or path.count("/") > 1
     if looks_local and not Path(path).exists():
         raise HftrainError(f"export folder not found: {path}")
+
+
+def load_export(path: str, trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """Model and tokenizer from an export folder (or Hub id), ready for generation."""
+    check_export_exists(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:

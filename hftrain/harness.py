@@ -109,11 +109,11 @@ def run_tasks(
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
+    from hftrain.generation import check_export_exists
+
     if include_path is not None and not Path(include_path).is_dir():
         raise HftrainError(f"--include-path: no such folder: {include_path}")
-    looks_local = Path(export).is_absolute() or export.startswith(".") or export.count("/") > 1
-    if looks_local and not Path(export).exists():
-        raise HftrainError(f"export folder not found: {export}")
+    check_export_exists(export)
     manager = TaskManager(include_path=include_path)
     known = set(manager.match_tasks(tasks))
     unknown = [t for t in tasks if t not in known and "*" not in t and not Path(t).is_file()]
