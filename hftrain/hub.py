@@ -24,6 +24,9 @@ from hftrain.launch import RUN_RECORD
 from hftrain.run_folder import contains
 from hftrain.tracking import read_metrics
 
+FAMILIES = {"gpt2": "GPT-2", "llama": "Llama-style", "qwen3": "Qwen3-style"}
+"""How the card names a transformers model_type."""
+
 CARD_TEMPLATE = """---
 {{ card_data }}
 ---
@@ -145,18 +148,18 @@ def model_card(folder: Path, repo_id: str, val: dict[str, Any] | None) -> ModelC
         template_str=CARD_TEMPLATE,
         model_name=repo_id.split("/")[-1],
         repo_id=repo_id,
-        description=f"{'recurrent (' + arch.upper() + ')' if recurrent else arch.upper()} "
-                    "causal language model",
+        description=(f"recurrent ({arch.upper()})" if recurrent else FAMILIES.get(arch, arch))
+        + " causal language model",
         init_note=f", fine-tuned from `{model['init_from']}`" if model.get("init_from") else "",
         architecture=_architecture(config),
         parameters=f"{n_params / 1e6:.2f} M" if n_params else "unknown",
         tokenizer=_tokenizer_origin(recipe),
-        train_data=data.get("dataset") or ", ".join(data.get("train_files") or []) or "unknown",
+        train_data=data.get("dataset") or ", ".join(Path(f).name for f in
+                                                    data.get("train_files") or []) or "unknown",
         val_data=dataset_name,
         steps=train.get("max_steps", "?"),
         global_batch=global_batch(train, data.get("block_size", "?"), _run_record(folder)),
-        optimizer=f"{train.get('optimizer', '?')}, lr {train.get('lr', '?')}, "
-                  f"{train.get('scheduler', '?')} schedule",
+        optimizer=_optimizer(train),
         validation=(f"loss {val['val_loss']:.4f}, perplexity {val['val_ppl']:.3f}, bits per "
                     f"byte {val['val_bpb']:.4f} over {val['val_tokens']:,} tokens") if val else "",
         plot=(folder / "loss.png").is_file(),
@@ -200,6 +203,14 @@ def _tokenizer_origin(recipe: dict[str, Any]) -> str:
     tokenizer = recipe.get("tokenizer", {})
     kind = tokenizer.get("kind", "unknown")
     return kind if kind == "char" else f"{kind}, {tokenizer.get('vocab_size')} tokens"
+
+
+def _optimizer(train: dict[str, Any]) -> str:
+    """The optimizer row: muon names both parts' peak rates (the Muon part's matters most)."""
+    name, lr = train.get("optimizer", "?"), train.get("lr", "?")
+    rates = (f"Muon lr {train.get('muon_lr', '?')} for the hidden matrices, AdamW lr {lr} for "
+             "the rest" if name == "muon" else f"lr {lr}")
+    return f"{name}, {rates}, {train.get('scheduler', '?')} schedule"
 
 
 def _architecture(config: dict[str, Any]) -> str:

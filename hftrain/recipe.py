@@ -194,11 +194,31 @@ class TrainConfig:
         non_negative(self, "min_lr", "warmup_steps", "weight_decay", "grad_clip",
                      "muon_weight_decay")
         in_unit_interval(self, "beta1", "beta2", "momentum", "muon_momentum")
-        if self.nesterov and self.optimizer == "sgd" and self.momentum == 0:
+        if self.nesterov and self.optimizer != "sgd":
+            raise ValueError(f"nesterov applies to optimizer sgd only, not {self.optimizer} "
+                             "(muon's Muon part always uses Nesterov momentum)")
+        if self.nesterov and self.momentum == 0:
             raise ValueError("nesterov needs momentum > 0 (SGD's Nesterov momentum)")
+        self._check_decoupled_decay()
         if self.scheduler == "cosine_with_min_lr" and self.min_lr > self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) must be <= lr ({self.lr}): the "
                              "cosine_with_min_lr schedule decays from lr down to min_lr")
+
+
+    def _check_decoupled_decay(self) -> None:
+        """AdamW, Adafactor and Muon shrink each decayed weight by (1 - lr x weight_decay) per
+        step: at 1 or more that zeroes or flips every matrix on every step, silently."""
+        pairs = [("lr", "weight_decay")] if self.optimizer in ("adamw", "adafactor", "muon") \
+            else []
+        if self.optimizer == "muon":
+            pairs.append(("muon_lr", "muon_weight_decay"))
+        for lr, decay in pairs:
+            product = getattr(self, lr) * getattr(self, decay)
+            if product >= 1:
+                raise ValueError(f"{decay} x {lr} is {product:g}: decoupled weight decay "
+                                 f"multiplies every decayed weight by 1 - {decay} x {lr} each "
+                                 f"step, which must stay above 0; lower train.{decay} or "
+                                 f"train.{lr}")
 
 
 @dataclass

@@ -19,7 +19,7 @@ import signal
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ from hftrain.data import cache as token_cache
 from hftrain.data_check import describe_change
 from hftrain.errors import (
     HftrainError,
+    RecipeError,
     ReportedByMainProcess,
     RunStopped,
     TrainingDiverged,
@@ -157,7 +158,22 @@ class RunParts:
     scheduler: Any
 
 
-def build_parts(recipe: Recipe, accelerator: Accelerator) -> RunParts:
+@contextmanager
+def naming_the_recipe(recipe_path: Path | None) -> Iterator[None]:
+    """The model's and the optimizer's refusals name recipe keys (`model.init_from`,
+    `train.optimizer`); add the file, as the recipe loader does for its own."""
+    try:
+        yield
+    except RecipeError:
+        raise
+    except HftrainError as exc:
+        if recipe_path is None:
+            raise
+        raise RecipeError(f"{recipe_path}: {exc}") from None
+
+
+def build_parts(recipe: Recipe, accelerator: Accelerator,
+                recipe_path: Path | None = None) -> RunParts:
     """Tokenizer, data (one batch of each split pulled), model, optimizer, schedule and the
     generation settings: a bad file or setting fails here, with nothing written."""
     tokenizer, built = prepare_tokenizer(recipe)
@@ -174,8 +190,9 @@ def build_parts(recipe: Recipe, accelerator: Accelerator) -> RunParts:
     batches = streams.train_batches(recipe.train.batch_size)
     first_batch = batches.peek()
     streams.check_val(recipe.eval.batch_size)
-    model = build_model(recipe.model, tokenizer, recipe.data.block_size)
-    optimizer = build_optimizer(model.to(accelerator.device), recipe.train)
+    with naming_the_recipe(recipe_path):
+        model = build_model(recipe.model, tokenizer, recipe.data.block_size)
+        optimizer = build_optimizer(model.to(accelerator.device), recipe.train)
     scheduler = build_scheduler(optimizer, recipe.train)
     model.generation_config = generation_config(recipe, tokenizer)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -216,7 +233,7 @@ def train(recipe: Recipe, recipe_path: Path | None = None) -> TrainResult:
         if decided.finished:
             return TrainResult(None, run_dir, run_dir / "final", {}, "", 0.0,
                                recipe.train.max_steps, already_finished=True)
-        parts = build_parts(recipe, accelerator)
+        parts = build_parts(recipe, accelerator, recipe_path)
 
         def start() -> None:
             lock.acquire()

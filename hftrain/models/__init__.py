@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+from hftrain.errors import HftrainError
 from hftrain.models.base import add_lora, load_pretrained
 from hftrain.models.gpt2 import GPT2Fields, build_gpt2
 from hftrain.models.llama import LlamaFields, Qwen3Fields, build_decoder
@@ -36,6 +37,7 @@ MODELS: dict[str, ModelSpec] = {
 def build_model(fields: Any, tokenizer: Any, block_size: int) -> Any:
     """The model a recipe's `model:` section describes: freshly initialised, or loaded from
     `init_from` (the family `arch` names must match), with LoRA adapters if asked for."""
+    check_attention_available(fields)
     if fields.init_from:
         model = load_pretrained(fields, block_size)
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:
@@ -43,3 +45,16 @@ def build_model(fields: Any, tokenizer: Any, block_size: int) -> Any:
     else:
         model = MODELS[fields.arch].build(fields, tokenizer, block_size)
     return add_lora(model, fields) if fields.lora_r else model
+
+
+def check_attention_available(fields: Any) -> None:
+    """transformers reports a missing flash-attn package with a long ImportError; say it in
+    one line, before anything is built."""
+    if getattr(fields, "attn_implementation", None) != "flash_attention_2":
+        return
+    from transformers.utils import is_flash_attn_2_available
+
+    if not is_flash_attn_2_available():
+        raise HftrainError("model.attn_implementation flash_attention_2 needs the flash-attn "
+                           "package and a CUDA GPU (pip install flash-attn); sdpa needs "
+                           "neither")

@@ -75,6 +75,7 @@ def add_lora(model: Any, fields: ModelFields) -> Any:
         from peft import LoraConfig, get_peft_model
     except ImportError:
         raise HftrainError("model.lora_r needs PEFT: pip install 'hftrain[lora]'") from None
+    _check_targets_untied(model, fields.lora_target_modules or [])
     config = LoraConfig(
         r=fields.lora_r,
         lora_alpha=fields.lora_alpha,
@@ -86,6 +87,23 @@ def add_lora(model: Any, fields: ModelFields) -> Any:
         return get_peft_model(model, config)
     except ValueError as exc:
         raise HftrainError(f"model.lora_target_modules: {exc}".split("\n")[0]) from None
+
+
+def _check_targets_untied(model: Any, targets: list[str]) -> None:
+    """Refuse an adapter on an embedding that is tied to the output head: in training it
+    changes only the module it wraps, but merging folds it into the one shared matrix, so the
+    export would change the other end too and would not be the model that was trained."""
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is None or head.weight is not embedding.weight:
+        return
+    tied = [name for name, module in model.named_modules() if module in (embedding, head)]
+    for target in targets:
+        if any(name == target or name.endswith(f".{target}") for name in tied):
+            raise HftrainError(
+                f"model.lora_target_modules: '{target}' shares its weight with this model's "
+                "tied input embedding and output head; an adapter there trains one end of the "
+                "tie, and the merged export would change both: adapt other modules, or train "
+                "a model with tie_embeddings: false")
 
 
 def is_lora(model: Any) -> bool:

@@ -44,9 +44,10 @@ class DecoderFields(ModelFields):
     """Width of the gated MLP. Unset: 8/3 x n_embd rounded up to a multiple of 32 (352 for
     width 128), which gives the three gated matrices about the weights of GPT-2's two 4x ones."""
     rope_theta: float = 10000.0
-    """Base of the rotary position frequencies."""
+    """Base of the rotary position frequencies, >= 1 (below 1 the "slow" rotations turn
+    faster than the fast ones, and a tiny base underflows to 0 in float32)."""
     rms_norm_eps: float = 1e-5
-    """Epsilon of the RMSNorm layers."""
+    """Epsilon of the RMSNorm layers, in (0, 1)."""
     dropout: float = 0.0
     """Dropout on the attention weights (config `attention_dropout`); these models have no
     other dropout."""
@@ -60,7 +61,11 @@ class DecoderFields(ModelFields):
         super().__post_init__()
         at_least_one(self, "n_layer", "n_head", "n_kv_head", "n_embd", "head_dim",
                      "intermediate_size")
-        positive(self, "rope_theta", "rms_norm_eps")
+        positive(self, "rms_norm_eps")
+        if not self.rope_theta >= 1:
+            raise ValueError(f"rope_theta must be >= 1, got {self.rope_theta}")
+        if not self.rms_norm_eps < 1:
+            raise ValueError(f"rms_norm_eps must be < 1, got {self.rms_norm_eps}")
         in_unit_interval(self, "dropout")
         if self.n_kv_head is not None and self.n_head % self.n_kv_head:
             raise ValueError(f"n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head})")
