@@ -17,11 +17,18 @@ GradScaler, a loss print every step, train and val estimated on 20 batches every
 and a checkpoint whenever val improves).
 
     python benchmarks/vs_nanogpt.py [--rounds 3] [--recipe RECIPE] [key=value ...]
+    python benchmarks/vs_nanogpt.py --rounds 3 --ablation
 
 `--recipe` and overrides time another hftrain recipe against the same reference (issue 13's
 fast recipes); the hftrain side's final validation loss is reported too. For a recipe with
 `data.block_size: 64` that loss is what `hftrain eval EXPORT --data <last 10%> --block-size
 64` reports (64-token windows, each scored on its own, as nanoGPT's figure is).
+
+`--ablation` times the fastest recipe (`recipes/shakespeare/qwen3-char-fast.yaml`), the
+variants that each take one of its ingredients away, and the other Shakespeare char recipes
+(ABLATION below), all in the same rounds as one reference run: each round runs every job
+once, in an order that reverses from round to round, so drift in the machine's speed falls
+on all of them alike.
 """
 
 from __future__ import annotations
@@ -195,43 +202,83 @@ def timed(command: list[str]) -> tuple[float, float | None]:
     return seconds, float(loss.group(1)) if loss else None
 
 
+FAST = "recipes/shakespeare/qwen3-char-fast.yaml"
+# The fast recipe's optimizer and schedule, for variants built from other recipes.
+FAST_TRAINING = ["train.optimizer=muon", "train.max_steps=280", "train.muon_momentum=0.85",
+                 "train.warmup_steps=20", "train.lr=3e-3", "train.min_lr=3e-4",
+                 "eval.interval=1000", "sample.max_new_tokens=100"]
+ABLATION: list[tuple[str, str, list[str]]] = [
+    ("qwen3-char-fast.yaml (Qwen3-style + Muon, 280 steps)", FAST, []),
+    ("- QK-norm: Llama block", FAST, ["model.arch=llama"]),
+    ("- Muon: AdamW for every weight", FAST, ["train.optimizer=adamw"]),
+    ("- short-run momentum: Muon's 0.95", FAST, ["train.muon_momentum=0.95"]),
+    ("- grouped-query attention: 4 key-value heads", FAST, ["model.n_kv_head=4"]),
+    ("- schedule: nanoGPT's warmup 100, lr 1e-3 to 1e-4", FAST,
+     ["train.warmup_steps=100", "train.lr=1e-3", "train.min_lr=1e-4"]),
+    ("- Llama-style block: GPT-2's (learned positions, LayerNorm, GELU)", RECIPE,
+     FAST_TRAINING),
+    ("llama-char-fast.yaml (Llama + Muon, 350 steps)",
+     "recipes/shakespeare/llama-char-fast.yaml", []),
+    ("llama-char.yaml (Llama + AdamW, 2000 steps)", "recipes/shakespeare/llama-char.yaml", []),
+    ("gpt2-char.yaml (GPT-2 + AdamW, 2000 steps)", RECIPE, []),
+]
+REFERENCE = "nanoGPT-style reference"
+
+
+def hftrain_command(recipe: str, overrides: list[str], run_dir: str) -> list[str]:
+    return ["hftrain", "train", recipe, *overrides, f"run.output_dir={run_dir}"]
+
+
+def run_rounds(jobs: dict[str, list[str]], rounds: int, scratch: str
+               ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Every job once per round, the order reversed on every other round; wall times and the
+    final validation losses the hftrain jobs printed."""
+    times: dict[str, list[float]] = {name: [] for name in jobs}
+    losses: dict[str, list[float]] = {name: [] for name in jobs}
+    for r in range(rounds):
+        order = list(jobs) if r % 2 == 0 else list(reversed(jobs))
+        for name in order:
+            subprocess.run(["rm", "-rf", f"{scratch}/run"], check=True)
+            seconds, loss = timed(jobs[name])
+            times[name].append(seconds)
+            if loss is not None:
+                losses[name].append(loss)
+            print(f"round {r + 1}: {name}: {seconds:.1f} s"
+                  + (f", val loss {loss:.4f}" if loss is not None else ""), flush=True)
+    return times, losses
+
+
+def report(times: dict[str, list[float]], losses: dict[str, list[float]]) -> None:
+    """A markdown table: median wall time, its ratio to the reference's, median val loss."""
+    reference = statistics.median(times[REFERENCE])
+    print("\n| job | median wall time (runs) | / reference | final val loss |\n|---|---|---|---|")
+    for name, values in times.items():
+        median = statistics.median(values)
+        loss = f"{statistics.median(losses[name]):.4f}" if losses[name] else "-"
+        runs = ", ".join(f"{v:.1f}" for v in values)
+        print(f"| {name} | {median:.1f} s ({runs}) | {median / reference:.3f}x | {loss} |")
+    print(f"(cpu count {os.cpu_count()})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--reference", metavar="DIR", help="run the reference job into DIR")
     parser.add_argument("--recipe", default=RECIPE, help="the hftrain recipe to time")
+    parser.add_argument("--ablation", action="store_true",
+                        help="time the fast recipe and its ablation variants (ABLATION)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides for the recipe")
     args = parser.parse_args()
     if args.reference:
         reference_run(Path(args.reference))
         return
-    times: dict[str, list[float]] = {"hftrain": [], "nanoGPT-style": []}
-    losses: list[float] = []
+    variants = ABLATION if args.ablation else [("hftrain", args.recipe, args.overrides)]
     with tempfile.TemporaryDirectory() as scratch:
-        commands = {
-            "hftrain": ["hftrain", "train", args.recipe, *args.overrides,
-                        f"run.output_dir={scratch}/run"],
-            "nanoGPT-style": [sys.executable, __file__, "--reference", scratch],
-        }
-        for r in range(args.rounds):
-            order = list(commands) if r % 2 == 0 else list(reversed(commands))
-            for name in order:
-                subprocess.run(["rm", "-rf", f"{scratch}/run"], check=True)
-                seconds, loss = timed(commands[name])
-                times[name].append(seconds)
-                if name == "hftrain" and loss is not None:
-                    losses.append(loss)
-                print(f"round {r + 1}: {name} {seconds:.1f} s"
-                      + (f", val loss {loss:.4f}" if loss is not None else ""), flush=True)
-    medians = {name: statistics.median(values) for name, values in times.items()}
-    for name, values in times.items():
-        print(f"{name:14s} median {medians[name]:6.1f} s  (runs: "
-              + ", ".join(f"{v:.1f}" for v in values) + ")")
-    if losses:
-        print(f"hftrain final val loss: median {statistics.median(losses):.4f} (runs: "
-              + ", ".join(f"{v:.4f}" for v in losses) + ")")
-    print(f"ratio hftrain/nanoGPT-style wall time: "
-          f"{medians['hftrain'] / medians['nanoGPT-style']:.3f} (cpu count {os.cpu_count()})")
+        jobs = {name: hftrain_command(recipe, overrides, f"{scratch}/run")
+                for name, recipe, overrides in variants}
+        jobs[REFERENCE] = [sys.executable, __file__, "--reference", scratch]
+        times, losses = run_rounds(jobs, args.rounds, scratch)
+    report(times, losses)
 
 
 if __name__ == "__main__":

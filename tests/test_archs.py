@@ -230,6 +230,15 @@ def test_init_from_starts_from_the_export(runs, arch, tmp_path):
         train(recipe_from_dict(raw))
 
 
+def test_init_from_loads_with_the_recipes_attention_kernel(runs, tok):
+    """A fine-tuning recipe's `attn_implementation` applies to the model it starts from (it
+    used to be dropped, leaving transformers' default)."""
+    for attention in ("eager", "sdpa"):
+        fields = LlamaFields(init_from=str(runs["llama"].final_dir),
+                             attn_implementation=attention)
+        assert build_model(fields, tok, 16).config._attn_implementation == attention
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_lora_adapts_q_and_v_projections_and_exports_merged_weights(runs, arch, tmp_path):
     result = train(finetune(tmp_path, runs, arch, lora_r=4, lora_alpha=8))

@@ -46,9 +46,11 @@ def load_pretrained(fields: Any, block_size: int) -> Any:
     model_type, or a recurrent model's cell), and a long enough context."""
     from transformers import AutoModelForCausalLM
 
+    attention = getattr(fields, "attn_implementation", None)  # recurrent models have none
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            fields.init_from, trust_remote_code=fields.trust_remote_code
+            fields.init_from, trust_remote_code=fields.trust_remote_code,
+            **({"attn_implementation": attention} if attention else {}),
         )
     except (OSError, ValueError) as exc:
         first_line = str(exc).split("\n")[0]
