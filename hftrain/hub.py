@@ -150,7 +150,8 @@ def model_card(folder: Path, repo_id: str, val: dict[str, Any] | None) -> ModelC
         repo_id=repo_id,
         description=(f"recurrent ({arch.upper()})" if recurrent else FAMILIES.get(arch, arch))
         + " causal language model",
-        init_note=f", fine-tuned from `{model['init_from']}`" if model.get("init_from") else "",
+        init_note=f", fine-tuned from {_model_name(model['init_from'])}"
+        if model.get("init_from") else "",
         architecture=_architecture(config),
         parameters=f"{n_params / 1e6:.2f} M" if n_params else "unknown",
         tokenizer=_tokenizer_origin(recipe),
@@ -194,12 +195,21 @@ def global_batch(train: dict[str, Any], block_size: Any, run: dict[str, Any]) ->
             f"process{'es' if processes > 1 else ''})")
 
 
+def _model_name(reference: str) -> str:
+    """A Hub id as given; a local folder by its last two path parts only (`runs/x/final` ->
+    `x/final`): the card is public and the trainer's directories are not its business."""
+    path = Path(reference).expanduser()
+    if not path.exists():
+        return f"`{reference}`"
+    return f"the local model `{'/'.join(path.resolve().parts[-2:])}`"
+
+
 def _tokenizer_origin(recipe: dict[str, Any]) -> str:
     """How the tokenizer was made: built by the recipe, or reused from another model."""
     reused = recipe.get("tokenizer", {}).get("name_or_path") or \
         recipe.get("model", {}).get("init_from")
     if reused:
-        return f"reused from `{reused}`"
+        return f"reused from {_model_name(reused)}"
     tokenizer = recipe.get("tokenizer", {})
     kind = tokenizer.get("kind", "unknown")
     return kind if kind == "char" else f"{kind}, {tokenizer.get('vocab_size')} tokens"

@@ -151,7 +151,8 @@ class TrainConfig:
     weight_decay: float = 0.1
     """Applied to matrices and embeddings only, never to biases or norms; >= 0. Decoupled
     (scaled by the learning rate) for adamw, adafactor and muon's AdamW part; an L2 penalty
-    added to the gradient for adam, sgd and rmsprop."""
+    added to the gradient for adam, sgd and rmsprop. adamw, adafactor, muon and sgd need
+    lr x weight_decay < 1 (each step multiplies the weights by 1 - lr x weight_decay)."""
     beta1: float = 0.9
     """AdamW's and Adam's first-moment decay, in [0, 1)."""
     beta2: float = 0.99
@@ -199,26 +200,28 @@ class TrainConfig:
                              "(muon's Muon part always uses Nesterov momentum)")
         if self.nesterov and self.momentum == 0:
             raise ValueError("nesterov needs momentum > 0 (SGD's Nesterov momentum)")
-        self._check_decoupled_decay()
+        self._check_weight_decay()
         if self.scheduler == "cosine_with_min_lr" and self.min_lr > self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) must be <= lr ({self.lr}): the "
                              "cosine_with_min_lr schedule decays from lr down to min_lr")
 
-
-    def _check_decoupled_decay(self) -> None:
-        """AdamW, Adafactor and Muon shrink each decayed weight by (1 - lr x weight_decay) per
-        step: at 1 or more that zeroes or flips every matrix on every step, silently."""
-        pairs = [("lr", "weight_decay")] if self.optimizer in ("adamw", "adafactor", "muon") \
-            else []
+    def _check_weight_decay(self) -> None:
+        """AdamW, Adafactor and Muon (decoupled decay), and SGD (an L2 term in the gradient,
+        which the step multiplies by lr) shrink each decayed weight by (1 - lr x weight_decay)
+        per step: at 1 or more that zeroes or flips every matrix on every step, silently (no
+        NaN, and clipping acts before the decay). Adam's and RMSprop's adaptive scaling
+        rescales the L2 term, so no such bound holds for them. Muon's Conv1D factor (GPT-2)
+        is checked where the groups are built (`hftrain.optim.build_muon`)."""
+        pairs = [("lr", "weight_decay")] if self.optimizer in ("adamw", "adafactor", "muon",
+                                                                "sgd") else []
         if self.optimizer == "muon":
             pairs.append(("muon_lr", "muon_weight_decay"))
         for lr, decay in pairs:
             product = getattr(self, lr) * getattr(self, decay)
             if product >= 1:
-                raise ValueError(f"{decay} x {lr} is {product:g}: decoupled weight decay "
-                                 f"multiplies every decayed weight by 1 - {decay} x {lr} each "
-                                 f"step, which must stay above 0; lower train.{decay} or "
-                                 f"train.{lr}")
+                raise ValueError(f"{decay} x {lr} is {product:g}: {self.optimizer} multiplies "
+                                 f"every decayed weight by 1 - {decay} x {lr} each step, "
+                                 f"which must stay above 0; lower train.{decay} or train.{lr}")
 
 
 @dataclass

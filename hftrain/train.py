@@ -51,7 +51,7 @@ from hftrain.launch import (
     report_setup,
     write_run_record,
 )
-from hftrain.models import build_model
+from hftrain.models import build_model, check_attention_available
 from hftrain.models.base import is_lora
 from hftrain.optim import build_optimizer, build_scheduler
 from hftrain.recipe import Recipe, dump_recipe
@@ -206,6 +206,8 @@ def train(recipe: Recipe, recipe_path: Path | None = None) -> TrainResult:
     """
     run_dir = Path(recipe.run.output_dir)
     trackers = default_trackers() if recipe.run.trackers is None else recipe.run.trackers
+    with naming_the_recipe(recipe_path):
+        check_attention_available(recipe.model)
     check_sharding_before_start(cpu=_cpu_data_parallel())  # Accelerate would not shard
     accelerator = Accelerator(
         mixed_precision=recipe.train.mixed_precision,

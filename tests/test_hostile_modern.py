@@ -258,6 +258,7 @@ def test_lora_on_a_tied_embedding_exports_the_model_it_trained(files, llama_expo
 @pytest.mark.parametrize("override", [
     ["train.optimizer=adafactor", "train.lr=10", "train.min_lr=1"],  # "lr only caps the step"
     ["train.muon_weight_decay=50"],  # x muon_lr 0.02 = 1: every Muon matrix wiped each step
+    ["train.optimizer=sgd", "train.lr=20", "train.min_lr=0"],  # L2 0.1 x 20: flips each step
 ])
 def test_a_weight_decay_that_erases_the_weights_is_refused(files, tmp_path, capsys, override):
     path = write(tmp_path / "r.yaml", recipe(files, tmp_path / "run"))
@@ -265,6 +266,17 @@ def test_a_weight_decay_that_erases_the_weights_is_refused(files, tmp_path, caps
     assert code == 2 and "Traceback" not in err
     line = [x for x in err.splitlines() if x.startswith("hftrain: error:")]
     assert len(line) == 1 and str(path) in line[0] and "weight_decay" in line[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_muon_decay_is_checked_at_gpt2s_scaled_matrix_rates(files, tmp_path, capsys):
+    """GPT-2's c_fc takes Muon at 2 x muon_lr (its Conv1D layout): 0.02 x 30 passes the
+    recipe's check, but 1 - 2 x 0.6 < 0 would flip that matrix each step."""
+    model = {"arch": "gpt2", "n_layer": 1, "n_head": 4, "n_embd": 32}
+    path = write(tmp_path / "r.yaml", recipe(files, tmp_path / "run", model,
+                                             muon_weight_decay=30))
+    code, _, err = cli(["train", str(path)], capsys)
+    assert code == 2 and refused_in_one_line(err, "train.muon_weight_decay", path)
     assert not (tmp_path / "run").exists()
 
 

@@ -37,7 +37,6 @@ MODELS: dict[str, ModelSpec] = {
 def build_model(fields: Any, tokenizer: Any, block_size: int) -> Any:
     """The model a recipe's `model:` section describes: freshly initialised, or loaded from
     `init_from` (the family `arch` names must match), with LoRA adapters if asked for."""
-    check_attention_available(fields)
     if fields.init_from:
         model = load_pretrained(fields, block_size)
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:
@@ -49,7 +48,7 @@ def build_model(fields: Any, tokenizer: Any, block_size: int) -> Any:
 
 def check_attention_available(fields: Any) -> None:
     """transformers reports a missing flash-attn package with a long ImportError; say it in
-    one line, before anything is built."""
+    one line. `train` asks before Accelerate starts any process group."""
     if getattr(fields, "attn_implementation", None) != "flash_attention_2":
         return
     from transformers.utils import is_flash_attn_2_available

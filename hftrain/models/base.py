@@ -95,8 +95,13 @@ def _check_targets_untied(model: Any, targets: list[str]) -> None:
     """Refuse an adapter on an embedding that is tied to the output head: in training it
     changes only the module it wraps, but merging folds it into the one shared matrix, so the
     export would change the other end too and would not be the model that was trained."""
-    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
-    if head is None or head.weight is not embedding.weight:
+    if not targets:  # PEFT's defaults are attention projections
+        return
+    try:
+        embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):  # a remote-code model without them
+        return
+    if head is None or getattr(head, "weight", None) is not getattr(embedding, "weight", 0):
         return
     tied = [name for name, module in model.named_modules() if module in (embedding, head)]
     for target in targets:
