@@ -104,12 +104,13 @@ def build_muon(model: torch.nn.Module, config: TrainConfig) -> MuonWithAdamW:
         raise HftrainError("train.optimizer muon found no 2-D hidden weight matrices to train "
                            "in this model; choose another train.optimizer")
     factors = sorted({factor for _, _, factor in muon})
-    if config.muon_lr * factors[-1] * config.muon_weight_decay >= 1:  # GPT-2's c_fc: x2
+    # The recipe checks muon_lr x muon_weight_decay < 1; GPT-2's c_fc steps at 2 x muon_lr.
+    shrink = config.muon_lr * factors[-1] * config.muon_weight_decay
+    if shrink >= 1:
         raise HftrainError(
-            f"train.muon_weight_decay x muon_lr is {config.muon_lr * config.muon_weight_decay:g}"
-            f", {config.muon_lr * factors[-1] * config.muon_weight_decay:g} for this model's "
-            f"matrices whose Muon rate is scaled by {factors[-1]:.3g}: Muon multiplies them by "
-            "1 - that each step, which must stay above 0; lower train.muon_weight_decay")
+            f"train.muon_weight_decay x muon_lr x {factors[-1]:.3g} (this model's largest Muon "
+            f"rate factor) is {shrink:g}: Muon multiplies those matrices by 1 - that each "
+            "step, which must stay above 0; lower train.muon_weight_decay")
     muon_groups = [{"params": [p for _, p, f in muon if f == factor],
                     "lr": config.muon_lr * factor} for factor in factors]
     adamw_groups = [
