@@ -7,17 +7,21 @@ A checkpoint is `<run>/checkpoints/step-00000120/`:
   process's RNG states. Accelerate reads the last two back with `torch.load(weights_only=True)`,
   which refuses to run code hidden in a pickle. hftrain registers nothing with
   `register_for_checkpointing`: Accelerate loads such objects with `weights_only=False`.
+  Under FSDP the weights and the optimizer are torch distributed-checkpoint folders
+  (`pytorch_model_fsdp_0/`, `optimizer_0/`: each rank's shards and a `.metadata`), which
+  `unsafe_distributed_checkpoint` reads with a restricted unpickler before Accelerate does.
 - `scheduler.json`: the learning-rate schedule's position.
 - `rank{N}_loop_state.safetensors`: tensors the loop carries (the recurrent state, the loss of
   the current log window).
 - `hftrain_state.json`, written last: the loop's counters, what defines the run's trajectory
-  (see `hftrain.resume`), and a manifest of every other file with its size and SHA-256.
+  (see `hftrain.resume`), and a manifest of every other file, nested ones included, with
+  its size and SHA-256.
 
 The folder is written under a temporary name and renamed only when complete, so a crash while
 saving never leaves a half checkpoint where `newest_intact_checkpoint` would look, and never
 touches the previous one. On resume the manifest is checked before anything is loaded: a
-truncated, missing, altered or unreadable file marks the checkpoint damaged, and the newest
-intact one before it is used instead.
+truncated, missing, altered, unlisted or unreadable file marks the checkpoint damaged, and
+the newest intact one before it is used instead.
 
 The data position is restored by replay: the seeded stream is rebuilt and the consumed
 micro-batches are read again and dropped, which repeats tokenization but no model work and is
@@ -29,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import re
 import shutil
 import sys
@@ -120,9 +125,14 @@ def damage(path: Path) -> str | None:
         return "its data position does not match its step"
     if not all(isinstance(e, dict) and type(e.get("size")) is int for e in files.values()):
         return f"{STATE_FILE} lists its files without their sizes and digests"
+    if not all(_inside(name) for name in files):
+        return f"{STATE_FILE} lists a file outside the checkpoint folder"
+    unlisted = sorted(set(manifest_names(path)) - set(files) - {STATE_FILE})
+    if unlisted:  # planted after the save: nothing hftrain wrote may be read beside it
+        return f"{unlisted[0]} was not written with the checkpoint"
     for name, expected in files.items():
         file = path / name
-        if not file.is_file():
+        if not file.is_file() or file.is_symlink():
             return f"{name} is missing"
         size = file.stat().st_size
         if size != expected["size"]:
@@ -131,7 +141,92 @@ def damage(path: Path) -> str | None:
     for name, expected in files.items():
         if digests[path / name] != expected["sha256"]:
             return f"{name} was altered after it was written (SHA-256 differs)"
+    return unsafe_distributed_checkpoint(path)
+
+
+def manifest_names(folder: Path) -> list[str]:
+    """Every file under `folder`, nested ones included (a sharded save writes folders:
+    FSDP's `pytorch_model_fsdp_0/`, `optimizer_0/`), as POSIX paths relative to it. A
+    symbolic link is listed too, so that `damage` refuses it rather than follow it."""
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                  if p.is_file() or p.is_symlink())
+
+
+def _inside(name: Any) -> bool:
+    parts = Path(name).parts if isinstance(name, str) else ("..",)
+    return bool(parts) and not Path(name).is_absolute() and ".." not in parts
+
+
+def unsafe_distributed_checkpoint(path: Path) -> str | None:
+    """Why a torch distributed checkpoint (DCP) folder in `path` cannot be read safely, or None.
+
+    DCP reads its `.metadata` with a bare `pickle.load`, and the non-tensor values of a state
+    dict (optimizer step counts, hyperparameters) with `torch.load(weights_only=False)`: a
+    planted pickle would run. Before Accelerate reads a folder, the metadata is unpickled here
+    with only DCP's own record classes, `torch.Size`, dtypes, layouts and paths allowed
+    (pickle's documented "restricting globals"), and every non-tensor value is loaded with
+    `weights_only=True`. What passes holds no other callable, so DCP's own unrestricted read
+    of the same bytes runs nothing else. (The manifest digests come first: a file changed
+    after the save never gets this far.)
+    """
+    for metadata_file in sorted(path.rglob(".metadata")):
+        try:
+            with metadata_file.open("rb") as f:
+                metadata = _DcpMetadataUnpickler(f).load()
+            _check_byte_items(metadata_file.parent, metadata)
+        except Exception as exc:  # noqa: BLE001 - whatever a planted file raises: one line
+            where = metadata_file.parent.relative_to(path).as_posix()
+            return f"{where} is not a distributed checkpoint hftrain can read safely " \
+                   f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
     return None
+
+
+class _DcpMetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP's `.metadata` and nothing else (see `unsafe_distributed_checkpoint`)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        import pathlib
+
+        import torch.serialization
+
+        if module in ("torch.distributed.checkpoint.metadata",
+                      "torch.distributed.checkpoint.filesystem") and not name.startswith("__"):
+            import importlib
+
+            found = getattr(importlib.import_module(module), name)
+            if isinstance(found, type):  # its record classes and enums, no functions
+                return found
+        if module == "torch" and name == "Size":
+            return torch.Size
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if (module, name) == ("torch.serialization", "_get_layout"):
+            return torch.serialization._get_layout  # a layout from its name
+        if module == "pathlib" and name in ("PosixPath", "WindowsPath", "PurePosixPath",
+                                             "PureWindowsPath", "Path"):
+            return getattr(pathlib, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in DCP metadata")
+
+
+def _check_byte_items(folder: Path, metadata: Any) -> None:
+    """Load every non-tensor value of a DCP folder with `weights_only=True`."""
+    import io
+
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    byte_fqns = {fqn for fqn, meta in metadata.state_dict_metadata.items()
+                 if isinstance(meta, BytesStorageMetadata)}
+    for index, info in (metadata.storage_data or {}).items():
+        if index.fqn not in byte_fqns:
+            continue
+        if getattr(info, "transform_descriptors", None):
+            raise ValueError(f"{index.fqn} is stored with transforms hftrain does not read")
+        file = folder / str(info.relative_path)
+        if not _inside(str(info.relative_path)) or not file.is_file():
+            raise ValueError(f"{index.fqn} points outside the folder")
+        with file.open("rb") as f:
+            f.seek(info.offset)
+            torch.load(io.BytesIO(f.read(info.length)), weights_only=True)
 
 
 def _sha256(path: Path) -> str:
@@ -172,9 +267,10 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: dict[str, An
         if accelerator.is_main_process:
             (tmp / SCHEDULER_FILE).write_text(json.dumps(scheduler.state_dict()),
                                               encoding="utf-8")
-            paths = [p for p in sorted(tmp.iterdir()) if p.is_file()]
+            paths = [tmp / name for name in manifest_names(tmp)]
             digests = _sha256_all(paths)
-            files = {p.name: {"size": p.stat().st_size, "sha256": digests[p]} for p in paths}
+            files = {p.relative_to(tmp).as_posix(): {"size": p.stat().st_size,
+                                                     "sha256": digests[p]} for p in paths}
             record = {**state, "files": files}
             record["state_sha256"] = state_digest(record)
             (tmp / STATE_FILE).write_text(json.dumps(record, indent=2), encoding="utf-8")

@@ -8,6 +8,7 @@ or per-process means instead would weight a half-padded batch like a full one.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator
 from functools import cache
 from pathlib import Path
@@ -61,6 +62,7 @@ def evaluate_lm(
     accelerator: Any,
     max_batches: int | None = None,
     stateful: bool = False,
+    lockstep: bool = False,
 ) -> dict[str, float]:
     """Score `batches` with `model`; returns loss, perplexity, bits_per_byte, nll, tokens and
     bytes.
@@ -69,16 +71,16 @@ def evaluate_lm(
     (`hftrain.framing.token_bytes`), summed over the scored targets for bits per byte. With
     `stateful`, the batches are consecutive windows of lanes (`data.lane_windows`) and the
     recurrent state carries from one to the next, so every token is scored with its whole
-    lane as context.
+    lane as context. With `lockstep` (a sharded model, whose every forward needs every
+    process) the processes take their forwards together (`in_lockstep`).
     """
     was_training = model.training
     model.eval()
     device = accelerator.device
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # nll, tokens, bytes
     state = None
-    for i, batch in enumerate(batches):
-        if max_batches is not None and i >= max_batches:
-            break
+    batches = itertools.islice(batches, max_batches)
+    for batch in in_lockstep(batches, accelerator) if lockstep else batches:
         labels = batch["labels"].to(device)
         if batch.get("reset_state"):
             state = None
@@ -94,6 +96,25 @@ def evaluate_lm(
     return perplexity_metric().compute(
         nll_sum=[nll], token_count=[int(tokens)], byte_count=[int(n_bytes)]
     )
+
+
+def in_lockstep(batches: Iterable[dict[str, torch.Tensor]],
+                accelerator: Any) -> Iterator[dict[str, torch.Tensor]]:
+    """The batches, then empty ones until every process has run out: the processes may hold
+    unequal numbers of validation batches (a one-piece file gives all of it to one rank),
+    and a sharded forward waits for every rank. An empty batch is one token that scores
+    nothing (its label is ignored) and resets any recurrent state. The processes agree on
+    "any left?" before each forward: one small all-reduce beside the forward's all-gathers."""
+    empty = {"input_ids": torch.zeros(1, 1, dtype=torch.long),
+             "labels": torch.full((1, 1), IGNORE_INDEX, dtype=torch.long),
+             "byte_counts": torch.zeros(1, 1, dtype=torch.long), "reset_state": True}
+    batches = iter(batches)
+    while True:
+        batch = next(batches, None)
+        left = torch.tensor(float(batch is not None), device=accelerator.device)
+        if accelerator.reduce(left, reduction="max").item() == 0:
+            return
+        yield empty if batch is None else batch
 
 
 def text_windows(tokens: np.ndarray, block_size: int, stride: int) -> Iterator[np.ndarray]:

@@ -5,10 +5,12 @@ Accelerate reads its launch config from environment variables that `accelerate l
 (`ACCELERATE_USE_FSDP`, `ACCELERATE_USE_DEEPSPEED`, `ACCELERATE_MIXED_PRECISION`, `FSDP_*`)
 and falls back without a word where it cannot do what they ask:
 
-- FSDP and DeepSpeed shard only on accelerators: on CPU the run is one plain process, or
-  plain DDP under torchrun. A run asked to shard usually asks because the unsharded model or
-  optimizer state does not fit; hftrain refuses it (exit status 2, before anything is written)
-  rather than start a run whose memory, speed and checkpoints are not the ones asked for.
+- FSDP and DeepSpeed shard only on accelerators in Accelerate's own code. hftrain turns FSDP
+  on for several CPU processes too (`hftrain.sharding.enable_fsdp_on_cpu`: torch's FSDP2 shards
+  over gloo); DeepSpeed on CPU, and FSDP in a single CPU process, would train unsharded. A run
+  asked to shard usually asks because the unsharded model or optimizer state does not fit;
+  hftrain refuses those (exit status 2, before anything is written) rather than start a run
+  whose memory, speed and checkpoints are not the ones asked for.
 - fp16 autocast does not exist on CPU: Accelerate trains in fp32 and still reports fp16.
 - bf16 autocast on a CPU without bf16 instructions (AVX2 only, say) works but is emulated:
   about 10x slower than fp32. Both train correctly, so they warn rather than refuse.
@@ -77,22 +79,32 @@ def _refuse(message: str, is_main: bool) -> None:
 
 
 def _how_to_launch(names: list[str]) -> str:
+    if names == ["FSDP"]:
+        return ("launch several processes (FSDP on CPU: ACCELERATE_USE_FSDP=true FSDP_VERSION=2 "
+                "torchrun --nproc_per_node N -m hftrain train RECIPE; see README), or drop the "
+                "FSDP config")
     return (f"launch on GPUs, or without the {'/'.join(names)} config (CPU data parallel: "
             "torchrun --nproc_per_node N -m hftrain train RECIPE; see accelerate_configs/)")
 
 
 def check_sharding_before_start(cpu: bool) -> None:
-    """Refuse FSDP or DeepSpeed on CPU before the Accelerator is built (with DeepSpeed asked
-    for, building it fails with an ImportError when deepspeed is missing, and on CPU it
-    would not shard anyway)."""
+    """Refuse sharding that will not happen on CPU before the Accelerator is built: DeepSpeed
+    (building the Accelerator fails with an ImportError when deepspeed is missing, and on CPU
+    Accelerate would not shard anyway), and FSDP in a single process (nothing to shard over).
+    FSDP over several CPU processes runs (`hftrain.sharding`)."""
     asked = requested_sharding()
     if not asked or not runs_on_cpu(cpu):
         return
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if "FSDP" in asked and processes > 1 and "DeepSpeed" not in asked:
+        return
     names = list(asked)
+    why = ("Accelerate does not run DeepSpeed" if "DeepSpeed" in asked
+           else "FSDP needs several processes to shard over")
     _refuse(f"the launch asks for {' and '.join(names)} ({', '.join(asked.values())}) but this "
-            "run is on CPU, where Accelerate does not shard: it would train unsharded (one "
-            f"process, or plain DDP under torchrun) without saying so; {_how_to_launch(names)}",
-            os.environ.get("RANK", "0") == "0")
+            f"run is on CPU with {processes} process{'es' if processes > 1 else ''}, where {why}: "
+            "it would train unsharded without saying so; "
+            f"{_how_to_launch(names)}", os.environ.get("RANK", "0") == "0")
 
 
 def check_sharding_set_up(accelerator: Any) -> None:

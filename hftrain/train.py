@@ -66,6 +66,12 @@ from hftrain.run_folder import (
     write_marker,
 )
 from hftrain.run_tokenizer import prepare_tokenizer, save_run_tokenizer
+from hftrain.sharding import (
+    enable_fsdp_on_cpu,
+    gathered_model,
+    is_sharded,
+    wrap_each_layer_by_default,
+)
 from hftrain.signals import StopRequest
 from hftrain.tracking import (
     MetricsLog,
@@ -192,7 +198,9 @@ def build_parts(recipe: Recipe, accelerator: Accelerator,
     streams.check_val(recipe.eval.batch_size)
     with naming_the_recipe(recipe_path):
         model = build_model(recipe.model, tokenizer, recipe.data.block_size)
-        optimizer = build_optimizer(model.to(accelerator.device), recipe.train)
+        if not is_sharded(accelerator):  # sharded: `prepare` puts each rank's shard there
+            model.to(accelerator.device)
+        optimizer = build_optimizer(model, recipe.train)
     scheduler = build_scheduler(optimizer, recipe.train)
     model.generation_config = generation_config(recipe, tokenizer)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -209,6 +217,7 @@ def train(recipe: Recipe, recipe_path: Path | None = None) -> TrainResult:
     with naming_the_recipe(recipe_path):
         check_attention_available(recipe.model)
     check_sharding_before_start(cpu=_cpu_data_parallel())  # Accelerate would not shard
+    wrap_each_layer_by_default()
     accelerator = Accelerator(
         mixed_precision=recipe.train.mixed_precision,
         cpu=_cpu_data_parallel(),
@@ -216,6 +225,7 @@ def train(recipe: Recipe, recipe_path: Path | None = None) -> TrainResult:
         project_dir=str(run_dir),
         dynamo_backend="inductor" if recipe.train.compile else None,
     )
+    enable_fsdp_on_cpu(accelerator)  # Accelerate shards only on GPUs; torch's FSDP2 also on CPU
     check_sharding_set_up(accelerator)
     report_setup(accelerator, recipe.train.mixed_precision)  # what runs, said once
     keep_freed_heap_memory(accelerator.device)
@@ -325,7 +335,7 @@ def _finish(loop: TrainingLoop, tokenizer: Any, result: TrainResult, stop: StopR
     except WRITE_ERRORS as exc:  # a full disk, a read-only folder
         raise HftrainError(f"could not write the export {run_dir / 'final'} "
                            f"({write_error_reason(exc)})") from None
-    result.model = model.eval()
+    result.model = model.eval() if model is not None else None  # sharded: main process only
     push_hint = (f"hftrain push {result.final_dir} --repo-id {recipe.hub.repo_id}"
                  f"{' --private' if recipe.hub.private else ''}")
     stop.raise_from_now_on(
@@ -658,8 +668,10 @@ class TrainingLoop:
         batches = self.streams.val_batches(self.recipe.eval.batch_size)
         # Unwrapped: ranks may hold unequal numbers of validation batches, and a DDP-wrapped
         # forward may wait on the other ranks; the sums are reduced once at the end instead.
+        # A sharded model's forward needs every rank whatever the wrapper: they go in lockstep.
         model = bare_model(self.accelerator, self.model)
-        val = evaluate_lm(model, batches, self.accelerator, max_batches, stateful=self.stateful)
+        val = evaluate_lm(model, batches, self.accelerator, max_batches, stateful=self.stateful,
+                          lockstep=is_sharded(self.accelerator))
         self.log.write({"step": self.step, "val_loss": val["loss"],
                         "val_ppl": val["perplexity"], "val_bpb": val["bits_per_byte"],
                         "val_tokens": val["tokens"]})
@@ -682,27 +694,33 @@ def _skips_on_device(optimizer: Any, accelerator: Accelerator) -> bool:
 def export(accelerator: Accelerator, model: Any, tokenizer: Any, recipe: Recipe,
            run_dir: Path) -> tuple[Path, Any]:
     """Write `final/`: safetensors weights, config, tokenizer, generation config, recipe.
-    Returns the folder and the model saved there (LoRA adapters merged).
+    Returns the folder and the model saved there (LoRA adapters merged; on the main process
+    only when the model is sharded, None on the others).
 
     Plain `transformers` loads it with `AutoModelForCausalLM` and `AutoTokenizer`.
     """
     final_dir = run_dir / "final"
-    unwrapped = bare_model(accelerator, model)
-    if is_lora(unwrapped):  # LoRA: fold the adapters in; the export is a plain model
-        unwrapped = unwrapped.merge_and_unload()
-        state_dict = unwrapped.state_dict()
-    else:  # torch.compile's wrapper prefixes every key with `_orig_mod.`: the export must not
-        state_dict = {k.removeprefix("_orig_mod."): v
-                      for k, v in accelerator.get_state_dict(model).items()}
+    whole = whole_model(accelerator, model)
     if accelerator.is_main_process:
-        unwrapped.generation_config = generation_config(recipe, tokenizer)
+        whole.generation_config = generation_config(recipe, tokenizer)
         with atomic_directory(final_dir) as tmp:
-            unwrapped.save_pretrained(tmp, state_dict=state_dict)
+            whole.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             dump_recipe(recipe, tmp / "hftrain_recipe.yaml")
             write_run_record(accelerator, recipe, tmp)  # processes: the recipe cannot say
     accelerator.wait_for_everyone()
-    return final_dir, unwrapped
+    return final_dir, whole
+
+
+def whole_model(accelerator: Accelerator, model: Any) -> Any:
+    """The trained model as one plain `PreTrainedModel`, LoRA adapters merged in: the model
+    itself, unwrapped, or, when it is sharded, a copy gathered onto the main process (None on
+    the others; every process must call this)."""
+    bare = bare_model(accelerator, model)
+    whole = gathered_model(accelerator, model, bare) if is_sharded(accelerator) else bare
+    if whole is not None and is_lora(whole):  # LoRA: fold the adapters in; a plain model
+        whole = whole.merge_and_unload()
+    return whole
 
 
 def generation_config(recipe: Recipe, tokenizer: Any) -> GenerationConfig:

@@ -29,7 +29,7 @@ class RecurrentPreTrainedModel(PreTrainedModel):
     config_class = RecurrentLMConfig
     base_model_prefix = "model"
     _is_stateful = True
-    _no_split_modules = []
+    _no_split_modules = ["LSTM", "GRU", "RNN"]  # the recurrent stack: FSDP's unit
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:

@@ -1,0 +1,265 @@
+"""Sharded training (issue 19) on CPU, through the code GPUs run: torch's FSDP2 over gloo,
+started as `accelerate launch --config_file accelerate_configs/fsdp.yaml` starts it (its
+launch variables) under torchrun. Each run is a subprocess with a time limit, so a deadlock
+(a forward one rank takes alone) fails the test instead of hanging it."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, tiny_recipe_dict
+from safetensors.torch import load_file
+
+from hftrain.checkpoint import (
+    STATE_FILE,
+    complete_checkpoints,
+    damage,
+    manifest_names,
+    newest_intact_checkpoint,
+    state_digest,
+)
+from hftrain.tracking import read_metrics
+
+FAULTS = REPO / "tests" / "fault_injection.py"
+TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+
+
+def fsdp_launch_variables() -> dict[str, str]:
+    """What `accelerate launch --config_file accelerate_configs/fsdp.yaml` sets for its
+    processes, from Accelerate's own launcher code (2 processes, fp32 on CPU)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    args = launch_command_parser().parse_args(
+        ["--config_file", str(REPO / "accelerate_configs" / "fsdp.yaml"), "--num_processes",
+         "2", "--mixed_precision", "no", "train.py"])
+    args, _, _ = _validate_launch_command(args)
+    return {k: v for k, v in prepare_multi_gpu_env(args).items()
+            if k.startswith(("ACCELERATE_", "FSDP_"))}
+
+
+TIME_LIMIT = 240
+
+LLAMA_LORA = {"arch": "llama", "n_embd": 32, "n_layer": 2, "n_head": 4, "n_kv_head": 2,
+              "intermediate_size": 64, "tie_embeddings": False, "lora_r": 4}
+
+
+def launch(tmp_path: Path, name: str, data: dict, fsdp: bool, *args: str,
+           kill_at_step: int = 0) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node 2` of `hftrain train` (through the fault injector, which
+    records what each step trained on) into tmp_path/name."""
+    data = json.loads(json.dumps(data))
+    data["run"]["output_dir"] = str(tmp_path / name)
+    recipe = tmp_path / f"{name}.yaml"
+    recipe.write_text(json.dumps(data))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_"))}
+    env.update(fsdp_launch_variables() if fsdp else {}, OMP_NUM_THREADS="1")
+    return subprocess.run(
+        [TORCHRUN, "--nproc_per_node", "2", str(FAULTS), str(tmp_path / f"{name}.record"),
+         str(kill_at_step), "0", "--", "train", str(recipe), *args],
+        capture_output=True, text=True, cwd=REPO, env=env, timeout=TIME_LIMIT)
+
+
+def recipe_data(tmp_path: Path, corpus: Path, model: dict | None = None) -> dict:
+    """A tiny run whose validation file is one piece: one rank holds all of it, the other
+    none, so the ranks hold unequal numbers of validation batches."""
+    val = tmp_path / "val.txt"
+    val.write_text(corpus.read_text(encoding="utf-8")[:1500], encoding="utf-8")
+    data = tiny_recipe_dict(corpus, tmp_path / "unused", train={"batch_size": 4},
+                            eval={"interval": 15, "batch_size": 8})
+    data["data"].update(val_files=[str(val)], val_fraction=0.0)
+    data["checkpoint"] = {"interval": 10, "keep": 3}
+    if model:
+        data["model"] = model
+    return data
+
+
+def metrics(run: Path) -> list[dict]:
+    return read_metrics(run / "metrics.jsonl")
+
+
+def sample_of(proc: subprocess.CompletedProcess) -> str:
+    return proc.stdout.split("sample:\n", 1)[1]
+
+
+@pytest.fixture(scope="module")
+def fsdp_gpt2(tmp_path_factory, shakespeare_text):
+    """One uninterrupted FSDP2 run of the tiny GPT-2, shared by the tests below."""
+    tmp = tmp_path_factory.mktemp("fsdp")
+    corpus = tmp / "corpus.txt"
+    corpus.write_text(shakespeare_text, encoding="utf-8")
+    data = recipe_data(tmp, corpus)
+    proc = launch(tmp, "whole", data, fsdp=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp, data, proc
+
+
+def assert_same_run(a: Path, b: Path, tolerance: float = 1e-4) -> None:
+    """Equal training and validation losses at every logged step, and equal exports."""
+    ma, mb = metrics(a), metrics(b)
+    assert [sorted(r) for r in ma] == [sorted(r) for r in mb]
+    for x, y in zip(ma, mb, strict=True):
+        for key in ("loss", "val_loss"):
+            if key in x:
+                assert y[key] == pytest.approx(x[key], rel=tolerance), (x["step"], key)
+        assert x.get("val_tokens") == y.get("val_tokens")
+    wa, wb = (load_file(run / "final" / "model.safetensors") for run in (a, b))
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize("model", ["gpt2", "llama_lora"])
+def test_fsdp2_equals_ddp_with_uneven_validation_sample_and_export(
+        model, fsdp_gpt2, tmp_path, corpus_file):
+    if model == "gpt2":
+        tmp, data, fsdp = fsdp_gpt2
+        fsdp_run = tmp / "whole"
+    else:
+        tmp, data = tmp_path, recipe_data(tmp_path, corpus_file, LLAMA_LORA)
+        fsdp = launch(tmp, "fsdp", data, fsdp=True)
+        assert fsdp.returncode == 0, fsdp.stderr[-3000:]
+        fsdp_run = tmp / "fsdp"
+    ddp = launch(tmp, f"ddp_{model}", data, fsdp=False)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert "FSDP (gloo), mixed precision no, FSDP2 (full shard)" in fsdp.stdout
+    assert "MULTI_CPU (gloo)" in ddp.stdout
+    assert_same_run(tmp / f"ddp_{model}", fsdp_run)
+    # the one-piece validation file was scored whole, and the evaluation did not deadlock
+    assert metrics(fsdp_run)[-1]["val_tokens"] == 1500
+    assert sample_of(fsdp) == sample_of(ddp) and len(sample_of(fsdp)) > len("ROMEO:")
+    record = json.loads((fsdp_run / "final" / "hftrain_run.json").read_text())
+    assert record["distributed_type"] == "FSDP" and record["processes"] == 2
+    if model == "llama_lora":  # merged: a plain model, no adapter weights
+        assert not any("lora" in key for key in load_file(fsdp_run / "final" /
+                                                          "model.safetensors"))
+
+
+def test_fsdp2_kill_9_then_resume_equals_the_uninterrupted_run_past_a_damaged_shard(
+        fsdp_gpt2):
+    tmp, data, _ = fsdp_gpt2
+    killed = launch(tmp, "killed", data, fsdp=True, kill_at_step=25)
+    assert killed.returncode != 0
+    newest = complete_checkpoints(tmp / "killed")[-1]
+    assert newest.name == "step-00000020"
+    shard = newest / "pytorch_model_fsdp_0" / "__1_0.distcp"  # rank 1's weights
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # the same size, one byte changed
+    shard.write_bytes(bytes(raw))
+    assert "pytorch_model_fsdp_0/__1_0.distcp was altered" in damage(newest)
+    resumed = launch(tmp, "killed", data, True, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "skipping damaged checkpoint" in resumed.stderr
+    assert "resumed from" in resumed.stdout and "step-00000010 at step 10" in resumed.stdout
+    assert_same_run(tmp / "whole", tmp / "killed", tolerance=1e-5)
+    for rank in range(2):  # every step trained on the blocks of the uninterrupted run
+        whole = (tmp / f"whole.record.rank{rank}").read_text().splitlines()
+        got = dict(line.split() for line in
+                   (tmp / f"killed.record.rank{rank}").read_text().splitlines())
+        assert got == dict(line.split() for line in whole)
+
+
+class Planted:
+    """A pickle that, when loaded, creates a file: proof that it ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (str(self.marker),))
+
+
+def reseal(checkpoint: Path) -> None:
+    """Rewrite the manifest as an attacker with write access would: every digest matches."""
+    import hashlib
+
+    state = json.loads((checkpoint / STATE_FILE).read_text())
+    state["files"] = {name: {"size": (checkpoint / name).stat().st_size,
+                             "sha256": hashlib.sha256((checkpoint / name).read_bytes())
+                             .hexdigest()} for name in manifest_names(checkpoint)
+                      if name != STATE_FILE}
+    state["state_sha256"] = state_digest(state)
+    (checkpoint / STATE_FILE).write_text(json.dumps(state))
+
+
+def byte_item_regions(folder: Path) -> list[tuple[Path, int, int]]:
+    """(file, offset, length) of every non-tensor value DCP stored in `folder`."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    metadata = FileSystemReader(str(folder)).read_metadata()  # hftrain's own, unaltered file
+    byte_fqns = {k for k, v in metadata.state_dict_metadata.items()
+                 if isinstance(v, BytesStorageMetadata)}
+    return [(folder / info.relative_path, info.offset, info.length)
+            for index, info in metadata.storage_data.items() if index.fqn in byte_fqns]
+
+
+def test_a_planted_pickle_in_a_sharded_checkpoint_never_runs(fsdp_gpt2, tmp_path):
+    tmp, _, _ = fsdp_gpt2
+    source = complete_checkpoints(tmp / "whole")[-1]
+    assert damage(source) is None
+    names = [n for n in manifest_names(source) if "/" in n]  # the DCP folders' files
+    assert {"pytorch_model_fsdp_0/.metadata", "optimizer_0/.metadata"} <= set(names)
+    marker = tmp_path / "pickle-ran"
+    payload = pickle.dumps(Planted(marker))
+    regions = byte_item_regions(source / "optimizer_0")
+    assert regions, "the optimizer's DCP folder holds non-tensor values"
+    for name in names:
+        planted = tmp_path / "run" / "checkpoints" / source.name
+        shutil.rmtree(tmp_path / "run", ignore_errors=True)
+        shutil.copytree(source, planted)
+        if name.endswith(".metadata"):
+            (planted / name).write_bytes(payload)
+        else:  # a shard: the planted pickle where DCP unpickles a non-tensor value
+            regions = [r for r in byte_item_regions(planted / Path(name).parent)
+                       if r[0].name == Path(name).name]
+            if not regions:
+                continue
+            file, offset, length = regions[0]
+            raw = bytearray(file.read_bytes())
+            raw[offset:offset + length] = payload.ljust(length, b".")[:length]
+            assert len(payload) <= length
+            file.write_bytes(bytes(raw))
+        reseal(planted)
+        problem = damage(planted)
+        assert problem is not None and "can read safely" in problem, (name, problem)
+        assert newest_intact_checkpoint(tmp_path / "run") is None
+        assert not marker.exists(), f"the pickle planted in {name} ran"
+
+
+@pytest.mark.parametrize("arch, unit", [("gpt2", "GPT2Block"), ("llama", "LlamaDecoderLayer"),
+                                        ("qwen3", "Qwen3DecoderLayer"), ("lstm", "LSTM"),
+                                        ("gru", "GRU"), ("rnn_tanh", "RNN")])
+def test_fsdp_wraps_each_layer_of_the_models_own_class(arch, unit, shakespeare_text,
+                                                       monkeypatch):
+    """With the shipped config (which names no class) or a bare `ACCELERATE_USE_FSDP=true`,
+    Accelerate's plugin takes the layer class from the model (`_no_split_modules`)."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    from hftrain.models import MODELS, build_model
+    from hftrain.recipe import TokenizerConfig
+    from hftrain.sharding import wrap_each_layer_by_default
+    from hftrain.tokenizer import build_tokenizer
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.delenv("FSDP_AUTO_WRAP_POLICY", raising=False)
+    monkeypatch.delenv("FSDP_TRANSFORMER_CLS_TO_WRAP", raising=False)
+    wrap_each_layer_by_default()
+    tok = build_tokenizer(TokenizerConfig(kind="char"), [shakespeare_text[:2000]], 16)
+    small = ({"n_layer": 2, "n_head": 2, "n_embd": 16} if arch in ("gpt2", "llama", "qwen3")
+             else {"embedding_size": 16, "hidden_size": 16, "num_layers": 2})
+    model = build_model(MODELS[arch].fields(arch=arch, **small), tok, 16)
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+    plugin.set_auto_wrap_policy(model)
+    assert plugin.transformer_cls_names_to_wrap == [unit]
+    wrapped = [name for name, module in model.named_modules()
+               if plugin.auto_wrap_policy(module, recurse=False, nonwrapped_numel=0)]
+    assert len(wrapped) == (2 if arch in ("gpt2", "llama", "qwen3") else 1), wrapped
