@@ -53,6 +53,7 @@ from hftrain.launch import (
 )
 from hftrain.models import build_model, check_attention_available
 from hftrain.models.base import is_lora
+from hftrain.nodes import check_shared
 from hftrain.optim import build_optimizer, build_scheduler
 from hftrain.recipe import Recipe, dump_recipe
 from hftrain.resume import Plan, plan_run, trajectory
@@ -231,8 +232,11 @@ def train(recipe: Recipe, recipe_path: Path | None = None) -> TrainResult:
     keep_freed_heap_memory(accelerator.device)
     set_seed(recipe.run.seed)
     check_writable_target(run_dir, protected_paths(recipe, recipe_path), "run.output_dir")
+    shared = {"run.output_dir": run_dir}
     if recipe.data.cache:  # a stale cache is rebuilt in place: never over the data
         check_cache_target(recipe, recipe_path)
+        shared["data.cache"] = Path(recipe.data.cache)
+    check_shared(accelerator, shared)  # several nodes: what rank 0 writes, every rank reads
     with RunLock(run_dir, enabled=accelerator.is_main_process) as lock:
 
         def plan() -> Plan:

@@ -9,7 +9,9 @@ process at the start of that step; KILL_ON_SAVE > 0 sends it in the middle of th
 save (after Accelerate's files, before hftrain's completion marker). With the environment
 variable SIGNAL_IN=PHASE:SIGNAL (PHASE `final_eval`, `export` or `sample`; SIGNAL `TERM` or
 `KILL`) the process sends itself that signal when the phase begins; SIGNAL_IN=stepN:TERM
-sends SIGTERM at the start of step N.
+sends SIGTERM at the start of step N. With KILL_ONCE=MARKER the kill at KILL_AT_STEP hits only
+the last rank, and only while MARKER does not exist (it is created first): a worker that dies
+once, as under `torchrun --max-restarts`.
 """
 
 import hashlib
@@ -40,8 +42,19 @@ def digest(micro_batches) -> str:
 original_step = TrainingLoop.optimizer_step
 
 
+def should_die() -> bool:
+    marker = os.environ.get("KILL_ONCE")
+    if not marker:
+        return True
+    last_rank = int(os.environ.get("RANK", "0")) == int(os.environ.get("WORLD_SIZE", "1")) - 1
+    if not last_rank or os.path.exists(marker):
+        return False
+    open(marker, "x").close()
+    return True
+
+
 def recording_step(self, micro_batches):
-    if self.step + 1 == kill_at_step:
+    if self.step + 1 == kill_at_step and should_die():
         os.kill(os.getpid(), signal.SIGKILL)
     if os.environ.get("SIGNAL_IN") == f"step{self.step + 1}:TERM":
         os.kill(os.getpid(), signal.SIGTERM)

@@ -9,6 +9,7 @@ import json
 import os
 import pickle
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -263,3 +264,84 @@ def test_fsdp_wraps_each_layer_of_the_models_own_class(arch, unit, shakespeare_t
     wrapped = [name for name, module in model.named_modules()
                if plugin.auto_wrap_policy(module, recurse=False, nonwrapped_numel=0)]
     assert len(wrapped) == (2 if arch in ("gpt2", "llama", "qwen3") else 1), wrapped
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+RENDEZVOUS_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+"""torch 2.13's torchrun: without it, restarts under c10d fail in gloo's connectFullMesh."""
+
+
+def agents(tmp_path: Path, name: str, data: dict, nodes: list[Path], *args: str,
+           restarts: int = 0, kill_at_step: int = 0) -> list[subprocess.CompletedProcess]:
+    """One torchrun agent per "node" (each started in its own folder, with the c10d
+    rendezvous on 127.0.0.1), FSDP2 as the shipped config sets it up; each node runs
+    `len(nodes) == 1 ? 2 : 1` processes."""
+    data = json.loads(json.dumps(data))
+    data["run"]["output_dir"] = data["run"].get("relative_output_dir") or str(tmp_path / name)
+    data["run"].pop("relative_output_dir", None)
+    recipe = tmp_path / f"{name}.yaml"
+    recipe.write_text(json.dumps(data))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_"))}
+    env.update({**fsdp_launch_variables(), **RENDEZVOUS_ENV}, OMP_NUM_THREADS="1",
+               PYTHONPATH=str(REPO), KILL_ONCE=str(tmp_path / f"{name}.killed-once"))
+    port, per_node = free_port(), 2 if len(nodes) == 1 else 1
+    started = [subprocess.Popen(
+        [TORCHRUN, "--nnodes", str(len(nodes)), "--nproc_per_node", str(per_node),
+         "--node-rank", str(rank), "--max-restarts", str(restarts), "--rdzv-backend", "c10d",
+         "--rdzv-endpoint", f"127.0.0.1:{port}", str(FAULTS), str(tmp_path / f"{name}.record"),
+         str(kill_at_step), "0", "--", "train", str(recipe), *args],
+        cwd=node, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for rank, node in enumerate(nodes)]
+    done = []
+    for proc in started:
+        out, err = proc.communicate(timeout=TIME_LIMIT)
+        done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    return done
+
+
+def test_a_worker_killed_under_torchrun_max_restarts_resumes_and_equals_the_whole_run(
+        fsdp_gpt2):
+    """`torchrun --max-restarts 1 ... train RECIPE --resume`: the first start begins the
+    run, the restart after a worker's kill -9 resumes it from the newest checkpoint."""
+    tmp, data, _ = fsdp_gpt2
+    [agent] = agents(tmp, "elastic", data, [tmp], "--resume", restarts=1, kill_at_step=17)
+    assert agent.returncode == 0, agent.stderr[-3000:]
+    assert (tmp / "elastic.killed-once").exists()  # the worker did die once
+    assert "resumed from" in agent.stdout and "step-00000010 at step 10" in agent.stdout
+    assert_same_run(tmp / "whole", tmp / "elastic", tolerance=1e-5)
+
+
+def test_two_nodes_on_a_shared_folder_equal_one_node_with_two_processes(fsdp_gpt2):
+    tmp, data, _ = fsdp_gpt2
+    done = agents(tmp, "two_nodes", data, [tmp, tmp])
+    assert all(agent.returncode == 0 for agent in done), done[0].stderr[-3000:]
+    assert_same_run(tmp / "whole", tmp / "two_nodes", tolerance=1e-5)
+    step_folder = complete_checkpoints(tmp / "two_nodes")[-1]
+    for rank in range(2):  # both nodes' files are in the checkpoint and its manifest
+        assert f"rank{rank}_loop_state.safetensors" in manifest_names(step_folder)
+        assert f"pytorch_model_fsdp_0/__{rank}_0.distcp" in manifest_names(step_folder)
+
+
+def test_two_nodes_on_node_local_folders_are_refused_in_one_line(fsdp_gpt2, tmp_path):
+    """The same relative run.output_dir, resolved on each "node" in its own folder, as on
+    node-local disks."""
+    _, data, _ = fsdp_gpt2
+    data = {**data, "run": {**data["run"], "relative_output_dir": "runs/local"}}
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    for node in nodes:
+        node.mkdir()
+    done = agents(tmp_path, "local", data, nodes)
+    assert all(agent.returncode != 0 for agent in done)
+    errors = [line for agent in done for line in agent.stderr.splitlines()
+              if line.startswith("hftrain: error:")]
+    assert len(errors) == 1 and not any(  # torchrun's own report of the exit aside
+        line.startswith("[rank") and "Traceback" in line
+        for agent in done for line in agent.stderr.splitlines())
+    assert "run.output_dir 'runs/local' must be on a filesystem every node shares" in errors[0]
+    for node in nodes:  # nothing written, the probe removed
+        assert list(node.iterdir()) == []
