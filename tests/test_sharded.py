@@ -345,3 +345,16 @@ def test_two_nodes_on_node_local_folders_are_refused_in_one_line(fsdp_gpt2, tmp_
     assert "run.output_dir 'runs/local' must be on a filesystem every node shares" in errors[0]
     for node in nodes:  # nothing written, the probe removed
         assert list(node.iterdir()) == []
+
+
+def test_the_sharded_step_benchmark_runs_in_seconds():
+    """benchmarks/sharded_step.py's smoke mode: one round of DDP and FSDP2 on a tiny model."""
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "sharded_step.py"),
+                           "--rounds", "1", "--smoke"], capture_output=True, text=True,
+                          cwd=REPO, timeout=TIME_LIMIT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.splitlines()[-1])
+    assert report["processes"] == 2 and len(report["fsdp2_over_ddp"]) == 1
+    assert all(v > 0 for v in report["ddp_tokens_per_s"] + report["fsdp2_tokens_per_s"])
+    assert report["median_ratio"] == pytest.approx(
+        report["fsdp2_tokens_per_s"][0] / report["ddp_tokens_per_s"][0])
