@@ -127,9 +127,6 @@ def damage(path: Path) -> str | None:
         return f"{STATE_FILE} lists its files without their sizes and digests"
     if not all(_inside(name) for name in files):
         return f"{STATE_FILE} lists a file outside the checkpoint folder"
-    unlisted = sorted(set(manifest_names(path)) - set(files) - {STATE_FILE})
-    if unlisted:  # planted after the save: nothing hftrain wrote may be read beside it
-        return f"{unlisted[0]} was not written with the checkpoint"
     for name, expected in files.items():
         file = path / name
         if not file.is_file() or file.is_symlink():
@@ -141,7 +138,7 @@ def damage(path: Path) -> str | None:
     for name, expected in files.items():
         if digests[path / name] != expected["sha256"]:
             return f"{name} was altered after it was written (SHA-256 differs)"
-    return unsafe_distributed_checkpoint(path)
+    return unsafe_distributed_checkpoint(path, set(files))
 
 
 def manifest_names(folder: Path) -> list[str]:
@@ -157,7 +154,7 @@ def _inside(name: Any) -> bool:
     return bool(parts) and not Path(name).is_absolute() and ".." not in parts
 
 
-def unsafe_distributed_checkpoint(path: Path) -> str | None:
+def unsafe_distributed_checkpoint(path: Path, listed: set[str]) -> str | None:
     """Why a torch distributed checkpoint (DCP) folder in `path` cannot be read safely, or None.
 
     DCP reads its `.metadata` with a bare `pickle.load`, and the non-tensor values of a state
@@ -166,50 +163,71 @@ def unsafe_distributed_checkpoint(path: Path) -> str | None:
     with only DCP's own record classes, `torch.Size`, dtypes, layouts and paths allowed
     (pickle's documented "restricting globals"), and every non-tensor value is loaded with
     `weights_only=True`. What passes holds no other callable, so DCP's own unrestricted read
-    of the same bytes runs nothing else. (The manifest digests come first: a file changed
-    after the save never gets this far.)
+    of the same bytes runs nothing else. Every file the metadata points to must be one the
+    manifest lists (`listed`, relative to `path`), so each was checked against its digest.
     """
     for metadata_file in sorted(path.rglob(".metadata")):
+        folder = metadata_file.parent.relative_to(path)
         try:
+            if (folder / ".metadata").as_posix() not in listed:
+                raise ValueError("its .metadata is not in the manifest")
             with metadata_file.open("rb") as f:
                 metadata = _DcpMetadataUnpickler(f).load()
-            _check_byte_items(metadata_file.parent, metadata)
+            _check_storage(metadata_file.parent, folder, metadata, listed)
         except Exception as exc:  # noqa: BLE001 - whatever a planted file raises: one line
-            where = metadata_file.parent.relative_to(path).as_posix()
-            return f"{where} is not a distributed checkpoint hftrain can read safely " \
+            return f"{folder.as_posix()} is not a distributed checkpoint hftrain can read safely " \
                    f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
     return None
 
 
-class _DcpMetadataUnpickler(pickle.Unpickler):
-    """Unpickles DCP's `.metadata` and nothing else (see `unsafe_distributed_checkpoint`)."""
+DCP_RECORDS = {
+    "torch.distributed.checkpoint.metadata": (
+        "Metadata", "MetadataIndex", "TensorStorageMetadata", "BytesStorageMetadata",
+        "ChunkStorageMetadata", "TensorProperties", "StorageMeta", "_MEM_FORMAT_ENCODING"),
+    "torch.distributed.checkpoint.filesystem": ("_StorageInfo",),
+    "pathlib": ("PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"),
+    "pathlib._local": ("PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"),
+}
+"""The classes a DCP `.metadata` is made of, by exact name (plus `torch.Size`, dtypes and
+`torch.serialization._get_layout`, which turns a layout's name into the layout)."""
+
+
+class _DcpMetadataUnpickler(pickle._Unpickler):
+    """Unpickles DCP's `.metadata` and nothing else (see `unsafe_distributed_checkpoint`).
+
+    The pure-Python unpickler, so that BUILD can be checked too: BUILD on a class object
+    would set attributes on the class itself (monkeypatch `Path` for the whole process)."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
 
     def find_class(self, module: str, name: str) -> Any:
-        import pathlib
+        import importlib
 
         import torch.serialization
 
-        if module in ("torch.distributed.checkpoint.metadata",
-                      "torch.distributed.checkpoint.filesystem") and not name.startswith("__"):
-            import importlib
-
+        if name in DCP_RECORDS.get(module, ()):
             found = getattr(importlib.import_module(module), name)
-            if isinstance(found, type):  # its record classes and enums, no functions
+            if isinstance(found, type):
                 return found
         if module == "torch" and name == "Size":
             return torch.Size
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
         if (module, name) == ("torch.serialization", "_get_layout"):
-            return torch.serialization._get_layout  # a layout from its name
-        if module == "pathlib" and name in ("PosixPath", "WindowsPath", "PurePosixPath",
-                                             "PureWindowsPath", "Path"):
-            return getattr(pathlib, name)
+            return torch.serialization._get_layout
         raise pickle.UnpicklingError(f"{module}.{name} is not allowed in DCP metadata")
 
+    def load_build(self) -> None:
+        if isinstance(self.stack[-2], type):
+            raise pickle.UnpicklingError("BUILD on a class is not allowed in DCP metadata")
+        super().load_build()
 
-def _check_byte_items(folder: Path, metadata: Any) -> None:
-    """Load every non-tensor value of a DCP folder with `weights_only=True`."""
+    dispatch[pickle.BUILD[0]] = load_build
+
+
+def _check_storage(folder: Path, relative: Path, metadata: Any, listed: set[str]) -> None:
+    """Every file the metadata points to lies in the folder and is in the manifest; every
+    non-tensor value loads with `weights_only=True`."""
     import io
 
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
@@ -217,14 +235,14 @@ def _check_byte_items(folder: Path, metadata: Any) -> None:
     byte_fqns = {fqn for fqn, meta in metadata.state_dict_metadata.items()
                  if isinstance(meta, BytesStorageMetadata)}
     for index, info in (metadata.storage_data or {}).items():
-        if index.fqn not in byte_fqns:
-            continue
+        name = str(info.relative_path)
+        if not _inside(name) or (relative / name).as_posix() not in listed:
+            raise ValueError(f"{index.fqn} is stored in {name}, which the manifest does not list")
         if getattr(info, "transform_descriptors", None):
             raise ValueError(f"{index.fqn} is stored with transforms hftrain does not read")
-        file = folder / str(info.relative_path)
-        if not _inside(str(info.relative_path)) or not file.is_file():
-            raise ValueError(f"{index.fqn} points outside the folder")
-        with file.open("rb") as f:
+        if index.fqn not in byte_fqns:
+            continue
+        with (folder / name).open("rb") as f:
             f.seek(info.offset)
             torch.load(io.BytesIO(f.read(info.length)), weights_only=True)
 

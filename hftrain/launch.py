@@ -53,7 +53,7 @@ def requested_sharding() -> dict[str, str]:
     return asked
 
 
-def _has_accelerator_device() -> bool:
+def has_accelerator_device() -> bool:
     """Whether torch sees a GPU or another accelerator (Accelerate shards only there)."""
     accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
     if accelerator is not None:
@@ -66,10 +66,10 @@ def runs_on_cpu(cpu: bool) -> bool:
     (hftrain's torchrun-on-CPU case), through `ACCELERATE_USE_CPU` (`use_cpu: true`), or
     because there is no accelerator at all."""
     forced = os.environ.get("ACCELERATE_USE_CPU", "").strip().lower() in TRUE_WORDS
-    return cpu or forced or not _has_accelerator_device()
+    return cpu or forced or not has_accelerator_device()
 
 
-def _refuse(message: str, is_main: bool) -> None:
+def refuse(message: str, is_main: bool) -> None:
     """Every process decides the same from the same environment: rank 0 says why, the others
     exit quietly with the same status (and any process group is closed first, as on any
     refusal under torchrun)."""
@@ -101,7 +101,7 @@ def check_sharding_before_start(cpu: bool) -> None:
     names = list(asked)
     why = ("Accelerate does not run DeepSpeed" if "DeepSpeed" in asked
            else "FSDP needs several processes to shard over")
-    _refuse(f"the launch asks for {' and '.join(names)} ({', '.join(asked.values())}) but this "
+    refuse(f"the launch asks for {' and '.join(names)} ({', '.join(asked.values())}) but this "
             f"run is on CPU with {processes} process{'es' if processes > 1 else ''}, where {why}: "
             "it would train unsharded without saying so; "
             f"{_how_to_launch(names)}", os.environ.get("RANK", "0") == "0")
@@ -119,7 +119,7 @@ def check_sharding_set_up(accelerator: Any) -> None:
     missing = [name for name in asked if got != wanted[name]]
     if not missing:
         return
-    _refuse(f"the launch asks for {' and '.join(missing)} "
+    refuse(f"the launch asks for {' and '.join(missing)} "
             f"({', '.join(asked[name] for name in missing)}) but Accelerate set up "
             f"{got.value} on {accelerator.device.type} with {_processes(accelerator)}, which "
             f"does not shard; {_how_to_launch(missing)}", accelerator.is_main_process)

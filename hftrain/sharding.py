@@ -46,11 +46,17 @@ def enable_fsdp_on_cpu(accelerator: Any) -> None:
     from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
+    from hftrain.launch import has_accelerator_device, refuse
+
     state = accelerator.state
-    if not fsdp_requested() or state.distributed_type != DistributedType.MULTI_CPU:
+    if not fsdp_requested() or state.distributed_type != DistributedType.MULTI_CPU \
+            or has_accelerator_device():  # there: Accelerate's own FSDP, or a refusal
         return
     plugin = FullyShardedDataParallelPlugin()  # from the FSDP_* variables, as Accelerate does
-    if state.mixed_precision != "no":
+    if plugin.fsdp_version != 2:
+        refuse("FSDP on CPU runs FSDP2 only (torch's fully_shard): set FSDP_VERSION=2 "
+                "(fsdp_version: 2 in the Accelerate config)", accelerator.is_main_process)
+    if state.mixed_precision == "bf16":  # fp16 is not applied on CPU: fp32, as reported
         plugin.set_mixed_precision(state.mixed_precision)
     AcceleratorState._shared_state["fsdp_plugin"] = plugin
     for shared in (AcceleratorState._shared_state, PartialState._shared_state):

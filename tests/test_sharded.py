@@ -358,3 +358,19 @@ def test_the_sharded_step_benchmark_runs_in_seconds():
     assert all(v > 0 for v in report["ddp_tokens_per_s"] + report["fsdp2_tokens_per_s"])
     assert report["median_ratio"] == pytest.approx(
         report["fsdp2_tokens_per_s"][0] / report["ddp_tokens_per_s"][0])
+
+
+def test_planted_metadata_cannot_patch_a_class_for_the_rest_of_the_process(fsdp_gpt2,
+                                                                         tmp_path):
+    """BUILD on an allowed class would set its attributes process-wide (here: make
+    `Path / name` return a bare relative path); the metadata reader refuses it."""
+    tmp, _, _ = fsdp_gpt2
+    planted = tmp_path / "run" / "checkpoints" / "step-00000030"
+    shutil.copytree(complete_checkpoints(tmp / "whole")[-1], planted)
+    patch = (b"cpathlib\nPosixPath\n}(X\x0b\x00\x00\x00__truediv__"
+             b"cpathlib\nPurePosixPath\nub.")
+    (planted / "optimizer_0" / ".metadata").write_bytes(patch)
+    reseal(planted)
+    problem = damage(planted)
+    assert problem is not None and "BUILD on a class is not allowed" in problem
+    assert type(Path("/a") / "b") is type(Path("/a")) and str(Path("/a") / "b") == "/a/b"
