@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from hftrain.errors import DataError, HftrainError, ReportedByMainProcess
+from hftrain.errors import DataError, HftrainError, RecipeError, ReportedByMainProcess
 
 
 def _quiet_libraries() -> None:
@@ -398,6 +398,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _another_process_of_this_node_says_it() -> bool:
+    """Under torchrun every process reads the same recipe and finds the same mistake before
+    the processes talk: the first process of each node prints it (once on one machine; on
+    several, each node says it, in case a node lacks the file)."""
+    return int(os.environ.get("LOCAL_RANK", "0")) != 0
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -413,7 +420,8 @@ def main(argv: list[str] | None = None) -> None:
     except ReportedByMainProcess:
         sys.exit(2)
     except HftrainError as exc:
-        print(f"hftrain: error: {exc}", file=sys.stderr)
+        if not (isinstance(exc, RecipeError) and _another_process_of_this_node_says_it()):
+            print(f"hftrain: error: {exc}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("hftrain: interrupted", file=sys.stderr)

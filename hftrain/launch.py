@@ -243,8 +243,22 @@ def run_record(accelerator: Any, recipe: Any) -> dict[str, Any]:
         "global_batch_blocks": cfg.batch_size * cfg.grad_accum_steps * accelerator.num_processes,
         "device": accelerator.device.type,
         "distributed_type": accelerator.distributed_type.value,
-        "mixed_precision": accelerator.mixed_precision if autocast_applies(accelerator) else "no",
+        "mixed_precision": precision_that_runs(accelerator),
     }
+
+
+def precision_that_runs(accelerator: Any) -> str:
+    """The mixed precision the forward pass runs in ('no' where fp16 is asked on CPU)."""
+    return accelerator.mixed_precision if autocast_applies(accelerator) else "no"
+
+
+def launch_trajectory(accelerator: Any) -> dict[str, Any]:
+    """What the launch decides about a run's updates, which a resume must match: the number
+    of processes, the distributed type (sharded or not: its checkpoints differ too) and the
+    mixed precision that runs (not merely the one asked for)."""
+    return {"processes": accelerator.num_processes,
+            "launch.distributed_type": accelerator.distributed_type.value,
+            "launch.mixed_precision": precision_that_runs(accelerator)}
 
 
 def write_run_record(accelerator: Any, recipe: Any, folder: Path) -> None:

@@ -1,10 +1,11 @@
 """What `hftrain train` does with a run folder: start, resume, finish, or refuse.
 
 `--resume` continues *the same run* or refuses. Every checkpoint records the run's trajectory:
-the recipe without the keys below, plus the number of processes. A resumed run whose recipe
-differs in any other key (the model, the tokenizer, the data, the batch, the optimizer and its
-schedule, the precision) would silently mix two runs and export a recipe that describes
-neither, so it is refused with the changed keys listed.
+the recipe without the keys below, plus what the launch decided (the number of processes, the
+distributed type, the mixed precision that ran: `launch.launch_trajectory`). A resumed run
+whose recipe or launch differs in any other key (the model, the tokenizer, the data, the
+batch, the optimizer and its schedule, the precision) would silently mix two runs and export a
+recipe that describes neither, so it is refused with the changed keys listed.
 
 Keys that may change on resume: they decide how long the run goes on, what it reports and
 where, and what happens after training, not which updates it makes. Raising
@@ -34,8 +35,9 @@ MAY_CHANGE_ON_RESUME = (
 )
 
 
-def trajectory(recipe: Recipe, processes: int) -> dict[str, Any]:
-    """The flat `section.key -> value` settings that define which updates a run makes (data
+def trajectory(recipe: Recipe, launch: dict[str, Any]) -> dict[str, Any]:
+    """The flat `section.key -> value` settings that define which updates a run makes, with
+    the launch's (`processes`, `launch.*`) (data
     files as the absolute paths of the files they name or match: the same file named from
     another directory is the same data; a new file matching a glob is not)."""
     flat = flatten(recipe.to_dict())
@@ -46,7 +48,7 @@ def trajectory(recipe: Recipe, processes: int) -> dict[str, Any]:
     kept = {k: v for k, v in flat.items()
             if not any(k == m or (m.endswith(".") and k.startswith(m))
                        for m in MAY_CHANGE_ON_RESUME)}
-    return {**kept, "processes": processes}
+    return {**kept, **launch}
 
 
 def changed_keys(saved: dict[str, Any], current: dict[str, Any],
@@ -73,7 +75,7 @@ class Plan:
     """The run already reached `train.max_steps` and was exported: nothing to do."""
 
 
-def plan_run(recipe: Recipe, run_dir: Path, resume: bool, processes: int) -> Plan:
+def plan_run(recipe: Recipe, run_dir: Path, resume: bool, launch: dict[str, Any]) -> Plan:
     """Decide from the folder's contents; refuse (HftrainError, one line) what would lose data
     or mix two runs. Writes nothing."""
     if resume and recipe.run.overwrite:
@@ -85,12 +87,12 @@ def plan_run(recipe: Recipe, run_dir: Path, resume: bool, processes: int) -> Pla
     if not is_run_folder(run_dir) and not (run_dir / "recipe.yaml").is_file():
         raise HftrainError(f"{run_dir} does not hold an hftrain run to resume")
     checkpoint = newest_intact_checkpoint(run_dir)
-    current = trajectory(recipe, processes)
+    current = trajectory(recipe, launch)
     if checkpoint is None:
         if latest_checkpoint(run_dir) is not None:
             raise HftrainError(f"every checkpoint in {run_dir / 'checkpoints'} is damaged; "
                                "start a new run (another run.output_dir or run.overwrite=true)")
-        saved = _recipe_trajectory(run_dir / "recipe.yaml", processes)
+        saved = _recipe_trajectory(run_dir / "recipe.yaml", launch)
         _refuse_changes(saved, current, run_dir / "recipe.yaml")
         return Plan(restart=True)
     state = read_state(checkpoint)
@@ -104,22 +106,24 @@ def plan_run(recipe: Recipe, run_dir: Path, resume: bool, processes: int) -> Pla
     return Plan(checkpoint=checkpoint, finished=finished)
 
 
-def _recipe_trajectory(path: Path, processes: int) -> dict[str, Any]:
+def _recipe_trajectory(path: Path, launch: dict[str, Any]) -> dict[str, Any]:
     from hftrain.recipe import recipe_from_dict
 
     try:
         saved = recipe_from_dict(yaml.safe_load(path.read_text(encoding="utf-8")), str(path))
     except (OSError, yaml.YAMLError, HftrainError):
         return {}
-    return trajectory(saved, processes)
+    return trajectory(saved, launch)
 
 
 def _refuse_changes(saved: dict[str, Any], current: dict[str, Any], where: Path) -> None:
     if not saved:
         return
+    if not any(k.startswith("launch.") for k in saved):  # recorded since issue 19
+        current = {k: v for k, v in current.items() if not k.startswith("launch.")}
     changed = changed_keys(saved, current, flatten(Recipe().to_dict()))
     if changed:
         raise HftrainError(
-            f"--resume would continue the run of {where} with a different recipe: "
+            f"--resume would continue the run of {where} with a different recipe or launch: "
             f"{'; '.join(changed)}. Resume with the run's own settings, or start a new run"
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -90,25 +91,35 @@ def flat_config(data: dict[str, Any]) -> dict[str, Any]:
             for key, value in flatten(data).items()}
 
 
-# bf16 dense peak TFLOP/s of one device, matched against torch.cuda.get_device_name().
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0,
-               "A10": 125.0, "RTX 4090": 165.0, "RTX 3090": 71.0, "V100": 125.0, "T4": 65.0}
+PEAK_TFLOPS = (  # (name pattern, dense bf16 TFLOP/s; fp16 for V100 and T4), most specific first
+    (r"H200", 989.0), (r"H100 NVL", 835.0), (r"H100 PCIe", 756.0), (r"H100", 989.0),
+    (r"A100", 312.0), (r"L40S", 362.0), (r"L40", 181.0), (r"L4", 121.0), (r"A10", 125.0),
+    (r"RTX 4090", 165.0), (r"RTX 3090", 71.0), (r"V100", 125.0), (r"T4", 65.0),
+)
+"""Matched as whole words against `torch.cuda.get_device_name()` ("NVIDIA H100 PCIe",
+"NVIDIA L40", "NVIDIA A10G"): "L4" must not take the L40's figure, nor "A10" the A10G's. A card
+not listed (the A10G, whose bf16 peak NVIDIA does not publish) gets no MFU: set
+`train.peak_tflops` for it."""
 
 
-def peak_tflops(configured: float | None) -> float | None:
-    """The recipe's figure, else the table's for this GPU, else None (CPU, unknown GPU)."""
+def peak_tflops(configured: float | None, name: str | None = None) -> float | None:
+    """The recipe's figure, else the table's for this GPU (or the device `name`), else None
+    (CPU, unknown GPU)."""
     if configured:
         return configured
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    return next((tflops for key, tflops in PEAK_TFLOPS.items() if key in name), None)
+    if name is None:
+        if not torch.cuda.is_available():
+            return None
+        name = torch.cuda.get_device_name()
+    return next((tflops for pattern, tflops in PEAK_TFLOPS
+                 if re.search(rf"(?<!\w){pattern}(?!\w)", name)), None)
 
 
 def flops_per_token(model: Any, block_size: int) -> float:
     """Training FLOPs per token: 6 per parameter (forward and backward), plus attention's
     12 x layers x width x context for transformers (PaLM's estimate, as nanoGPT uses)."""
-    n_params = sum(p.numel() for p in model.parameters())
+    # ZeRO-3 leaves each parameter empty between forwards; `ds_numel` is its real size
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     config = model.config
     attention = 0
     heads = getattr(config, "num_attention_heads", None)  # transformers only (GPT-2: n_head)

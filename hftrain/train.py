@@ -48,10 +48,16 @@ from hftrain.hub import push
 from hftrain.launch import (
     check_sharding_before_start,
     check_sharding_set_up,
+    launch_trajectory,
+    precision_that_runs,
     report_setup,
     write_run_record,
 )
-from hftrain.models import build_model, check_attention_available
+from hftrain.models import (
+    build_model,
+    check_attention_available,
+    check_attention_precision,
+)
 from hftrain.models.base import is_lora
 from hftrain.nodes import check_shared
 from hftrain.optim import build_optimizer, build_scheduler
@@ -229,6 +235,8 @@ def train(recipe: Recipe, recipe_path: Path | None = None) -> TrainResult:
     enable_fsdp_on_cpu(accelerator)  # Accelerate shards only on GPUs; torch's FSDP2 also on CPU
     check_sharding_set_up(accelerator)
     report_setup(accelerator, recipe.train.mixed_precision)  # what runs, said once
+    with naming_the_recipe(recipe_path):
+        check_attention_precision(recipe.model, precision_that_runs(accelerator))
     keep_freed_heap_memory(accelerator.device)
     set_seed(recipe.run.seed)
     check_writable_target(run_dir, protected_paths(recipe, recipe_path), "run.output_dir")
@@ -243,7 +251,7 @@ def train(recipe: Recipe, recipe_path: Path | None = None) -> TrainResult:
             if is_run_folder(run_dir):  # before reading its checkpoints, which a writer prunes
                 lock.acquire()
             return plan_run(recipe, run_dir, recipe.checkpoint.resume == "auto",
-                            accelerator.num_processes)
+                            launch_trajectory(accelerator))
 
         decided = on_main_process(accelerator, plan)
         if decided.finished:
@@ -519,8 +527,11 @@ class TrainingLoop:
         window_loss, steps, skipped, first_skipped = self.state.close_window()
         elapsed = time.perf_counter() - window_start
         tokens_per_s = n_tokens / max(elapsed, 1e-9)
-        if self.accelerator.num_processes > 1:  # each rank holds its share of the mean
-            window_loss = self.accelerator.reduce(window_loss, "sum")
+        peak_gb = peak_memory_gb(self.accelerator.device)
+        if self.accelerator.num_processes > 1:  # each rank holds its share of the mean; the
+            window_loss = self.accelerator.reduce(window_loss, "sum")  # peak is the largest
+            peak = torch.tensor(peak_gb, device=self.accelerator.device)
+            peak_gb = self.accelerator.reduce(peak, "max").item()
         if skipped and self.recipe.train.on_nan == "stop":
             self._diverged(first_skipped, skipped, steps + skipped)
         # a window whose every step was skipped has no loss: null, never a made-up 0.0
@@ -528,7 +539,7 @@ class TrainingLoop:
                   "lr": lr, "tokens": self.state.tokens_seen, "tokens_per_s": tokens_per_s,
                   # the share of the window this process spent waiting for its batches
                   "data_wait": min(self.window_data_wait / max(elapsed, 1e-9), 1.0),
-                  "peak_mem_gb": peak_memory_gb(self.accelerator.device)}
+                  "peak_mem_gb": peak_gb}
         if self.peak_tflops:  # achieved model FLOP/s per device over the device's peak
             per_device = tokens_per_s / self.accelerator.num_processes * self.flops_per_token
             record["mfu"] = per_device / (self.peak_tflops * 1e12)
@@ -577,7 +588,7 @@ class TrainingLoop:
         counters, tensors = self.state.state_dict()
         counters.update(
             metrics_lines=self.log.lines,
-            trajectory=trajectory(self.recipe, self.accelerator.num_processes),
+            trajectory=trajectory(self.recipe, launch_trajectory(self.accelerator)),
             data_files={path: list(fp) for path, fp in self.streams.fingerprints.items()})
         return counters, tensors
 

@@ -23,6 +23,7 @@ from accelerate.utils import DistributedType
 from conftest import REPO, cli, tiny_recipe_dict
 
 import hftrain.launch
+import hftrain.tracking
 import hftrain.train
 from hftrain.errors import HftrainError
 from hftrain.hub import model_card
@@ -292,3 +293,33 @@ def test_the_start_up_line_names_the_sharding_in_use():
         state=SimpleNamespace(backend="nccl", fsdp_plugin=plugin))
     assert hftrain.launch.describe_setup(fsdp) == (
         "accelerate: 8 processes on cuda, FSDP (nccl), mixed precision bf16, FSDP2 (full shard)")
+
+
+def test_a_resume_under_another_launch_precision_is_refused_in_one_line(
+        tmp_path, corpus_file, capsys, monkeypatch, fresh_accelerate_state):
+    """The precision chosen by the launch (ACCELERATE_MIXED_PRECISION, an Accelerate config),
+    not the recipe, is part of the run: a bf16 run resumed in fp32 (or the reverse) would
+    silently change it and the export would record one precision for both."""
+    recipe = recipe_file(tmp_path, corpus_file, max_steps=10)
+    code, _, err = cli(["train", str(recipe)], capsys)
+    assert code == 0, err
+    AcceleratorState._reset_state(reset_partial_state=True)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    code, out, err = cli(["train", str(recipe), "train.max_steps=20", "--resume"], capsys)
+    errors = [line for line in err.splitlines() if line.startswith("hftrain: error:")]
+    assert code == 2 and len(errors) == 1, err
+    assert "launch.mixed_precision ('no' -> 'bf16')" in errors[0]
+    assert "different recipe or launch" in errors[0]
+    steps = [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert max(steps) == 10  # nothing trained
+
+
+@pytest.mark.parametrize("name, tflops", [
+    ("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 NVL", 835.0),
+    ("NVIDIA H200", 989.0), ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA L4", 121.0),
+    ("NVIDIA L40", 181.0), ("NVIDIA L40S", 362.0), ("NVIDIA A10", 125.0),
+    ("NVIDIA A10G", None), ("NVIDIA GeForce RTX 4090", 165.0)])
+def test_mfu_takes_each_gpu_variants_own_peak(name, tflops):
+    """The PCIe and NVL H100s are not the SXM's 989 TFLOP/s, an L4 is not an L40, an A10G is
+    not an A10 (its peak is not published: no MFU rather than a wrong one)."""
+    assert hftrain.tracking.peak_tflops(None, name) == tflops

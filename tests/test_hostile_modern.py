@@ -231,6 +231,21 @@ def test_flash_attention_without_the_package_is_one_line(files, tmp_path, capsys
     assert not (tmp_path / "run").exists()
 
 
+def test_flash_attention_without_bf16_or_fp16_is_one_line(files, tmp_path, capsys,
+                                                         monkeypatch):
+    """With flash-attn present (pretended here) but the run in fp32, the first forward would
+    fail inside flash-attn: refused before anything is written."""
+    import transformers.utils
+
+    monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: True)
+    path = write(tmp_path / "r.yaml", recipe(files, tmp_path / "run"))
+    code, _, err = cli(["train", str(path), "model.attn_implementation=flash_attention_2"],
+                       capsys)
+    assert code == 2 and refused_in_one_line(err, "model.attn_implementation", path)
+    assert "runs in bf16 or fp16 only" in err and "'no'" in err
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("target", ["embed_tokens", "lm_head"])
 def test_lora_on_a_tied_embedding_exports_the_model_it_trained(files, llama_export, target,
                                                               tmp_path, capsys):

@@ -374,3 +374,16 @@ def test_planted_metadata_cannot_patch_a_class_for_the_rest_of_the_process(fsdp_
     problem = damage(planted)
     assert problem is not None and "BUILD on a class is not allowed" in problem
     assert type(Path("/a") / "b") is type(Path("/a")) and str(Path("/a") / "b") == "/a/b"
+
+
+def test_a_recipe_mistake_under_torchrun_is_said_once(tmp_path, corpus_file):
+    data = recipe_data(tmp_path, corpus_file)
+    data["model"]["n_layers"] = 2  # a typo of n_layer
+    recipe = tmp_path / "typo.yaml"
+    recipe.write_text(json.dumps(data))
+    proc = subprocess.run([TORCHRUN, "--nproc_per_node", "2", "-m", "hftrain", "train",
+                           str(recipe)], capture_output=True, text=True, cwd=REPO,
+                          timeout=TIME_LIMIT)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("hftrain: error:")]
+    assert proc.returncode != 0 and len(errors) == 1, proc.stderr[-2000:]
+    assert "model.n_layers" in errors[0] and str(recipe) in errors[0]

@@ -57,3 +57,13 @@ def check_attention_available(fields: Any) -> None:
         raise HftrainError("model.attn_implementation flash_attention_2 needs the flash-attn "
                            "package and a CUDA GPU (pip install flash-attn); sdpa needs "
                            "neither")
+
+
+def check_attention_precision(fields: Any, precision: str) -> None:
+    """flash_attention_2 computes in bf16 or fp16 only: with fp32 weights and no autocast the
+    first forward fails deep in flash-attn. `precision` is the mixed precision that runs."""
+    if getattr(fields, "attn_implementation", None) == "flash_attention_2" \
+            and precision not in ("bf16", "fp16"):
+        raise HftrainError("model.attn_implementation flash_attention_2 runs in bf16 or fp16 "
+                           f"only, and this run's mixed precision is '{precision}': launch "
+                           "with bf16 (train.mixed_precision=bf16), or use sdpa")
