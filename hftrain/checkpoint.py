@@ -138,7 +138,7 @@ def damage(path: Path) -> str | None:
     for name, expected in files.items():
         if digests[path / name] != expected["sha256"]:
             return f"{name} was altered after it was written (SHA-256 differs)"
-    return unsafe_distributed_checkpoint(path, set(files))
+    return unsafe_distributed_checkpoint(path, set(files)) or unsafe_deepspeed_files(path)
 
 
 def manifest_names(folder: Path) -> list[str]:
@@ -177,6 +177,44 @@ def unsafe_distributed_checkpoint(path: Path, listed: set[str]) -> str | None:
         except Exception as exc:  # noqa: BLE001 - whatever a planted file raises: one line
             return f"{folder.as_posix()} is not a distributed checkpoint hftrain can read safely " \
                    f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+    return None
+
+
+DEEPSPEED_GLOBALS = (
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
+"""The classes besides tensors in DeepSpeed's ZeRO checkpoint files (`pytorch_model/*.pt`)."""
+
+
+def unsafe_deepspeed_files(path: Path) -> str | None:
+    """Why a DeepSpeed checkpoint file in `path` cannot be read safely, or None.
+
+    DeepSpeed loads its `*.pt` files with `torch.load(weights_only=False)`. Each is loaded
+    here first with `weights_only=True`, allowing only the few DeepSpeed classes its files
+    hold (`DEEPSPEED_GLOBALS`): what passes runs nothing when DeepSpeed reads it again.
+    (Memory-mapped: a file's tensors are not all read into memory.)
+    """
+    files = sorted(path.rglob("*.pt"))
+    if not files:
+        return None
+    import importlib
+
+    allowed = []
+    for name in DEEPSPEED_GLOBALS:
+        module, _, attr = name.rpartition(".")
+        try:
+            allowed.append(getattr(importlib.import_module(module), attr))
+        except (ImportError, AttributeError):
+            continue  # deepspeed missing or changed: its classes are refused below
+    for file in files:
+        try:
+            with torch.serialization.safe_globals(allowed):
+                torch.load(file, weights_only=True, map_location="cpu", mmap=True)
+        except Exception as exc:  # noqa: BLE001 - whatever a planted file raises: one line
+            return (f"{file.relative_to(path).as_posix()} cannot be read safely "
+                    f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
     return None
 
 

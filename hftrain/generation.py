@@ -67,7 +67,8 @@ def generate_text(
             max_new_tokens=room,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
-            **sampling,
+            synced_gpus=False,  # one process, a whole model (a sharded run samples its gathered
+            **sampling,         # copy on rank 0 only, where transformers' ZeRO-3 check would wait)
         )
         new = out[:, context.size(1):]
         ids = torch.cat([ids, new], dim=1)

@@ -6,7 +6,7 @@ Accelerate reads its launch config from environment variables that `accelerate l
 and falls back without a word where it cannot do what they ask:
 
 - FSDP and DeepSpeed shard only on accelerators in Accelerate's own code. hftrain turns FSDP
-  on for several CPU processes too (`hftrain.sharding.enable_fsdp_on_cpu`: torch's FSDP2 shards
+  on for several CPU processes too (`hftrain.sharding.enable_sharding_on_cpu`: torch's FSDP2 shards
   over gloo); DeepSpeed on CPU, and FSDP in a single CPU process, would train unsharded. A run
   asked to shard usually asks because the unsharded model or optimizer state does not fit;
   hftrain refuses those (exit status 2, before anything is written) rather than start a run
@@ -88,19 +88,18 @@ def _how_to_launch(names: list[str]) -> str:
 
 
 def check_sharding_before_start(cpu: bool) -> None:
-    """Refuse sharding that will not happen on CPU before the Accelerator is built: DeepSpeed
-    (building the Accelerator fails with an ImportError when deepspeed is missing, and on CPU
-    Accelerate would not shard anyway), and FSDP in a single process (nothing to shard over).
-    FSDP over several CPU processes runs (`hftrain.sharding`)."""
+    """Refuse sharding that will not happen on CPU before the Accelerator is built: FSDP or
+    DeepSpeed in a single process (nothing to shard over), or both at once. Over several CPU
+    processes either runs (`hftrain.sharding`)."""
     asked = requested_sharding()
     if not asked or not runs_on_cpu(cpu):
         return
     processes = int(os.environ.get("WORLD_SIZE", "1"))
-    if "FSDP" in asked and processes > 1 and "DeepSpeed" not in asked:
+    if processes > 1 and len(asked) == 1:  # FSDP or DeepSpeed over several CPU processes
         return
     names = list(asked)
-    why = ("Accelerate does not run DeepSpeed" if "DeepSpeed" in asked
-           else "FSDP needs several processes to shard over")
+    why = ("FSDP and DeepSpeed are two ways to shard: ask for one" if len(asked) > 1
+           else f"{names[0]} needs several processes to shard over")
     refuse(f"the launch asks for {' and '.join(names)} ({', '.join(asked.values())}) but this "
             f"run is on CPU with {processes} process{'es' if processes > 1 else ''}, where {why}: "
             "it would train unsharded without saying so; "

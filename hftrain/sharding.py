@@ -4,7 +4,7 @@ from the rest of the run: forwards every rank takes part in, a full state dict f
 Accelerate 1.16 turns `ACCELERATE_USE_FSDP=true` into FSDP only for the GPU-like distributed
 types (`AcceleratorState.__init__` lists MULTI_GPU, MULTI_XPU, ...; MULTI_CPU is not among
 them), although torch's FSDP2 (`fully_shard`) shards over gloo on CPU as it does over NCCL.
-`enable_fsdp_on_cpu` does the one thing Accelerate leaves out: with several CPU processes and
+`enable_sharding_on_cpu` does the one thing Accelerate leaves out: with several CPU processes and
 FSDP asked for, it sets the state's distributed type to FSDP with the plugin Accelerate would
 have built from the same `FSDP_*` variables. Everything after that (`prepare`, wrapping,
 state dicts, checkpoints) is Accelerate's and torch's own code, as on GPUs, which is what
@@ -14,6 +14,8 @@ makes the sharded path testable on a machine without one.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -36,31 +38,140 @@ def wrap_each_layer_by_default() -> None:
         os.environ.setdefault("FSDP_AUTO_WRAP_POLICY", "TRANSFORMER_BASED_WRAP")
 
 
-def enable_fsdp_on_cpu(accelerator: Any) -> None:
-    """With several CPU processes (MULTI_CPU, gloo) and FSDP asked for, make the run FSDP.
+def enable_sharding_on_cpu(accelerator: Any) -> None:
+    """With several CPU processes (MULTI_CPU, gloo) and FSDP or DeepSpeed asked for, make the
+    run FSDP2 or DeepSpeed, with the plugin Accelerate would have built from the same launch
+    variables (`FSDP_*`, `ACCELERATE_DEEPSPEED_*`).
 
     Done after the Accelerator is built and before anything is prepared: the state is shared
     by every Accelerate object of the process (a Borg), so `accelerator.distributed_type`,
-    `is_fsdp2`, `prepare`, `get_state_dict` and `save_state` all see FSDP from here on.
+    `is_fsdp2`, `prepare`, `get_state_dict` and `save_state` all see it from here on. Where
+    an accelerator device is present this does nothing: Accelerate's own set-up runs there
+    (or `launch.check_sharding_set_up` refuses what it did not set up).
     """
-    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    from hftrain.launch import has_accelerator_device
+
+    if accelerator.distributed_type != DistributedType.MULTI_CPU or has_accelerator_device():
+        return
+    if fsdp_requested():
+        _promote_to_fsdp(accelerator)
+    elif deepspeed_requested():
+        _promote_to_deepspeed(accelerator)
+
+
+def _promote_to_fsdp(accelerator: Any) -> None:
+    from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
-    from hftrain.launch import has_accelerator_device, refuse
+    from hftrain.launch import refuse
 
-    state = accelerator.state
-    if not fsdp_requested() or state.distributed_type != DistributedType.MULTI_CPU \
-            or has_accelerator_device():  # there: Accelerate's own FSDP, or a refusal
-        return
     plugin = FullyShardedDataParallelPlugin()  # from the FSDP_* variables, as Accelerate does
     if plugin.fsdp_version != 2:
         refuse("FSDP on CPU runs FSDP2 only (torch's fully_shard): set FSDP_VERSION=2 "
-                "(fsdp_version: 2 in the Accelerate config)", accelerator.is_main_process)
-    if state.mixed_precision == "bf16":  # fp16 is not applied on CPU: fp32, as reported
-        plugin.set_mixed_precision(state.mixed_precision)
+               "(fsdp_version: 2 in the Accelerate config)", accelerator.is_main_process)
+    if accelerator.state.mixed_precision == "bf16":  # fp16 is not applied on CPU: fp32
+        plugin.set_mixed_precision("bf16")
     AcceleratorState._shared_state["fsdp_plugin"] = plugin
+    _set_distributed_type(DistributedType.FSDP)
+
+
+def _promote_to_deepspeed(accelerator: Any) -> None:
+    """As `AcceleratorState.__init__` does for DeepSpeed: the plugin takes the precision
+    (DeepSpeed casts, Accelerate autocasts nothing) and is selected as the active one. The
+    engine finds torch's process group (gloo) already started and uses it."""
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DeepSpeedPlugin, DistributedType
+
+    plugin = DeepSpeedPlugin()  # from the ACCELERATE_DEEPSPEED_* variables
+    precision = accelerator.state.mixed_precision
+    plugin.set_mixed_precision("bf16" if precision == "bf16" else "no")  # no fp16 on CPU
+    plugin.select(_from_accelerator_state=True)
+    AcceleratorState._shared_state["deepspeed_plugins"] = plugin
+    AcceleratorState._shared_state["_mixed_precision"] = "no"
+    _set_distributed_type(DistributedType.DEEPSPEED)
+
+
+def _set_distributed_type(kind: Any) -> None:
+    from accelerate.state import AcceleratorState, PartialState
+
     for shared in (AcceleratorState._shared_state, PartialState._shared_state):
-        shared["distributed_type"] = DistributedType.FSDP
+        shared["distributed_type"] = kind
+
+
+def deepspeed_requested() -> bool:
+    """Whether the launch asks for DeepSpeed the way Accelerate acts on it ('true')."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").strip().lower() == "true"
+
+
+def configure_deepspeed(accelerator: Any, train: Any) -> None:
+    """Give DeepSpeed the recipe's batch, accumulation and clipping before `prepare`.
+
+    Accelerate fills `auto` values in the DeepSpeed config from the DataLoaders it prepares;
+    hftrain prepares none (its data streams are its own), so the micro-batch would stay
+    `auto` and `prepare` raise, and the launch config's `gradient_accumulation_steps` (1)
+    and DeepSpeed's default clipping (1.0) would silently replace the recipe's. The engine
+    skips a step whose gradient norm is not finite (fp32 always; bf16 with
+    `check_grad_overflow`, set here): that is the NaN skip under DeepSpeed.
+    """
+    from accelerate.utils import DistributedType
+
+    from hftrain.launch import refuse
+
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return
+    if train.optimizer == "muon":
+        refuse("train.optimizer muon cannot run under DeepSpeed (ZeRO flattens the weight "
+               "matrices Muon orthogonalises): use adamw, or FSDP / DDP for muon",
+               accelerator.is_main_process)
+    plugin = accelerator.state.deepspeed_plugin
+    # the plugin's config, and the copy Accelerate's `get_value` / `fill_match` read
+    for config in {id(c): c for c in (plugin.deepspeed_config,
+                                      plugin.hf_ds_config.config)}.values():
+        config["train_micro_batch_size_per_gpu"] = train.batch_size
+        config["gradient_accumulation_steps"] = train.grad_accum_steps
+        config["train_batch_size"] = (train.batch_size * train.grad_accum_steps
+                                      * accelerator.num_processes)
+        config["gradient_clipping"] = float(train.grad_clip)
+        if config.get("bf16", {}).get("enabled") in (True, "auto"):
+            config["bf16"]["check_grad_overflow"] = True
+    plugin.gradient_accumulation_steps = train.grad_accum_steps
+    accelerator.gradient_accumulation_steps = train.grad_accum_steps
+
+
+@contextmanager
+def building_the_model(accelerator: Any) -> Iterator[None]:
+    """Where the model is built. Under DeepSpeed ZeRO-3 Accelerate registers the DeepSpeed
+    config with transformers, whose `from_config` then builds inside `deepspeed.zero.Init`:
+    every rank initialises only its partition, with its own random draws, so the weights
+    differ from the seeded unsharded model's. That is what `zero3_init_flag: true` asks for
+    (a model too large for one device is never whole); with the flag off (the shipped
+    config), the model is built whole and seeded, as unsharded, and partitioned by
+    `prepare`."""
+    plugin = _zero3_plugin(accelerator)
+    if plugin is None or plugin.zero3_init_flag:
+        yield
+        return
+    from transformers.integrations.deepspeed import (
+        set_hf_deepspeed_config,
+        unset_hf_deepspeed_config,
+    )
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(plugin.dschf)
+
+
+def _zero3_plugin(accelerator: Any) -> Any:
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return None
+    plugin = accelerator.state.deepspeed_plugin
+    return plugin if plugin.zero_stage == 3 else None
 
 
 def is_sharded(accelerator: Any) -> bool:

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from transformers import GenerationConfig
 
 from hftrain.allocator import keep_freed_heap_memory
@@ -74,7 +74,9 @@ from hftrain.run_folder import (
 )
 from hftrain.run_tokenizer import prepare_tokenizer, save_run_tokenizer
 from hftrain.sharding import (
-    enable_fsdp_on_cpu,
+    building_the_model,
+    configure_deepspeed,
+    enable_sharding_on_cpu,
     gathered_model,
     is_sharded,
     wrap_each_layer_by_default,
@@ -203,14 +205,17 @@ def build_parts(recipe: Recipe, accelerator: Accelerator,
     batches = streams.train_batches(recipe.train.batch_size)
     first_batch = batches.peek()
     streams.check_val(recipe.eval.batch_size)
-    with naming_the_recipe(recipe_path):
+    with naming_the_recipe(recipe_path), building_the_model(accelerator):
         model = build_model(recipe.model, tokenizer, recipe.data.block_size)
         if not is_sharded(accelerator):  # sharded: `prepare` puts each rank's shard there
             model.to(accelerator.device)
         optimizer = build_optimizer(model, recipe.train)
-    scheduler = build_scheduler(optimizer, recipe.train)
     model.generation_config = generation_config(recipe, tokenizer)
+    configure_deepspeed(accelerator, recipe.train)
+    client_optimizer = optimizer
     model, optimizer = accelerator.prepare(model, optimizer)
+    # after `prepare`: DeepSpeed's ZeRO regroups the client optimizer's parameters
+    scheduler = build_scheduler(client_optimizer, recipe.train)
     return RunParts(tokenizer, built, streams, batches, first_batch, model, optimizer, scheduler)
 
 
@@ -232,7 +237,7 @@ def train(recipe: Recipe, recipe_path: Path | None = None) -> TrainResult:
         project_dir=str(run_dir),
         dynamo_backend="inductor" if recipe.train.compile else None,
     )
-    enable_fsdp_on_cpu(accelerator)  # Accelerate shards only on GPUs; torch's FSDP2 also on CPU
+    enable_sharding_on_cpu(accelerator)  # Accelerate shards only on GPUs; FSDP2 and ZeRO on CPU
     check_sharding_set_up(accelerator)
     report_setup(accelerator, recipe.train.mixed_precision)  # what runs, said once
     with naming_the_recipe(recipe_path):
@@ -441,6 +446,10 @@ class TrainingLoop:
         self.last_checkpoint: Path | None = None
         self.stateful = recipe.train.stateful
         self.skip_on_device = _skips_on_device(optimizer, accelerator)
+        self.deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+        self.backward_options = {"scale_wrt_gas": False} if self.deepspeed else {}
+        """The loss is already divided by the step's target tokens (all micro-batches):
+        DeepSpeed must not divide it by the accumulation steps again."""
 
     @property
     def step(self) -> int:
@@ -645,13 +654,13 @@ class TrainingLoop:
             last = i == len(micro_batches) - 1
             if batch.get("reset_state"):
                 state.recurrent = None
-            with nullcontext() if last else acc.no_sync(self.model):
+            with self._accumulating(last):
                 out = self.model(**model_inputs(batch, acc.device),
                                  past_key_values=state.recurrent, use_cache=self.stateful)
                 if self.stateful:
                     state.recurrent = tuple(s.detach() for s in out.past_key_values)
                 nll = token_nll(out.logits, y).sum() / n_targets
-                acc.backward(nll * acc.num_processes)
+                acc.backward(nll * acc.num_processes, **self.backward_options)
             step_loss += nll.detach()
         n_tokens = sum(b["input_ids"].numel() for b in micro_batches) * acc.num_processes
         finite = self._finite(step_loss)
@@ -667,6 +676,15 @@ class TrainingLoop:
         # schedule's learning rate for step N however many steps before it were skipped
         self.optimizer.zero_grad(set_to_none=True)
         return step_loss, finite, n_tokens
+
+    def _accumulating(self, last: bool) -> Any:
+        """The context of one micro-batch's forward and backward. DDP: no gradient sync but
+        for the last. DeepSpeed: Accelerate's `accumulate`, which marks the last micro-batch
+        as the accumulation boundary, where the engine reduces, clips (`train.grad_clip`)
+        and steps, skipping a step whose gradient norm is not finite."""
+        if self.deepspeed:
+            return self.accelerator.accumulate(self.model)
+        return nullcontext() if last else self.accelerator.no_sync(self.model)
 
     def _inner_optimizer(self) -> torch.optim.Optimizer:
         return getattr(self.optimizer, "optimizer", self.optimizer)

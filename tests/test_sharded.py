@@ -33,18 +33,27 @@ FAULTS = REPO / "tests" / "fault_injection.py"
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 
 
-def fsdp_launch_variables() -> dict[str, str]:
-    """What `accelerate launch --config_file accelerate_configs/fsdp.yaml` sets for its
+def launch_variables(config: str) -> dict[str, str]:
+    """What `accelerate launch --config_file accelerate_configs/CONFIG.yaml` sets for its
     processes, from Accelerate's own launcher code (2 processes, fp32 on CPU)."""
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
-    from accelerate.utils.launch import prepare_multi_gpu_env
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
 
     args = launch_command_parser().parse_args(
-        ["--config_file", str(REPO / "accelerate_configs" / "fsdp.yaml"), "--num_processes",
-         "2", "--mixed_precision", "no", "train.py"])
-    args, _, _ = _validate_launch_command(args)
-    return {k: v for k, v in prepare_multi_gpu_env(args).items()
-            if k.startswith(("ACCELERATE_", "FSDP_"))}
+        ["--config_file", str(REPO / "accelerate_configs" / f"{config}.yaml"),
+         "--num_processes", "2", "--mixed_precision", "no", "train.py"])
+    args, defaults, _ = _validate_launch_command(args)
+    if args.use_deepspeed:  # as `launch_command` does before its DeepSpeed launcher
+        fields = [*defaults.deepspeed_config, "mixed_precision"]
+        args.deepspeed_fields_from_accelerate_config = ",".join(fields)
+        env = prepare_deepspeed_cmd_env(args)[1]
+    else:
+        env = prepare_multi_gpu_env(args)
+    return {k: v for k, v in env.items() if k.startswith(("ACCELERATE_", "FSDP_"))}
+
+
+def fsdp_launch_variables() -> dict[str, str]:
+    return launch_variables("fsdp")
 
 
 TIME_LIMIT = 240
@@ -53,16 +62,18 @@ LLAMA_LORA = {"arch": "llama", "n_embd": 32, "n_layer": 2, "n_head": 4, "n_kv_he
               "intermediate_size": 64, "tie_embeddings": False, "lora_r": 4}
 
 
-def launch(tmp_path: Path, name: str, data: dict, fsdp: bool, *args: str,
+def launch(tmp_path: Path, name: str, data: dict, fsdp: bool | str, *args: str,
            kill_at_step: int = 0) -> subprocess.CompletedProcess:
     """`torchrun --nproc_per_node 2` of `hftrain train` (through the fault injector, which
-    records what each step trained on) into tmp_path/name."""
+    records what each step trained on) into tmp_path/name: plain DDP, FSDP2 (`fsdp` True)
+    or as the named Accelerate config launches it ("deepspeed_zero2")."""
     data = json.loads(json.dumps(data))
     data["run"]["output_dir"] = str(tmp_path / name)
     recipe = tmp_path / f"{name}.yaml"
     recipe.write_text(json.dumps(data))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_"))}
-    env.update(fsdp_launch_variables() if fsdp else {}, OMP_NUM_THREADS="1")
+    config = "fsdp" if fsdp is True else fsdp  # or a DeepSpeed config's name
+    env.update(launch_variables(config) if config else {}, OMP_NUM_THREADS="1")
     return subprocess.run(
         [TORCHRUN, "--nproc_per_node", "2", str(FAULTS), str(tmp_path / f"{name}.record"),
          str(kill_at_step), "0", "--", "train", str(recipe), *args],
@@ -387,3 +398,41 @@ def test_a_recipe_mistake_under_torchrun_is_said_once(tmp_path, corpus_file):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("hftrain: error:")]
     assert proc.returncode != 0 and len(errors) == 1, proc.stderr[-2000:]
     assert "model.n_layers" in errors[0] and str(recipe) in errors[0]
+
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_equals_ddp_with_accumulation_and_clipping(stage, tmp_path,
+                                                                  corpus_file):
+    """Accumulation 2 (one update per two micro-batches) and a clipping norm that bites:
+    the micro-batch, accumulation and clipping reach DeepSpeed, the loss is not divided by
+    the accumulation twice, the schedule drives the engine's optimizer (ZeRO-3 regroups
+    its parameters), and the seeded model is what ZeRO-3 partitions."""
+    data = recipe_data(tmp_path, corpus_file)
+    data["train"].update(batch_size=2, grad_accum_steps=2, grad_clip=0.05)
+    ddp = launch(tmp_path, "ddp", data, fsdp=False)
+    zero = launch(tmp_path, "zero", data, f"deepspeed_zero{stage}")
+    assert ddp.returncode == 0 and zero.returncode == 0, zero.stderr[-3000:]
+    assert f"DEEPSPEED (gloo), mixed precision no, DeepSpeed ZeRO-{stage}" in zero.stdout
+    assert_same_run(tmp_path / "ddp", tmp_path / "zero")
+    assert sample_of(zero) == sample_of(ddp)
+    checkpoint = complete_checkpoints(tmp_path / "zero")[-1]
+    assert any(n.endswith("optim_states.pt") for n in manifest_names(checkpoint))
+    assert damage(checkpoint) is None
+    marker = tmp_path / "pickle-ran"  # a pickle planted in a DeepSpeed file never runs
+    optim = next(p for p in checkpoint.rglob("*optim_states.pt"))
+    torch.save({"loss_scaler": Planted(marker)}, optim)
+    reseal(checkpoint)
+    problem = damage(checkpoint)
+    assert problem is not None and "cannot be read safely" in problem
+    assert not marker.exists()
+
+
+def test_muon_under_deepspeed_is_refused_in_one_line(tmp_path, corpus_file):
+    data = recipe_data(tmp_path, corpus_file)
+    data["train"]["optimizer"] = "muon"
+    proc = launch(tmp_path, "muon", data, "deepspeed_zero2")
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("hftrain: error:")]
+    assert proc.returncode != 0 and len(errors) == 1, proc.stderr[-3000:]
+    assert "train.optimizer muon cannot run under DeepSpeed" in errors[0]
+    assert not (tmp_path / "muon").exists()
