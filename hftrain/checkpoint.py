@@ -365,12 +365,29 @@ def load_checkpoint(accelerator: Accelerator, path: Path,
                     scheduler: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Restore Accelerate's state and the schedule from `path` (checked with `damage` first);
     return the loop's state and its carried tensors."""
+    state = read_state(path)
+    saved_processes = state["trajectory"].get("processes", accelerator.num_processes)
     try:
         accelerator.load_state(str(path))
         scheduler.load_state_dict(json.loads((path / SCHEDULER_FILE).read_text()))
-        tensors = load_file(path / f"rank{accelerator.process_index}_{LOOP_TENSORS}")
+        if saved_processes == accelerator.num_processes:
+            tensors = load_file(path / f"rank{accelerator.process_index}_{LOOP_TENSORS}")
+        else:
+            tensors = _regrouped_loop_tensors(path, saved_processes, accelerator.process_index)
     except Exception as exc:  # noqa: BLE001 - anything a damaged file raises: one line
         raise CheckpointError(f"cannot load checkpoint {path}: {type(exc).__name__}: "
                               f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
-    state = read_state(path)
     return state, {name: t.to(accelerator.device) for name, t in tensors.items()}
+
+
+def _regrouped_loop_tensors(path: Path, saved_processes: int,
+                            rank: int) -> dict[str, torch.Tensor]:
+    """This rank's loop tensors from a checkpoint saved by another number of processes (a
+    token-cache run: `resume.plan_run` allows nothing else). Every saved rank holds the same
+    data position (the stream turns it into this rank's share) and window counts; the
+    window's loss is split over the ranks, so rank 0 takes its sum and the others none."""
+    saved = [load_file(path / f"rank{r}_{LOOP_TENSORS}") for r in range(saved_processes)]
+    tensors = dict(saved[0])
+    total = sum(t["window_loss"] for t in saved)
+    tensors["window_loss"] = total if rank == 0 else torch.zeros_like(total)
+    return tensors

@@ -79,10 +79,11 @@ def refuse(message: str, is_main: bool) -> None:
 
 
 def _how_to_launch(names: list[str]) -> str:
-    if names == ["FSDP"]:
-        return ("launch several processes (FSDP on CPU: ACCELERATE_USE_FSDP=true FSDP_VERSION=2 "
-                "torchrun --nproc_per_node N -m hftrain train RECIPE; see README), or drop the "
-                "FSDP config")
+    if len(names) == 1:
+        variable = SHARDING_ENV[names[0]] + "=true" + (" FSDP_VERSION=2" * (names[0] == "FSDP"))
+        return (f"launch several processes ({names[0]} on CPU: {variable} torchrun "
+                "--nproc_per_node N -m hftrain train RECIPE; see README \"Launching on GPUs "
+                f"and clusters\"), or drop the {names[0]} config")
     return (f"launch on GPUs, or without the {'/'.join(names)} config (CPU data parallel: "
             "torchrun --nproc_per_node N -m hftrain train RECIPE; see accelerate_configs/)")
 
@@ -253,10 +254,12 @@ def precision_that_runs(accelerator: Any) -> str:
 
 def launch_trajectory(accelerator: Any) -> dict[str, Any]:
     """What the launch decides about a run's updates, which a resume must match: the number
-    of processes, the distributed type (sharded or not: its checkpoints differ too) and the
-    mixed precision that runs (not merely the one asked for)."""
+    of processes, the sharding (FSDP, DEEPSPEED or none: the checkpoints differ too; a run
+    may move between CPU and GPU data parallel) and the mixed precision that runs (not
+    merely the one asked for)."""
+    kind = accelerator.distributed_type.value
     return {"processes": accelerator.num_processes,
-            "launch.distributed_type": accelerator.distributed_type.value,
+            "launch.sharding": kind if kind in ("FSDP", "DEEPSPEED") else "none",
             "launch.mixed_precision": precision_that_runs(accelerator)}
 
 

@@ -2,7 +2,7 @@
 
 `--resume` continues *the same run* or refuses. Every checkpoint records the run's trajectory:
 the recipe without the keys below, plus what the launch decided (the number of processes, the
-distributed type, the mixed precision that ran: `launch.launch_trajectory`). A resumed run
+sharding, the mixed precision that ran: `launch.launch_trajectory`). A resumed run
 whose recipe or launch differs in any other key (the model, the tokenizer, the data, the
 batch, the optimizer and its schedule, the precision) would silently mix two runs and export a
 recipe that describes neither, so it is refused with the changed keys listed.
@@ -119,6 +119,7 @@ def _recipe_trajectory(path: Path, launch: dict[str, Any]) -> dict[str, Any]:
 def _refuse_changes(saved: dict[str, Any], current: dict[str, Any], where: Path) -> None:
     if not saved:
         return
+    saved, current = _regroupable(saved, current, where)
     if not any(k.startswith("launch.") for k in saved):  # recorded since issue 19
         current = {k: v for k, v in current.items() if not k.startswith("launch.")}
     changed = changed_keys(saved, current, flatten(Recipe().to_dict()))
@@ -127,3 +128,34 @@ def _refuse_changes(saved: dict[str, Any], current: dict[str, Any], where: Path)
             f"--resume would continue the run of {where} with a different recipe or launch: "
             f"{'; '.join(changed)}. Resume with the run's own settings, or start a new run"
         )
+
+
+def _regroupable(saved: dict[str, Any], current: dict[str, Any],
+                 where: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A run reading a token cache may resume on another number of processes when the
+    global batch (batch_size x processes) stays the same: its blocks are one global order
+    that any number of ranks share (`data.cache.CachedStream`), and the sharded state is
+    re-sharded on load. Returns the two trajectories without the keys that may then change;
+    refuses a streamed or stateful run in one line."""
+    before, now = saved.get("processes"), current.get("processes")
+    if before is None or before == now:
+        return saved, current
+    if current.get("launch.sharding") == "DEEPSPEED":
+        raise HftrainError(f"the run of {where} trained on {before} processes and this launch "
+                           f"has {now}: DeepSpeed's ZeRO checkpoints load only on the number "
+                           "of processes that saved them")
+    if not current.get("data.cache") or current.get("train.stateful"):
+        what = "a stateful run" if current.get("train.stateful") else "a streamed run"
+        raise HftrainError(
+            f"the run of {where} trained on {before} processes and this launch has {now}: "
+            f"{what} resumes only on the processes it started with (each rank's data "
+            "position is its own); with data.cache a run may change its number of processes")
+    global_before = saved.get("train.batch_size", 0) * before
+    if current.get("train.batch_size", 0) * now != global_before:
+        raise HftrainError(
+            f"the run of {where} trained with a global batch of {global_before} blocks "
+            f"({before} processes x train.batch_size {saved.get('train.batch_size')}); on {now} "
+            f"processes set train.batch_size={global_before // now} to keep it")
+    drop = ("processes", "train.batch_size")
+    return ({k: v for k, v in saved.items() if k not in drop},
+            {k: v for k, v in current.items() if k not in drop})

@@ -1,14 +1,16 @@
-"""Sharded training (FSDP2) on every device, CPU included, and what a sharded model needs
-from the rest of the run: forwards every rank takes part in, a full state dict for the export.
+"""Sharded training (FSDP2, DeepSpeed ZeRO) on every device, CPU included, and what a
+sharded model needs from the rest of the run: forwards every rank takes part in, a full
+state dict for the export, DeepSpeed told the recipe's batch, accumulation and clipping.
 
 Accelerate 1.16 turns `ACCELERATE_USE_FSDP=true` into FSDP only for the GPU-like distributed
 types (`AcceleratorState.__init__` lists MULTI_GPU, MULTI_XPU, ...; MULTI_CPU is not among
-them), although torch's FSDP2 (`fully_shard`) shards over gloo on CPU as it does over NCCL.
-`enable_sharding_on_cpu` does the one thing Accelerate leaves out: with several CPU processes and
-FSDP asked for, it sets the state's distributed type to FSDP with the plugin Accelerate would
-have built from the same `FSDP_*` variables. Everything after that (`prepare`, wrapping,
-state dicts, checkpoints) is Accelerate's and torch's own code, as on GPUs, which is what
-makes the sharded path testable on a machine without one.
+them), and DeepSpeed only without `cpu` (where, with no GPU, it leaves each process alone),
+although torch's FSDP2 (`fully_shard`) and DeepSpeed's ZeRO shard over gloo on CPU as they do
+over NCCL. `enable_sharding_on_cpu` does the one thing Accelerate leaves out: with several CPU
+processes it sets the state's distributed type to FSDP or DEEPSPEED with the plugin
+Accelerate would have built from the same launch variables. Everything after that
+(`prepare`, wrapping, state dicts, checkpoints) is Accelerate's, torch's and DeepSpeed's own
+code, as on GPUs, which is what makes the sharded paths testable on a machine without one.
 """
 
 from __future__ import annotations

@@ -359,17 +359,18 @@ def test_two_nodes_on_node_local_folders_are_refused_in_one_line(fsdp_gpt2, tmp_
 
 
 def test_the_sharded_step_benchmark_runs_in_seconds():
-    """benchmarks/sharded_step.py's smoke mode: one round of DDP and FSDP2 on a tiny model."""
+    """benchmarks/sharded_step.py's smoke mode: one round of DDP, FSDP2 and ZeRO-2, a tiny
+    model."""
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "sharded_step.py"),
                            "--rounds", "1", "--smoke"], capture_output=True, text=True,
                           cwd=REPO, timeout=TIME_LIMIT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.splitlines()[-1])
-    assert report["processes"] == 2 and len(report["fsdp2_over_ddp"]) == 1
-    assert all(v > 0 for v in report["ddp_tokens_per_s"] + report["fsdp2_tokens_per_s"])
-    assert report["median_ratio"] == pytest.approx(
-        report["fsdp2_tokens_per_s"][0] / report["ddp_tokens_per_s"][0])
-
+    assert report["processes"] == 2 and set(report["tokens_per_s"]) == {"ddp", "fsdp2", "zero2"}
+    assert all(len(v) == 1 and v[0] > 0 for v in report["tokens_per_s"].values())
+    for side in ("fsdp2", "zero2"):
+        assert report["median_over_ddp"][side] == pytest.approx(
+            report["tokens_per_s"][side][0] / report["tokens_per_s"]["ddp"][0])
 
 def test_planted_metadata_cannot_patch_a_class_for_the_rest_of_the_process(fsdp_gpt2,
                                                                          tmp_path):
@@ -436,3 +437,38 @@ def test_muon_under_deepspeed_is_refused_in_one_line(tmp_path, corpus_file):
     assert proc.returncode != 0 and len(errors) == 1, proc.stderr[-3000:]
     assert "train.optimizer muon cannot run under DeepSpeed" in errors[0]
     assert not (tmp_path / "muon").exists()
+
+
+def test_a_cache_run_checkpointed_on_two_processes_resumes_on_one(tmp_path, corpus_file):
+    """With the token cache the blocks are one global order that any number of ranks share:
+    a run killed on 2 processes (batch 4 each) and resumed on 1 (batch 8) trains on the same
+    global batches and ends as the uninterrupted 2-process run."""
+    data = recipe_data(tmp_path, corpus_file)
+    data["data"]["cache"] = str(tmp_path / "cache")
+    whole = launch(tmp_path, "whole", data, fsdp=False)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    assert launch(tmp_path, "moved", data, fsdp=False, kill_at_step=17).returncode != 0
+    assert complete_checkpoints(tmp_path / "moved")[-1].name == "step-00000010"
+    recipe, record = tmp_path / "moved.yaml", tmp_path / "moved-one.record"
+    refused = subprocess.run([sys.executable, str(FAULTS), str(record), "0", "0", "--", "train",
+                              str(recipe), "--resume"], capture_output=True, text=True,
+                             cwd=REPO, timeout=TIME_LIMIT)
+    assert refused.returncode == 2 and "set train.batch_size=8 to keep it" in refused.stderr
+    resumed = subprocess.run([sys.executable, str(FAULTS), str(record), "0", "0", "--", "train",
+                              str(recipe), "--resume", "train.batch_size=8"],
+                             capture_output=True, text=True, cwd=REPO, timeout=TIME_LIMIT)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "step-00000010 at step 10" in resumed.stdout
+    assert_same_run(tmp_path / "whole", tmp_path / "moved")
+
+
+def test_a_streamed_run_resumed_on_another_number_of_processes_is_refused(tmp_path,
+                                                                         corpus_file):
+    data = recipe_data(tmp_path, corpus_file)
+    assert launch(tmp_path, "run", data, fsdp=False, kill_at_step=17).returncode != 0
+    proc = subprocess.run([sys.executable, "-m", "hftrain", "train", str(tmp_path / "run.yaml"),
+                           "--resume", "train.batch_size=8"], capture_output=True, text=True,
+                          cwd=REPO, timeout=TIME_LIMIT)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("hftrain: error:")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
+    assert "trained on 2 processes and this launch has 1: a streamed run resumes only" in errors[0]

@@ -324,7 +324,7 @@ class CachedStream(UndoableSteps):
         rows = []
         for _ in range(self.batch_size):
             blocks = self._epoch_blocks()
-            if self.index == len(blocks):
+            if self.index >= len(blocks):  # (>: resumed on fewer processes at an epoch's end)
                 self.epoch, self.index = self.epoch + 1, 0
                 blocks = self._epoch_blocks()
             start = int(blocks[self.index]) * block
@@ -349,12 +349,21 @@ class CachedStream(UndoableSteps):
         self.epoch, self.index, self.counters = snapshot
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"data.position": torch.tensor([self.epoch, self.index, self.n_blocks],
-                                              dtype=torch.int64)}
+        position = [self.epoch, self.index, self.n_blocks, self.world_size]
+        return {"data.position": torch.tensor(position, dtype=torch.int64)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        epoch, index, n_blocks = (int(v) for v in state["data.position"].tolist())
+        """Continue where the checkpoint's ranks stopped, on as many processes as now: the
+        N ranks together had read `index x N` entries of the epoch's order, and this rank of
+        M continues at its share of them (the global batch is the same, so M divides them)."""
+        position = [int(v) for v in state["data.position"].tolist()]
+        epoch, index, n_blocks = position[:3]
+        saved_world = position[3] if len(position) > 3 else self.world_size  # before issue 19
         if n_blocks != self.n_blocks:
             raise DataError(f"the token cache holds {self.n_blocks} blocks now, {n_blocks} "
                             "when the checkpoint was saved; it was rebuilt from other data")
-        self.epoch, self.index = epoch, index
+        read = index * saved_world
+        if read % self.world_size:
+            raise DataError(f"the checkpoint's {saved_world} processes had read {read} blocks "
+                            f"of epoch {epoch}, which {self.world_size} processes cannot share")
+        self.epoch, self.index = epoch, read // self.world_size
