@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -197,7 +198,7 @@ def build_parts(recipe: Recipe, accelerator: Accelerator,
         def prepare_cache() -> None:
             token_cache.prepare(recipe.data, tokenizer)
 
-        on_main_process(accelerator, prepare_cache)
+        on_main_process(accelerator, prepare_cache, long_work=True)
     streams = DataStreams(recipe.data, tokenizer, seed=recipe.run.seed,
                           stateful=recipe.train.stateful, rank=accelerator.process_index,
                           world_size=accelerator.num_processes,
@@ -272,12 +273,13 @@ def train(recipe: Recipe, recipe_path: Path | None = None) -> TrainResult:
         return _run_in_folder(recipe, accelerator, decided, parts, trackers)
 
 
-def on_main_process(accelerator: Accelerator, decide: Any) -> Any:
+def on_main_process(accelerator: Accelerator, decide: Any, long_work: bool = False) -> Any:
     """Run `decide()` on the main process only (it reads or writes the run folder: the lock,
     the checkpoints to resume from, the folder's first files) and give every process its
     result, or its refusal: the main process raises the HftrainError with its one line, the
     others `ReportedByMainProcess`, on which they exit quietly instead of dying in the next
-    collective."""
+    collective. With `long_work` (building the token cache: hours for a large corpus) the
+    others wait under `LONG_WORK_TIMEOUT` instead of the process group's (10 min on NCCL)."""
     result = error = None
     if accelerator.is_main_process:
         try:
@@ -287,14 +289,32 @@ def on_main_process(accelerator: Accelerator, decide: Any) -> Any:
                 raise
             error = str(exc)
     if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
-        result, error = broadcast_object_list([result, error], from_process=0)
+        result, error = _from_main_process([result, error], long_work)
         if error is not None:  # every rank exits: close gloo/NCCL before the peers vanish, or
             torch.distributed.destroy_process_group()  # its threads may abort the process
     if error is not None:
         raise HftrainError(error) if accelerator.is_main_process else ReportedByMainProcess(error)
     return result
+
+
+LONG_WORK_TIMEOUT = timedelta(hours=24)
+"""How long the other processes wait for the main process to build the token cache."""
+
+
+def _from_main_process(objects: list[Any], long_work: bool) -> list[Any]:
+    """The main process's `objects` on every process; for long work over a gloo group of its
+    own whose timeout is LONG_WORK_TIMEOUT (a process group's timeout is fixed when it is
+    made; every process makes this one at the same point)."""
+    if not long_work:
+        from accelerate.utils import broadcast_object_list
+
+        return broadcast_object_list(objects, from_process=0)
+    group = torch.distributed.new_group(backend="gloo", timeout=LONG_WORK_TIMEOUT)
+    try:
+        torch.distributed.broadcast_object_list(objects, src=0, group=group)
+    finally:
+        torch.distributed.destroy_process_group(group)
+    return objects
 
 
 def _run_in_folder(recipe: Recipe, accelerator: Accelerator, plan: Plan, parts: RunParts,

@@ -11,7 +11,8 @@ variable SIGNAL_IN=PHASE:SIGNAL (PHASE `final_eval`, `export` or `sample`; SIGNA
 `KILL`) the process sends itself that signal when the phase begins; SIGNAL_IN=stepN:TERM
 sends SIGTERM at the start of step N. With KILL_ONCE=MARKER the kill at KILL_AT_STEP hits only
 the last rank, and only while MARKER does not exist (it is created first): a worker that dies
-once, as under `torchrun --max-restarts`.
+once, as under `torchrun --max-restarts`. With PG_TIMEOUT=S the process group's collectives
+time out after S seconds; with SLOW_CACHE=S building the token cache takes S seconds longer.
 """
 
 import hashlib
@@ -87,6 +88,32 @@ def signal_when(phase: str, original):
 
     return wrapper
 
+
+if os.environ.get("PG_TIMEOUT"):
+    import datetime
+
+    import torch.distributed
+
+    original_init = torch.distributed.init_process_group
+
+    def init_with_timeout(*args, **kwargs):
+        kwargs["timeout"] = datetime.timedelta(seconds=float(os.environ["PG_TIMEOUT"]))
+        return original_init(*args, **kwargs)
+
+    torch.distributed.init_process_group = init_with_timeout
+
+if os.environ.get("SLOW_CACHE"):
+    import time
+
+    import hftrain.data.cache
+
+    original_prepare = hftrain.data.cache.prepare
+
+    def slow_prepare(*args, **kwargs):
+        time.sleep(float(os.environ["SLOW_CACHE"]))  # stands for tokenizing a large corpus
+        return original_prepare(*args, **kwargs)
+
+    hftrain.data.cache.prepare = slow_prepare
 
 TrainingLoop.evaluate = signal_when("final_eval", TrainingLoop.evaluate)
 hftrain.train.export = signal_when("export", hftrain.train.export)

@@ -420,13 +420,16 @@ def test_deepspeed_zero_equals_ddp_with_accumulation_and_clipping(stage, tmp_pat
     checkpoint = complete_checkpoints(tmp_path / "zero")[-1]
     assert any(n.endswith("optim_states.pt") for n in manifest_names(checkpoint))
     assert damage(checkpoint) is None
-    marker = tmp_path / "pickle-ran"  # a pickle planted in a DeepSpeed file never runs
-    optim = next(p for p in checkpoint.rglob("*optim_states.pt"))
-    torch.save({"loss_scaler": Planted(marker)}, optim)
-    reseal(checkpoint)
-    problem = damage(checkpoint)
-    assert problem is not None and "cannot be read safely" in problem
-    assert not marker.exists()
+    marker = tmp_path / "pickle-ran"  # a pickle planted in any DeepSpeed file never runs
+    for original in sorted(checkpoint.rglob("*.pt")):
+        planted = tmp_path / "planted" / checkpoint.name
+        shutil.rmtree(planted.parent, ignore_errors=True)
+        shutil.copytree(checkpoint, planted)
+        torch.save({"loss_scaler": Planted(marker)}, planted / original.relative_to(checkpoint))
+        reseal(planted)
+        problem = damage(planted)
+        assert problem is not None and "cannot be read safely" in problem, original.name
+        assert not marker.exists(), f"the pickle planted in {original.name} ran"
 
 
 def test_muon_under_deepspeed_is_refused_in_one_line(tmp_path, corpus_file):
@@ -472,3 +475,23 @@ def test_a_streamed_run_resumed_on_another_number_of_processes_is_refused(tmp_pa
     errors = [line for line in proc.stderr.splitlines() if line.startswith("hftrain: error:")]
     assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
     assert "trained on 2 processes and this launch has 1: a streamed run resumes only" in errors[0]
+
+
+
+def test_the_others_wait_for_a_token_cache_longer_than_the_collective_timeout(tmp_path,
+                                                                            corpus_file):
+    """Rank 0 builds the cache while the others wait: with collectives that time out after
+    4 s (NCCL's default is 10 min) and a cache that takes 8 s, the run still starts."""
+    data = recipe_data(tmp_path, corpus_file)
+    data["data"]["cache"] = str(tmp_path / "cache")
+    data["train"]["max_steps"] = 2
+    data["run"]["output_dir"] = str(tmp_path / "run")
+    recipe = tmp_path / "run.yaml"
+    recipe.write_text(json.dumps(data))
+    env = {**os.environ, "PG_TIMEOUT": "4", "SLOW_CACHE": "8", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([TORCHRUN, "--nproc_per_node", "2", str(FAULTS),
+                           str(tmp_path / "record"), "0", "0", "--", "train", str(recipe)],
+                          capture_output=True, text=True, cwd=REPO, env=env,
+                          timeout=TIME_LIMIT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "run" / "final" / "config.json").is_file()
