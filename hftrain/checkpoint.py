@@ -23,9 +23,9 @@ touches the previous one. On resume the manifest is checked before anything is l
 truncated, missing, altered, unlisted or unreadable file marks the checkpoint damaged, and
 the newest intact one before it is used instead.
 
-The data position is restored by replay: the seeded stream is rebuilt and the consumed
-micro-batches are read again and dropped, which repeats tokenization but no model work and is
-exact by construction (the same blocks, in the same order).
+The data position is stored, not replayed: each rank's loop-state file holds its stream's
+position (`TrainState`), so a resume reads at most one piece per process however late the
+step. A token-cache run saved on N processes may be loaded on M (`_regrouped_loop_tensors`).
 """
 
 from __future__ import annotations
@@ -129,8 +129,9 @@ def damage(path: Path) -> str | None:
         return f"{STATE_FILE} lists a file outside the checkpoint folder"
     for name, expected in files.items():
         file = path / name
-        if not file.is_file() or file.is_symlink():
-            return f"{name} is missing"
+        linked = any((path / part).is_symlink() for part in _prefixes(name))
+        if not file.is_file() or linked:
+            return f"{name} is missing" if not linked else f"{name} is reached through a link"
         size = file.stat().st_size
         if size != expected["size"]:
             return f"{name} has {size} bytes, {expected['size']} were written"
@@ -138,7 +139,30 @@ def damage(path: Path) -> str | None:
     for name, expected in files.items():
         if digests[path / name] != expected["sha256"]:
             return f"{name} was altered after it was written (SHA-256 differs)"
-    return unsafe_distributed_checkpoint(path, set(files)) or unsafe_deepspeed_files(path)
+    return (unsafe_distributed_checkpoint(path, set(files)) or unsafe_deepspeed_files(path)
+            or unreadable_random_states(path))
+
+
+def _prefixes(name: str) -> list[str]:
+    """`a`, `a/b`, `a/b/c` for `a/b/c`: each folder on the way to a file, and the file."""
+    parts = Path(name).parts
+    return [str(Path(*parts[:i])) for i in range(1, len(parts) + 1)]
+
+
+def unreadable_random_states(path: Path) -> str | None:
+    """Accelerate reads each process's `random_states_N.pkl` with `weights_only=True` and, if
+    that fails, goes on without a word from a fresh random state (the resumed run then
+    differs from the uninterrupted one). Read them here first, with Accelerate's own loader:
+    one that does not load marks the checkpoint damaged."""
+    from accelerate.utils.other import load as accelerate_load
+
+    for file in sorted(path.glob("random_states_*.pkl")):
+        try:
+            accelerate_load(file)
+        except Exception as exc:  # noqa: BLE001 - whatever a planted file raises: one line
+            return (f"{file.name} does not load as random states "
+                    f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
+    return None
 
 
 def manifest_names(folder: Path) -> list[str]:

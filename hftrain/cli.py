@@ -15,7 +15,13 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from hftrain.errors import DataError, HftrainError, RecipeError, ReportedByMainProcess
+from hftrain.errors import (
+    DataError,
+    HftrainError,
+    RecipeError,
+    ReportedByMainProcess,
+    TrainingDiverged,
+)
 
 
 def _quiet_libraries() -> None:
@@ -400,8 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _another_process_of_this_node_says_it() -> bool:
     """Under torchrun every process reads the same recipe and finds the same mistake before
-    the processes talk: the first process of each node prints it (once on one machine; on
-    several, each node says it, in case a node lacks the file)."""
+    the processes talk, and all stop together on a non-finite loss: the first process of
+    each node prints it (once on one machine; on several, each node says it, in case a node
+    lacks the file)."""
     return int(os.environ.get("LOCAL_RANK", "0")) != 0
 
 
@@ -420,7 +427,8 @@ def main(argv: list[str] | None = None) -> None:
     except ReportedByMainProcess:
         sys.exit(2)
     except HftrainError as exc:
-        if not (isinstance(exc, RecipeError) and _another_process_of_this_node_says_it()):
+        said_by_every_rank = isinstance(exc, (RecipeError, TrainingDiverged))
+        if not (said_by_every_rank and _another_process_of_this_node_says_it()):
             print(f"hftrain: error: {exc}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

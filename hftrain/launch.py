@@ -258,8 +258,11 @@ def launch_trajectory(accelerator: Any) -> dict[str, Any]:
     may move between CPU and GPU data parallel) and the mixed precision that runs (not
     merely the one asked for)."""
     kind = accelerator.distributed_type.value
+    sharding = kind if kind in ("FSDP", "DEEPSPEED") else "none"
+    if kind == "DEEPSPEED":  # ZeRO-2 and ZeRO-3 checkpoints do not load into each other
+        sharding += f" ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}"
     return {"processes": accelerator.num_processes,
-            "launch.sharding": kind if kind in ("FSDP", "DEEPSPEED") else "none",
+            "launch.sharding": sharding,
             "launch.mixed_precision": precision_that_runs(accelerator)}
 
 

@@ -1,4 +1,4 @@
-"""Several nodes: the folders every process must see as one.
+"""Several nodes: the recipe and the folders every process must see as one.
 
 Only the main process (global rank 0) renames a finished checkpoint folder, prunes old ones,
 writes the manifest and builds the token cache; every other process writes its own files into
@@ -20,6 +20,33 @@ from typing import Any
 import torch
 
 from hftrain.errors import HftrainError, ReportedByMainProcess
+
+
+def check_same_recipe(accelerator: Any, recipe: dict[str, Any]) -> None:
+    """Refuse (every process, rank 0 with the one line) when the processes were started with
+    different recipes or overrides: each node's agent is its own command line, and a rank
+    trained at another learning rate, or for another number of steps, would write its shard
+    into a run whose recipe.yaml says otherwise, or stop in a collective the others never
+    reach."""
+    if accelerator.num_processes == 1:
+        return
+    from accelerate.utils import gather_object
+
+    from hftrain.recipe import flatten
+
+    mine = {key: repr(value) for key, value in flatten(recipe).items()}
+    every = gather_object([mine])
+    differing = sorted({key for other in every for key in set(other) | set(every[0])
+                        if other.get(key) != every[0].get(key)})
+    if not differing:
+        return
+    ranks = [rank for rank, other in enumerate(every) if other != every[0]]
+    message = (f"the {accelerator.num_processes} processes were started with different "
+               f"recipes: rank {ranks[0]} differs from rank 0 in {', '.join(differing)}; "
+               "give every node the same recipe file and overrides")
+    torch.distributed.destroy_process_group()
+    raise HftrainError(message) if accelerator.is_main_process \
+        else ReportedByMainProcess(message)
 
 
 def existing_ancestor(path: Path) -> Path:

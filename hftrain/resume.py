@@ -140,16 +140,18 @@ def _regroupable(saved: dict[str, Any], current: dict[str, Any],
     before, now = saved.get("processes"), current.get("processes")
     if before is None or before == now:
         return saved, current
-    if current.get("launch.sharding") == "DEEPSPEED":
+    if str(current.get("launch.sharding")).startswith("DEEPSPEED"):
         raise HftrainError(f"the run of {where} trained on {before} processes and this launch "
                            f"has {now}: DeepSpeed's ZeRO checkpoints load only on the number "
                            "of processes that saved them")
     if not current.get("data.cache") or current.get("train.stateful"):
-        what = "a stateful run" if current.get("train.stateful") else "a streamed run"
+        what, other = (("a stateful run", "its recurrent lanes are split over them")
+                       if current.get("train.stateful") else
+                       ("a streamed run", "with data.cache a run may change their number"))
         raise HftrainError(
             f"the run of {where} trained on {before} processes and this launch has {now}: "
             f"{what} resumes only on the processes it started with (each rank's data "
-            "position is its own); with data.cache a run may change its number of processes")
+            f"position is its own; {other})")
     global_before = saved.get("train.batch_size", 0) * before
     if current.get("train.batch_size", 0) * now != global_before:
         raise HftrainError(

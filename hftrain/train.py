@@ -60,7 +60,7 @@ from hftrain.models import (
     check_attention_precision,
 )
 from hftrain.models.base import is_lora
-from hftrain.nodes import check_shared
+from hftrain.nodes import check_same_recipe, check_shared
 from hftrain.optim import build_optimizer, build_scheduler
 from hftrain.recipe import Recipe, dump_recipe
 from hftrain.resume import Plan, plan_run, trajectory
@@ -246,6 +246,7 @@ def train(recipe: Recipe, recipe_path: Path | None = None) -> TrainResult:
     keep_freed_heap_memory(accelerator.device)
     set_seed(recipe.run.seed)
     check_writable_target(run_dir, protected_paths(recipe, recipe_path), "run.output_dir")
+    check_same_recipe(accelerator, recipe.to_dict())  # each node's agent has its own command
     shared = {"run.output_dir": run_dir}
     if recipe.data.cache:  # a stale cache is rebuilt in place: never over the data
         check_cache_target(recipe, recipe_path)

@@ -288,7 +288,8 @@ RENDEZVOUS_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 
 def agents(tmp_path: Path, name: str, data: dict, nodes: list[Path], *args: str,
-           restarts: int = 0, kill_at_step: int = 0) -> list[subprocess.CompletedProcess]:
+           restarts: int = 0, kill_at_step: int = 0,
+           node_args: list[list[str]] | None = None) -> list[subprocess.CompletedProcess]:
     """One torchrun agent per "node" (each started in its own folder, with the c10d
     rendezvous on 127.0.0.1), FSDP2 as the shipped config sets it up; each node runs
     `len(nodes) == 1 ? 2 : 1` processes."""
@@ -305,7 +306,8 @@ def agents(tmp_path: Path, name: str, data: dict, nodes: list[Path], *args: str,
         [TORCHRUN, "--nnodes", str(len(nodes)), "--nproc_per_node", str(per_node),
          "--node-rank", str(rank), "--max-restarts", str(restarts), "--rdzv-backend", "c10d",
          "--rdzv-endpoint", f"127.0.0.1:{port}", str(FAULTS), str(tmp_path / f"{name}.record"),
-         str(kill_at_step), "0", "--", "train", str(recipe), *args],
+         str(kill_at_step), "0", "--", "train", str(recipe), *args,
+         *(node_args[rank] if node_args else [])],
         cwd=node, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for rank, node in enumerate(nodes)]
     done = []
@@ -495,3 +497,60 @@ def test_the_others_wait_for_a_token_cache_longer_than_the_collective_timeout(tm
                           timeout=TIME_LIMIT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "run" / "final" / "config.json").is_file()
+
+
+
+def test_two_nodes_started_with_different_recipes_are_refused_in_one_line(fsdp_gpt2,
+                                                                         tmp_path):
+    """Each node's agent is its own command line: a rank trained at another learning rate
+    would write its shard into a run whose recipe says otherwise."""
+    _, data, _ = fsdp_gpt2
+    done = agents(tmp_path, "mixed", data, [tmp_path, tmp_path],
+                  node_args=[[], ["train.lr=0.1"]])
+    assert all(agent.returncode != 0 for agent in done)
+    errors = [line for agent in done for line in agent.stderr.splitlines()
+              if line.startswith("hftrain: error:")]
+    assert len(errors) == 1 and "rank 1 differs from rank 0 in train.lr" in errors[0]
+    assert not (tmp_path / "mixed").exists()
+
+
+def test_a_tampered_random_state_or_a_linked_folder_marks_the_checkpoint_damaged(
+        fsdp_gpt2, tmp_path):
+    """Accelerate skips random states it cannot load without a word (the resumed run then
+    differs); a folder of the checkpoint replaced by a link to a copy elsewhere is not the
+    checkpoint either."""
+    tmp, _, _ = fsdp_gpt2
+    source = complete_checkpoints(tmp / "whole")[-1]
+    marker = tmp_path / "pickle-ran"
+    rng = tmp_path / "rng" / source.name
+    shutil.copytree(source, rng)
+    (rng / "random_states_0.pkl").write_bytes(pickle.dumps(Planted(marker)))
+    reseal(rng)
+    assert "random_states_0.pkl does not load as random states" in damage(rng)
+    assert not marker.exists()
+    linked = tmp_path / "linked" / source.name
+    shutil.copytree(source, linked)
+    elsewhere = tmp_path / "elsewhere"
+    shutil.move(str(linked / "optimizer_0"), elsewhere)
+    (linked / "optimizer_0").symlink_to(elsewhere, target_is_directory=True)
+    assert "is reached through a link" in damage(linked)
+
+
+def test_the_deepspeed_zero_stage_is_part_of_the_launch_a_resume_checks():
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from hftrain.launch import launch_trajectory
+    from hftrain.resume import changed_keys
+
+    def launch(stage: int) -> dict:
+        plugin = SimpleNamespace(zero_stage=stage, deepspeed_config={})
+        return launch_trajectory(SimpleNamespace(
+            num_processes=2, distributed_type=DistributedType.DEEPSPEED,
+            state=SimpleNamespace(deepspeed_plugin=plugin), mixed_precision="no",
+            native_amp=False))
+
+    assert launch(2)["launch.sharding"] == "DEEPSPEED ZeRO-2"
+    assert changed_keys(launch(2), launch(3)) == [
+        "launch.sharding ('DEEPSPEED ZeRO-2' -> 'DEEPSPEED ZeRO-3')"]
