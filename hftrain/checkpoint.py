@@ -20,8 +20,8 @@ A checkpoint is `<run>/checkpoints/step-00000120/`:
 The folder is written under a temporary name and renamed only when complete, so a crash while
 saving never leaves a half checkpoint where `newest_intact_checkpoint` would look, and never
 touches the previous one. On resume the manifest is checked before anything is loaded: a
-truncated, missing, altered, unlisted or unreadable file marks the checkpoint damaged, and
-the newest intact one before it is used instead.
+truncated, missing, altered or unreadable file (or one reached through a link) marks the
+checkpoint damaged, and the newest intact one before it is used instead.
 
 The data position is stored, not replayed: each rank's loop-state file holds its stream's
 position (`TrainState`), so a resume reads at most one piece per process however late the
@@ -143,6 +143,12 @@ def damage(path: Path) -> str | None:
             or unreadable_random_states(path))
 
 
+def _one_line(exc: Exception) -> str:
+    """`Type: first line of the message`: what a damaged or planted file raised, in one line."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 def _prefixes(name: str) -> list[str]:
     """`a`, `a/b`, `a/b/c` for `a/b/c`: each folder on the way to a file, and the file."""
     parts = Path(name).parts
@@ -161,7 +167,7 @@ def unreadable_random_states(path: Path) -> str | None:
             accelerate_load(file)
         except Exception as exc:  # noqa: BLE001 - whatever a planted file raises: one line
             return (f"{file.name} does not load as random states "
-                    f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
+                    f"({_one_line(exc)})")
     return None
 
 
@@ -200,7 +206,7 @@ def unsafe_distributed_checkpoint(path: Path, listed: set[str]) -> str | None:
             _check_storage(metadata_file.parent, folder, metadata, listed)
         except Exception as exc:  # noqa: BLE001 - whatever a planted file raises: one line
             return f"{folder.as_posix()} is not a distributed checkpoint hftrain can read safely " \
-                   f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+                   f"({_one_line(exc)})"
     return None
 
 
@@ -238,7 +244,7 @@ def unsafe_deepspeed_files(path: Path) -> str | None:
                 torch.load(file, weights_only=True, map_location="cpu", mmap=True)
         except Exception as exc:  # noqa: BLE001 - whatever a planted file raises: one line
             return (f"{file.relative_to(path).as_posix()} cannot be read safely "
-                    f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
+                    f"({_one_line(exc)})")
     return None
 
 
@@ -399,8 +405,7 @@ def load_checkpoint(accelerator: Accelerator, path: Path,
         else:
             tensors = _regrouped_loop_tensors(path, saved_processes, accelerator.process_index)
     except Exception as exc:  # noqa: BLE001 - anything a damaged file raises: one line
-        raise CheckpointError(f"cannot load checkpoint {path}: {type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+        raise CheckpointError(f"cannot load checkpoint {path}: {_one_line(exc)}") from None
     return state, {name: t.to(accelerator.device) for name, t in tensors.items()}
 
 

@@ -5,12 +5,12 @@ Accelerate reads its launch config from environment variables that `accelerate l
 (`ACCELERATE_USE_FSDP`, `ACCELERATE_USE_DEEPSPEED`, `ACCELERATE_MIXED_PRECISION`, `FSDP_*`)
 and falls back without a word where it cannot do what they ask:
 
-- FSDP and DeepSpeed shard only on accelerators in Accelerate's own code. hftrain turns FSDP
-  on for several CPU processes too (`hftrain.sharding.enable_sharding_on_cpu`: torch's FSDP2 shards
-  over gloo); DeepSpeed on CPU, and FSDP in a single CPU process, would train unsharded. A run
-  asked to shard usually asks because the unsharded model or optimizer state does not fit;
-  hftrain refuses those (exit status 2, before anything is written) rather than start a run
-  whose memory, speed and checkpoints are not the ones asked for.
+- FSDP and DeepSpeed shard only on accelerators in Accelerate's own code. hftrain turns them
+  on for several CPU processes too (`hftrain.sharding.enable_sharding_on_cpu`: FSDP2 and ZeRO
+  shard over gloo); in a single CPU process either would train unsharded. A run asked to
+  shard usually asks because the unsharded model or optimizer state does not fit; hftrain
+  refuses that (exit status 2, before anything is written) rather than start a run whose
+  memory, speed and checkpoints are not the ones asked for.
 - fp16 autocast does not exist on CPU: Accelerate trains in fp32 and still reports fp16.
 - bf16 autocast on a CPU without bf16 instructions (AVX2 only, say) works but is emulated:
   about 10x slower than fp32. Both train correctly, so they warn rather than refuse.
@@ -102,9 +102,9 @@ def check_sharding_before_start(cpu: bool) -> None:
     why = ("FSDP and DeepSpeed are two ways to shard: ask for one" if len(asked) > 1
            else f"{names[0]} needs several processes to shard over")
     refuse(f"the launch asks for {' and '.join(names)} ({', '.join(asked.values())}) but this "
-            f"run is on CPU with {processes} process{'es' if processes > 1 else ''}, where {why}: "
-            "it would train unsharded without saying so; "
-            f"{_how_to_launch(names)}", os.environ.get("RANK", "0") == "0")
+           f"run is on CPU with {processes} process{'es' if processes > 1 else ''}, where {why}: "
+           f"it would train unsharded without saying so; {_how_to_launch(names)}",
+           os.environ.get("RANK", "0") == "0")
 
 
 def check_sharding_set_up(accelerator: Any) -> None:
@@ -120,9 +120,9 @@ def check_sharding_set_up(accelerator: Any) -> None:
     if not missing:
         return
     refuse(f"the launch asks for {' and '.join(missing)} "
-            f"({', '.join(asked[name] for name in missing)}) but Accelerate set up "
-            f"{got.value} on {accelerator.device.type} with {_processes(accelerator)}, which "
-            f"does not shard; {_how_to_launch(missing)}", accelerator.is_main_process)
+           f"({', '.join(asked[name] for name in missing)}) but Accelerate set up "
+           f"{got.value} on {accelerator.device.type} with {_processes(accelerator)}, which "
+           f"does not shard; {_how_to_launch(missing)}", accelerator.is_main_process)
 
 
 def _processes(accelerator: Any) -> str:
@@ -254,8 +254,8 @@ def precision_that_runs(accelerator: Any) -> str:
 
 def launch_trajectory(accelerator: Any) -> dict[str, Any]:
     """What the launch decides about a run's updates, which a resume must match: the number
-    of processes, the sharding (FSDP, DEEPSPEED or none: the checkpoints differ too; a run
-    may move between CPU and GPU data parallel) and the mixed precision that runs (not
+    of processes, the sharding (FSDP, DEEPSPEED ZeRO-n or none: the checkpoints differ too; a
+    run may move between CPU and GPU data parallel) and the mixed precision that runs (not
     merely the one asked for)."""
     kind = accelerator.distributed_type.value
     sharding = kind if kind in ("FSDP", "DEEPSPEED") else "none"

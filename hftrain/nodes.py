@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from hftrain.errors import HftrainError, ReportedByMainProcess
+from hftrain.launch import refuse
 
 
 def check_same_recipe(accelerator: Any, recipe: dict[str, Any]) -> None:
@@ -44,9 +44,7 @@ def check_same_recipe(accelerator: Any, recipe: dict[str, Any]) -> None:
     message = (f"the {accelerator.num_processes} processes were started with different "
                f"recipes: rank {ranks[0]} differs from rank 0 in {', '.join(differing)}; "
                "give every node the same recipe file and overrides")
-    torch.distributed.destroy_process_group()
-    raise HftrainError(message) if accelerator.is_main_process \
-        else ReportedByMainProcess(message)
+    refuse(message, accelerator.is_main_process)
 
 
 def existing_ancestor(path: Path) -> Path:
@@ -87,9 +85,7 @@ def check_shared(accelerator: Any, folders: dict[str, Path]) -> None:
                f"{accelerator.num_processes} processes do not see the files the main process "
                f"(on {socket.gethostname()}) writes there; put it on shared storage (NFS, "
                "Lustre, ...) or run on one node")
-    torch.distributed.destroy_process_group()
-    raise HftrainError(message) if accelerator.is_main_process \
-        else ReportedByMainProcess(message)
+    refuse(message, accelerator.is_main_process)
 
 
 def _write_probes(folders: dict[str, Path]) -> dict[str, tuple[str | None, str]]:
