@@ -1,24 +1,32 @@
 """Several nodes: the recipe and the folders every process must see as one.
 
-Only the main process (global rank 0) renames a finished checkpoint folder, prunes old ones,
-writes the manifest and builds the token cache; every other process writes its own files into
-the same folders (its RNG state, its loop state, its DCP shards) and reads the cache rank 0
-built. On node-local disks the other nodes' files land in folders rank 0 never sees: their
-checkpoints never complete and a resume fails, and the cache is missing on them. Rather than
+Only the main process (global rank 0) renames a finished checkpoint folder, prunes old ones
+and writes the manifest; every other process writes its own files into the same folders (its
+RNG state, its loop state, its DCP shards). On node-local disks the other nodes' files land in
+folders rank 0 never sees: their checkpoints never complete and a resume fails. Rather than
 find that out at the first checkpoint (or the first resume), every process checks at start
-that it sees a file the main process has just written in the folder, and the run is refused
-in one line if one does not.
+that it sees a file the main process has just written in `run.output_dir`, and the run is
+refused in one line if one does not.
+
+The token cache may live on node-local disks (fast local NVMe is where it belongs): it is
+built once per filesystem, by the lowest-ranked node-main process that sees it, while the
+others wait; then the builders' caches are compared token for token (by their SHA-256) so
+that nodes holding different copies of the data are refused instead of training on them.
 """
 
 from __future__ import annotations
 
+import json
 import secrets
 import socket
+from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from hftrain.errors import HftrainError
 from hftrain.launch import refuse
 
 
@@ -86,6 +94,79 @@ def check_shared(accelerator: Any, folders: dict[str, Path]) -> None:
                f"(on {socket.gethostname()}) writes there; put it on shared storage (NFS, "
                "Lustre, ...) or run on one node")
     refuse(message, accelerator.is_main_process)
+
+
+def builds_token_cache(accelerator: Any, cache: Path) -> bool:
+    """Whether this process builds the token cache `cache`: one process per filesystem holding
+    it. Each node's main process (local rank 0) writes a probe file there; a node-main process
+    builds unless it sees the probe of a lower-ranked node-main process (the folder is then
+    shared with that node). One node or a shared folder: global rank 0 alone builds."""
+    if accelerator.num_processes == 1:
+        return True
+    from accelerate.utils import gather_object
+
+    node_main = accelerator.local_process_index == 0
+    probe = _write_probes({"data.cache": cache})["data.cache"] if node_main else None
+    probes = gather_object([(accelerator.process_index, probe)])
+    try:
+        if not node_main:
+            return False
+        if probe[0] is None:  # not writable: its own build fails with the reason
+            return True
+        return not any(_sees(cache, *other) for rank, other in probes
+                       if other is not None and other[0] is not None
+                       and rank < accelerator.process_index)
+    finally:
+        accelerator.wait_for_everyone()  # every process has looked before a probe goes
+        if probe is not None and probe[0] is not None:
+            (existing_ancestor(cache) / probe[0]).unlink(missing_ok=True)
+
+
+LONG_WORK_TIMEOUT = timedelta(hours=24)
+"""How long the other processes wait for the token cache to be built."""
+
+
+def build_once_per_filesystem(accelerator: Any, builds: bool, build: Callable[[], Any]) -> None:
+    """Run `build()` on the processes that `builds` (one per filesystem); every process then
+    waits for all of them on a gloo group of its own whose timeout is LONG_WORK_TIMEOUT (a
+    process group's timeout is fixed when it is made: 10 min on NCCL, and tokenizing a large
+    corpus takes hours). A builder's refusal is said by rank 0 in one line (naming the host
+    when it was another node's), and builders that produced different results (different
+    copies of the data on different nodes) are refused."""
+    outcome: tuple[str, str | None, Any] = (socket.gethostname(), None, None)
+    if builds:
+        try:
+            outcome = (outcome[0], None, build())
+        except HftrainError as exc:
+            if accelerator.num_processes == 1:
+                raise
+            outcome = (outcome[0], str(exc), None)
+    if accelerator.num_processes == 1:
+        return
+    group = torch.distributed.new_group(backend="gloo", timeout=LONG_WORK_TIMEOUT)
+    every: list[Any] = [None] * accelerator.num_processes
+    try:
+        torch.distributed.all_gather_object(every, [builds, *outcome], group=group)
+    finally:
+        torch.distributed.destroy_process_group(group)
+    _refuse_failed_or_different_builds(accelerator, every)
+
+
+def _refuse_failed_or_different_builds(accelerator: Any, every: list[Any]) -> None:
+    built = [(rank, host, error, result) for rank, (builds, host, error, result)
+             in enumerate(every) if builds]
+    failed = [(rank, host, error) for rank, host, error, _ in built if error is not None]
+    if failed:
+        rank, host, error = failed[0]
+        refuse(error if rank == 0 else f"on {host} (rank {rank}): {error}",
+               accelerator.is_main_process)
+    results = {json.dumps(result, sort_keys=True): (rank, host)
+               for rank, host, _, result in built}
+    if len(results) > 1:
+        where = ", ".join(f"{host} (rank {rank})" for rank, host in results.values())
+        refuse(f"data.cache: the token caches built on {where} differ, so the nodes hold "
+               "different copies of the data; give every node the same data files",
+               accelerator.is_main_process)
 
 
 def _write_probes(folders: dict[str, Path]) -> dict[str, tuple[str | None, str]]:

@@ -21,7 +21,6 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +59,12 @@ from hftrain.models import (
     check_attention_precision,
 )
 from hftrain.models.base import is_lora
-from hftrain.nodes import check_same_recipe, check_shared
+from hftrain.nodes import (
+    build_once_per_filesystem,
+    builds_token_cache,
+    check_same_recipe,
+    check_shared,
+)
 from hftrain.optim import build_optimizer, build_scheduler
 from hftrain.recipe import Recipe, dump_recipe
 from hftrain.resume import Plan, plan_run, trajectory
@@ -188,17 +192,19 @@ def naming_the_recipe(recipe_path: Path | None) -> Iterator[None]:
         raise RecipeError(f"{recipe_path}: {exc}") from None
 
 
-def build_parts(recipe: Recipe, accelerator: Accelerator,
-                recipe_path: Path | None = None) -> RunParts:
+def build_parts(recipe: Recipe, accelerator: Accelerator, recipe_path: Path | None = None,
+                builds_cache: bool = True) -> RunParts:
     """Tokenizer, data (one batch of each split pulled), model, optimizer, schedule and the
-    generation settings: a bad file or setting fails here, with nothing written."""
+    generation settings: a bad file or setting fails here, with nothing written but the token
+    cache (built where `builds_cache`)."""
     tokenizer, built = prepare_tokenizer(recipe)
-    if recipe.data.cache:  # tokenized once, by the main process, before any rank reads it
+    if recipe.data.cache:  # tokenized once per filesystem, before any rank reads it
 
-        def prepare_cache() -> None:
-            token_cache.prepare(recipe.data, tokenizer)
+        def prepare_cache() -> dict[str, Any]:
+            folder = token_cache.prepare(recipe.data, tokenizer)
+            return (token_cache.read_record(folder) or {}).get("splits")
 
-        on_main_process(accelerator, prepare_cache, long_work=True)
+        build_once_per_filesystem(accelerator, builds_cache, prepare_cache)
     streams = DataStreams(recipe.data, tokenizer, seed=recipe.run.seed,
                           stateful=recipe.train.stateful, rank=accelerator.process_index,
                           world_size=accelerator.num_processes,
@@ -247,11 +253,11 @@ def train(recipe: Recipe, recipe_path: Path | None = None) -> TrainResult:
     set_seed(recipe.run.seed)
     check_writable_target(run_dir, protected_paths(recipe, recipe_path), "run.output_dir")
     check_same_recipe(accelerator, recipe.to_dict())  # each node's agent has its own command
-    shared = {"run.output_dir": run_dir}
+    check_shared(accelerator, {"run.output_dir": run_dir})  # what rank 0 writes, all read
+    builds_cache = False
     if recipe.data.cache:  # a stale cache is rebuilt in place: never over the data
         check_cache_target(recipe, recipe_path)
-        shared["data.cache"] = Path(recipe.data.cache)
-    check_shared(accelerator, shared)  # several nodes: what rank 0 writes, every rank reads
+        builds_cache = builds_token_cache(accelerator, Path(recipe.data.cache))
     with RunLock(run_dir, enabled=accelerator.is_main_process) as lock:
 
         def plan() -> Plan:
@@ -264,7 +270,7 @@ def train(recipe: Recipe, recipe_path: Path | None = None) -> TrainResult:
         if decided.finished:
             return TrainResult(None, run_dir, run_dir / "final", {}, "", 0.0,
                                recipe.train.max_steps, already_finished=True)
-        parts = build_parts(recipe, accelerator, recipe_path)
+        parts = build_parts(recipe, accelerator, recipe_path, builds_cache)
 
         def start() -> None:
             lock.acquire()
@@ -274,13 +280,12 @@ def train(recipe: Recipe, recipe_path: Path | None = None) -> TrainResult:
         return _run_in_folder(recipe, accelerator, decided, parts, trackers)
 
 
-def on_main_process(accelerator: Accelerator, decide: Any, long_work: bool = False) -> Any:
+def on_main_process(accelerator: Accelerator, decide: Any) -> Any:
     """Run `decide()` on the main process only (it reads or writes the run folder: the lock,
     the checkpoints to resume from, the folder's first files) and give every process its
     result, or its refusal: the main process raises the HftrainError with its one line, the
     others `ReportedByMainProcess`, on which they exit quietly instead of dying in the next
-    collective. With `long_work` (building the token cache: hours for a large corpus) the
-    others wait under `LONG_WORK_TIMEOUT` instead of the process group's (10 min on NCCL)."""
+    collective."""
     result = error = None
     if accelerator.is_main_process:
         try:
@@ -290,32 +295,14 @@ def on_main_process(accelerator: Accelerator, decide: Any, long_work: bool = Fal
                 raise
             error = str(exc)
     if accelerator.num_processes > 1:
-        result, error = _from_main_process([result, error], long_work)
+        from accelerate.utils import broadcast_object_list
+
+        result, error = broadcast_object_list([result, error], from_process=0)
         if error is not None:  # every rank exits: close gloo/NCCL before the peers vanish, or
             torch.distributed.destroy_process_group()  # its threads may abort the process
     if error is not None:
         raise HftrainError(error) if accelerator.is_main_process else ReportedByMainProcess(error)
     return result
-
-
-LONG_WORK_TIMEOUT = timedelta(hours=24)
-"""How long the other processes wait for the main process to build the token cache."""
-
-
-def _from_main_process(objects: list[Any], long_work: bool) -> list[Any]:
-    """The main process's `objects` on every process; for long work over a gloo group of its
-    own whose timeout is LONG_WORK_TIMEOUT (a process group's timeout is fixed when it is
-    made; every process makes this one at the same point)."""
-    if not long_work:
-        from accelerate.utils import broadcast_object_list
-
-        return broadcast_object_list(objects, from_process=0)
-    group = torch.distributed.new_group(backend="gloo", timeout=LONG_WORK_TIMEOUT)
-    try:
-        torch.distributed.broadcast_object_list(objects, src=0, group=group)
-    finally:
-        torch.distributed.destroy_process_group(group)
-    return objects
 
 
 def _run_in_folder(recipe: Recipe, accelerator: Accelerator, plan: Plan, parts: RunParts,

@@ -360,6 +360,56 @@ def test_two_nodes_on_node_local_folders_are_refused_in_one_line(fsdp_gpt2, tmp_
         assert list(node.iterdir()) == []
 
 
+def cache_nodes(tmp_path: Path, corpus: Path, node1_text: str | None = None
+                ) -> tuple[dict, list[Path]]:
+    """Two "nodes", each with its own folder for the relative `data.cache` (as node-local
+    disks) and, with `node1_text`, its own copy of the training file."""
+    data = recipe_data(tmp_path, corpus)
+    data["data"]["cache"] = "cache/tokens"
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    for node, text in zip(nodes, [None, node1_text], strict=True):
+        node.mkdir()
+        if node1_text is not None:
+            (node / "train.txt").write_text(text or corpus.read_text(encoding="utf-8"),
+                                            encoding="utf-8")
+    if node1_text is not None:
+        data["data"]["train_files"] = ["train.txt"]
+    return data, nodes
+
+
+def test_a_token_cache_on_node_local_disks_is_built_on_each_node(tmp_path, corpus_file):
+    """A relative data.cache resolved in each node's own folder: each node builds its own
+    copy, and the run equals the same two nodes on one shared cache, which only node 0
+    builds."""
+    data, nodes = cache_nodes(tmp_path, corpus_file)
+    shared = json.loads(json.dumps(data))
+    shared["data"]["cache"] = str(tmp_path / "shared-cache")
+    done = agents(tmp_path, "whole", shared, nodes)
+    assert all(agent.returncode == 0 for agent in done), done[0].stderr[-3000:]
+    assert ["tokenize train" in agent.stderr for agent in done] == [True, False]
+    done = agents(tmp_path, "local_cache", data, nodes)
+    assert all(agent.returncode == 0 for agent in done), done[0].stderr[-3000:]
+    assert all("tokenize train" in agent.stderr for agent in done)
+    assert_same_run(tmp_path / "whole", tmp_path / "local_cache", tolerance=1e-5)
+    tokens = {(folder / "train.bin").read_bytes() for folder in
+              [tmp_path / "shared-cache", *(node / "cache" / "tokens" for node in nodes)]}
+    assert len(tokens) == 1
+
+
+def test_nodes_whose_data_files_differ_are_refused_in_one_line(tmp_path, corpus_file):
+    """Each node tokenizes its own copy of train.txt into its own cache; node 1's copy has
+    the same characters in another order."""
+    lines = corpus_file.read_text(encoding="utf-8").splitlines(keepends=True)
+    data, nodes = cache_nodes(tmp_path, corpus_file, node1_text="".join(reversed(lines)))
+    done = agents(tmp_path, "different", data, nodes)
+    assert all(agent.returncode != 0 for agent in done)
+    errors = [line for agent in done for line in agent.stderr.splitlines()
+              if line.startswith("hftrain: error:")]
+    assert len(errors) == 1, done[0].stderr[-3000:]
+    assert "the token caches built on" in errors[0] and "(rank 1) differ" in errors[0]
+    assert not (tmp_path / "different").exists()  # nothing of the run written
+
+
 def test_the_sharded_step_benchmark_runs_in_seconds():
     """benchmarks/sharded_step.py's smoke mode: one round of DDP, FSDP2 and ZeRO-2, a tiny
     model."""

@@ -164,8 +164,9 @@ def _build(config: DataConfig, tokenizer: Any, folder: Path, wanted: dict[str, A
 
 
 def _write_split(config: DataConfig, tokenizer: Any, split: str, folder: Path, dtype: Any,
-                 show_progress: bool) -> dict[str, int]:
-    """`<split>.bin`, `<split>.documents.npy` and (validation) `val.bytes.bin`."""
+                 show_progress: bool) -> dict[str, Any]:
+    """`<split>.bin`, `<split>.documents.npy` and (validation) `val.bytes.bin`; returns the
+    split's token and document counts and the SHA-256 of its tokens."""
     pieces = SplitPieces(config, split)
     tokenize = PieceTokenizer(pieces, tokenizer, with_bytes=split == "val")
     loader = piece_loader(tokenize, range(len(pieces.pieces)),
@@ -179,8 +180,12 @@ def _write_split(config: DataConfig, tokenizer: Any, split: str, folder: Path, d
         bar = files.enter_context(tqdm(total=len(pieces.pieces), desc=f"tokenize {split}",
                                        unit="piece", disable=not show_progress))
 
+        digest = hashlib.sha256()  # nodes that each build their own cache compare it
+
         def write(tokens: np.ndarray) -> None:
-            out.write((tokens[0] if out_bytes is not None else tokens).astype(dtype).tobytes())
+            stream = (tokens[0] if out_bytes is not None else tokens).astype(dtype).tobytes()
+            out.write(stream)
+            digest.update(stream)
             if out_bytes is not None:
                 out_bytes.write(tokens[1].astype(np.uint32).tobytes())
 
@@ -193,7 +198,8 @@ def _write_split(config: DataConfig, tokenizer: Any, split: str, folder: Path, d
             bar.update(1)
     np.save(folder / f"{split}.documents.npy",
             np.concatenate(ends) if ends else np.empty(0, dtype=np.int64))
-    return {"tokens": n_tokens, "documents": int(sum(len(e) for e in ends))}
+    return {"tokens": n_tokens, "documents": int(sum(len(e) for e in ends)),
+            "sha256": digest.hexdigest()}
 
 
 def _splits(config: DataConfig) -> list[str]:
