@@ -40,3 +40,12 @@ class RunStopped(BaseException):
         self.phase = phase
         self.advice = advice
         """What the user should do next, when it is not `--resume` (the run had finished)."""
+
+
+def one_line(exc: BaseException) -> str:
+    """An HftrainError's own line; for anything else `Type: first line of its message` (what a
+    damaged or planted file, or a failure on another process, raised)."""
+    if isinstance(exc, HftrainError):
+        return str(exc)
+    text = str(exc)
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"

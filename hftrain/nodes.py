@@ -2,16 +2,18 @@
 
 Only the main process (global rank 0) renames a finished checkpoint folder, prunes old ones
 and writes the manifest; every other process writes its own files into the same folders (its
-RNG state, its loop state, its DCP shards). On node-local disks the other nodes' files land in
-folders rank 0 never sees: their checkpoints never complete and a resume fails. Rather than
-find that out at the first checkpoint (or the first resume), every process checks at start
-that it sees a file the main process has just written in `run.output_dir`, and the run is
-refused in one line if one does not.
+RNG state, its tensors of the run's state, its DCP shards). On node-local disks the other
+nodes' files land in folders rank 0 never sees: their checkpoints never complete and a resume
+fails. Rather than find that out at the first checkpoint (or the first resume), every process
+checks at start that it sees a file the main process has just written in `run.output_dir`,
+and the run is refused in one line if one does not.
 
 The token cache may live on node-local disks (fast local NVMe is where it belongs): it is
-built once per filesystem, by the lowest-ranked node-main process that sees it, while the
-others wait; then the builders' caches are compared token for token (by their SHA-256) so
-that nodes holding different copies of the data are refused instead of training on them.
+built once per filesystem, by the lowest-ranked node-main process that sees it, while every
+other process waits (for the slowest node's build); then the builders' caches are compared
+token for token (by their SHA-256), so that nodes holding different copies of the data are
+refused instead of training on them. Checks that read each node's own disk run on every
+process and are refused together (`on_every_process`), so no node is left waiting.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import json
 import secrets
 import socket
+import traceback
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -26,8 +29,11 @@ from typing import Any
 
 import torch
 
-from hftrain.errors import HftrainError
+from hftrain.errors import HftrainError, one_line
 from hftrain.launch import refuse
+
+PROBE_PREFIX = ".hftrain-shared-"
+"""The probe files' names: a probe a killed process left behind is no one's data."""
 
 
 def check_same_recipe(accelerator: Any, recipe: dict[str, Any]) -> None:
@@ -107,8 +113,8 @@ def builds_token_cache(accelerator: Any, cache: Path) -> bool:
 
     node_main = accelerator.local_process_index == 0
     probe = _write_probes({"data.cache": cache})["data.cache"] if node_main else None
-    probes = gather_object([(accelerator.process_index, probe)])
     try:
+        probes = gather_object([(accelerator.process_index, probe)])
         if not node_main:
             return False
         if probe[0] is None:  # not writable: its own build fails with the reason
@@ -137,10 +143,12 @@ def build_once_per_filesystem(accelerator: Any, builds: bool, build: Callable[[]
     if builds:
         try:
             outcome = (outcome[0], None, build())
-        except HftrainError as exc:
+        except Exception as exc:  # noqa: BLE001 - the others would wait 24 h for this one
             if accelerator.num_processes == 1:
                 raise
-            outcome = (outcome[0], str(exc), None)
+            if not isinstance(exc, HftrainError):  # a bug: its traceback here, one line there
+                traceback.print_exc()
+            outcome = (outcome[0], one_line(exc), None)
     if accelerator.num_processes == 1:
         return
     group = torch.distributed.new_group(backend="gloo", timeout=LONG_WORK_TIMEOUT)
@@ -155,17 +163,42 @@ def build_once_per_filesystem(accelerator: Any, builds: bool, build: Callable[[]
 def _refuse_failed_or_different_builds(accelerator: Any, every: list[Any]) -> None:
     built = [(rank, host, error, result) for rank, (builds, host, error, result)
              in enumerate(every) if builds]
-    failed = [(rank, host, error) for rank, host, error, _ in built if error is not None]
-    if failed:
-        rank, host, error = failed[0]
-        refuse(error if rank == 0 else f"on {host} (rank {rank}): {error}",
-               accelerator.is_main_process)
-    results = {json.dumps(result, sort_keys=True): (rank, host)
-               for rank, host, _, result in built}
+    _refuse_first_error(accelerator, [(host, error) for _, host, error, _ in every])
+    results: dict[str, tuple[int, str]] = {}
+    for rank, host, _, result in built:  # the lowest rank of each copy
+        results.setdefault(json.dumps(result, sort_keys=True), (rank, host))
     if len(results) > 1:
         where = ", ".join(f"{host} (rank {rank})" for rank, host in results.values())
         refuse(f"data.cache: the token caches built on {where} differ, so the nodes hold "
                "different copies of the data; give every node the same data files",
+               accelerator.is_main_process)
+
+
+def on_every_process(accelerator: Any, work: Callable[[], Any]) -> Any:
+    """`work()` on every process, for checks that read each node's own disk (a data file, the
+    token cache): when it refuses on some processes only, the others would go on into the
+    next collective and hang there. Every process learns whether any refused, and rank 0
+    says the first refusal in one line (naming the host and rank when it was not its own)."""
+    if accelerator.num_processes == 1:
+        return work()
+    from accelerate.utils import gather_object
+
+    result, error = None, None
+    try:
+        result = work()
+    except HftrainError as exc:
+        error = str(exc)
+    _refuse_first_error(accelerator, gather_object([(socket.gethostname(), error)]))
+    return result
+
+
+def _refuse_first_error(accelerator: Any, errors: list[tuple[str, str | None]]) -> None:
+    """Refuse on every process when some process's entry (`(host, error)` by rank) holds one."""
+    failed = [(rank, host, error) for rank, (host, error) in enumerate(errors)
+              if error is not None]
+    if failed:
+        rank, host, error = failed[0]
+        refuse(error if rank == 0 else f"on {host} (rank {rank}): {error}",
                accelerator.is_main_process)
 
 
@@ -176,7 +209,7 @@ def _write_probes(folders: dict[str, Path]) -> dict[str, tuple[str | None, str]]
     probes: dict[str, tuple[str | None, str]] = {}
     for key, folder in folders.items():
         token = secrets.token_hex(16)
-        name = f".hftrain-shared-{token}"
+        name = f"{PROBE_PREFIX}{token}"
         try:
             (existing_ancestor(folder) / name).write_text(token, encoding="utf-8")
         except OSError:

@@ -304,6 +304,28 @@ def test_cached_validation_scores_what_streamed_validation_scores(tmp_path, corp
     assert abs(scored - len(held_out)) <= 3  # the cut lands on a character boundary
 
 
+def test_nodes_compare_caches_by_their_tokens_whenever_they_were_built(tmp_path, corpus_file,
+                                                                     tok):
+    """Nodes that each build a cache compare `split_digests`: the SHA-256 of each split's
+    tokens, recorded when built, or hashed now for a cache built before the record held it."""
+    from hftrain.data.cache import CACHE_RECORD, split_digests
+
+    fresh = prepare(cache_config(corpus_file, tmp_path / "fresh"), tok, show_progress=False)
+    old = prepare(cache_config(corpus_file, tmp_path / "old"), tok, show_progress=False)
+    record = json.loads((old / CACHE_RECORD).read_text())
+    for entry in record["splits"].values():
+        del entry["sha256"]
+    (old / CACHE_RECORD).write_text(json.dumps(record))
+    assert split_digests(old) == split_digests(fresh)
+    assert set(split_digests(fresh)) == {"train", "val"}
+    lines = corpus_file.read_text(encoding="utf-8").splitlines(keepends=True)
+    other = "".join(reversed(lines))  # the same characters, another order
+    (tmp_path / "other.txt").write_text(other, encoding="utf-8")
+    changed = prepare(cache_config(tmp_path / "other.txt", tmp_path / "changed"), tok,
+                      show_progress=False)
+    assert split_digests(changed)["train"]["sha256"] != split_digests(fresh)["train"]["sha256"]
+
+
 def test_the_cache_never_writes_over_a_folder_hftrain_did_not_make(tmp_path, corpus_file, tok):
     folder = tmp_path / "mine"
     folder.mkdir()

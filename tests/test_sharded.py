@@ -336,7 +336,7 @@ def test_two_nodes_on_a_shared_folder_equal_one_node_with_two_processes(fsdp_gpt
     assert_same_run(tmp / "whole", tmp / "two_nodes", tolerance=1e-5)
     step_folder = complete_checkpoints(tmp / "two_nodes")[-1]
     for rank in range(2):  # both nodes' files are in the checkpoint and its manifest
-        assert f"rank{rank}_loop_state.safetensors" in manifest_names(step_folder)
+        assert f"rank{rank}_state.safetensors" in manifest_names(step_folder)
         assert f"pytorch_model_fsdp_0/__{rank}_0.distcp" in manifest_names(step_folder)
 
 
@@ -408,6 +408,29 @@ def test_nodes_whose_data_files_differ_are_refused_in_one_line(tmp_path, corpus_
     assert len(errors) == 1, done[0].stderr[-3000:]
     assert "the token caches built on" in errors[0] and "(rank 1) differ" in errors[0]
     assert not (tmp_path / "different").exists()  # nothing of the run written
+
+
+@pytest.mark.parametrize("fault", ["foreign_cache", "missing_data"])
+def test_a_refusal_on_one_node_only_is_one_line_and_stops_every_node(fault, tmp_path,
+                                                                     corpus_file):
+    """Node 1's own disk is wrong (its cache folder holds someone's files; its copy of the
+    data is missing): node 0 does not wait for it in a collective, rank 0 says why."""
+    data, nodes = cache_nodes(tmp_path, corpus_file, node1_text="")
+    if fault == "foreign_cache":
+        (nodes[1] / "cache" / "tokens").mkdir(parents=True)
+        (nodes[1] / "cache" / "tokens" / "notes.txt").write_text("mine")
+    else:
+        (nodes[1] / "train.txt").unlink()
+    done = agents(tmp_path, fault, data, nodes)
+    assert all(agent.returncode != 0 for agent in done)
+    errors = [line for agent in done for line in agent.stderr.splitlines()
+              if line.startswith("hftrain: error:")]
+    assert len(errors) == 1, done[0].stderr[-3000:]
+    assert f"on {socket.gethostname()} (rank 1): " in errors[0]
+    assert ("did not write" if fault == "foreign_cache" else "train.txt") in errors[0]
+    assert not (tmp_path / fault).exists()
+    if fault == "foreign_cache":
+        assert (nodes[1] / "cache" / "tokens" / "notes.txt").read_text() == "mine"
 
 
 def test_the_sharded_step_benchmark_runs_in_seconds():

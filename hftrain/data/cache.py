@@ -23,7 +23,7 @@ import hashlib
 import json
 import sys
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from hftrain.atomic import atomic_directory, write_error_reason
+from hftrain.atomic import atomic_directory, atomic_write_text, write_error_reason
 from hftrain.data.loader import (
     PieceTokenizer,
     UndoableSteps,
@@ -43,6 +43,7 @@ from hftrain.data.packing import collate
 from hftrain.data.sources import SplitPieces
 from hftrain.errors import DataError, HftrainError
 from hftrain.framing import Framing
+from hftrain.nodes import PROBE_PREFIX
 from hftrain.recipe import DataConfig
 
 CACHE_RECORD = "hftrain_cache.json"
@@ -124,15 +125,20 @@ def _refuse_foreign(folder: Path, record: dict[str, Any] | None) -> None:
     under_file = next((p for p in folder.parents if p.exists() and not p.is_dir()), None)
     if under_file is not None:
         raise DataError(f"data.cache {folder} is under {under_file}, which is a file")
-    if folder.exists() and record is None and any(folder.iterdir()):
+    if folder.exists() and record is None and any(_not_probes(folder)):
         raise DataError(f"data.cache {folder} is a folder hftrain did not write (it has no "
                         f"{CACHE_RECORD}); point data.cache at a new or empty folder")
+
+
+def _not_probes(folder: Path) -> list[Path]:
+    """The folder's entries but the probe files a killed run of several nodes left behind."""
+    return [p for p in folder.iterdir() if not p.name.startswith(PROBE_PREFIX)]
 
 
 def _check_and_build(config: DataConfig, tokenizer: Any, folder: Path, wanted: dict[str, Any],
                      record: dict[str, Any] | None, show_progress: bool) -> None:
     _refuse_foreign(folder, record)
-    foreign = sorted(p.name for p in folder.iterdir() if p.name not in CACHE_FILES) \
+    foreign = sorted(p.name for p in _not_probes(folder) if p.name not in CACHE_FILES) \
         if folder.is_dir() else []
     if foreign:  # a rebuild replaces the folder: never with files hftrain did not write
         raise DataError(f"data.cache {folder} must be rebuilt (its data, settings or tokenizer "
@@ -141,6 +147,29 @@ def _check_and_build(config: DataConfig, tokenizer: Any, folder: Path, wanted: d
         print(f"hftrain: {folder} was tokenized from other files, settings or tokenizer: "
               "rebuilding it", file=sys.stderr)
     _build(config, tokenizer, folder, wanted, show_progress)
+
+
+def split_digests(folder: Path) -> dict[str, Any]:
+    """Each split's token and document counts and the SHA-256 of its tokens: what nodes that
+    each built their own cache compare. A cache built before its record held the digest is
+    hashed now."""
+    record = read_record(folder) or {}
+    splits = record.get("splits") or {}
+    missing = [split for split, entry in splits.items() if "sha256" not in entry]
+    for split in missing:
+        digest = hashlib.sha256()
+        try:
+            with (folder / f"{split}.bin").open("rb") as f:
+                while chunk := f.read(1 << 22):
+                    digest.update(chunk)
+        except OSError as exc:
+            raise HftrainError(f"cannot read the token cache {folder / f'{split}.bin'} "
+                               f"({write_error_reason(exc)})") from None
+        splits[split]["sha256"] = digest.hexdigest()
+    if missing:  # hashed once: kept in the record if the folder can be written
+        with suppress(OSError):
+            atomic_write_text(folder / CACHE_RECORD, json.dumps(record, indent=2))
+    return splits
 
 
 def read_record(folder: Path) -> dict[str, Any] | None:
