@@ -27,7 +27,7 @@ def hftrain_loop(recipe, model, streams) -> TrainingLoop:
     scheduler = build_scheduler(optimizer, recipe.train)
     model, optimizer = accelerator.prepare(model, optimizer)
     return TrainingLoop(recipe, accelerator, model, optimizer, scheduler, streams,
-                        MetricsLog(None, enabled=False), byte_lengths=None)
+                        MetricsLog(None, enabled=False))
 
 
 def paired_steps(sides: dict[str, Callable[[], None]], steps: int, warmup: int,

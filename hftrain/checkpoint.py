@@ -1,21 +1,23 @@
-"""Checkpoints: weights, optimizer and RNG through Accelerate, everything else as JSON and
-safetensors; written atomically, checked on load, the last K kept.
+"""Checkpoints: the run's whole resumable state as one object of parts (`Checkpointer`), written
+atomically, checked on load, the last K kept.
 
 A checkpoint is `<run>/checkpoints/step-00000120/`:
 
-- what `accelerator.save_state` writes: the weights (safetensors), the optimizer and every
-  process's RNG states. Accelerate reads the last two back with `torch.load(weights_only=True)`,
-  which refuses to run code hidden in a pickle. hftrain registers nothing with
-  `register_for_checkpointing`: Accelerate loads such objects with `weights_only=False`.
-  Under FSDP the weights and the optimizer are torch distributed-checkpoint folders
-  (`pytorch_model_fsdp_0/`, `optimizer_0/`: each rank's shards and a `.metadata`), which
-  `unsafe_distributed_checkpoint` reads with a restricted unpickler before Accelerate does.
-- `scheduler.json`: the learning-rate schedule's position.
-- `rank{N}_loop_state.safetensors`: tensors the loop carries (the recurrent state, the loss of
-  the current log window).
-- `hftrain_state.json`, written last: the loop's counters, what defines the run's trajectory
-  (see `hftrain.resume`), and a manifest of every other file, nested ones included, with
-  its size and SHA-256.
+- Accelerate's part, what `accelerator.save_state` writes: the weights (safetensors), the
+  optimizer and every process's RNG states. Accelerate reads the last two back with
+  `torch.load(weights_only=True)`, which refuses to run code hidden in a pickle. hftrain
+  registers nothing with `register_for_checkpointing`: Accelerate loads such objects with
+  `weights_only=False`. Under FSDP the weights and the optimizer are torch distributed-
+  checkpoint folders (`pytorch_model_fsdp_0/`, `optimizer_0/`: each rank's shards and a
+  `.metadata`), which `unsafe_distributed_checkpoint` reads with a restricted unpickler before
+  Accelerate does; DeepSpeed's files are read with `weights_only` first.
+- `rank{N}_state.safetensors`: the tensors of every other part on process N (the loss of the
+  current log window, the recurrent state, the data position), as `part/key`.
+- `hftrain_state.json`, written last: the step, the number of processes, what defines the
+  run's trajectory (see `hftrain.resume`), every part's plain values (`parts`: the schedule,
+  the loop's counters, how many metrics.jsonl records belong to the run, the data files'
+  fingerprints) and a manifest of every other file, nested ones included, with its size and
+  SHA-256.
 
 The folder is written under a temporary name and renamed only when complete, so a crash while
 saving never leaves a half checkpoint where `newest_intact_checkpoint` would look, and never
@@ -23,9 +25,10 @@ touches the previous one. On resume the manifest is checked before anything is l
 truncated, missing, altered or unreadable file (or one reached through a link) marks the
 checkpoint damaged, and the newest intact one before it is used instead.
 
-The data position is stored, not replayed: each rank's loop-state file holds its stream's
-position (`TrainState`), so a resume reads at most one piece per process however late the
-step. A token-cache run saved on N processes may be loaded on M (`_regrouped_loop_tensors`).
+The data position is stored, not replayed, so a resume reads at most one piece per process
+however late the step. A token-cache run saved on N processes may be loaded on M (each
+part's `merge_ranks`). Checkpoints written before the parts layout (counters at the top of the
+state file, `scheduler.json`, `rank{N}_loop_state.safetensors`) are read as parts too.
 """
 
 from __future__ import annotations
@@ -46,11 +49,14 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
 from hftrain.atomic import WRITE_ERRORS, replace_directory, write_error_reason
-from hftrain.errors import HftrainError
+from hftrain.errors import HftrainError, one_line
 
 STATE_FILE = "hftrain_state.json"
+RANK_TENSORS = "state.safetensors"
 SCHEDULER_FILE = "scheduler.json"
-LOOP_TENSORS = "loop_state.safetensors"
+"""Before the parts layout: the schedule's state (now `parts.scheduler` in the state file)."""
+LEGACY_LOOP_TENSORS = "loop_state.safetensors"
+"""Before the parts layout: each rank's tensors, unprefixed (now `rank{N}_state.safetensors`)."""
 _NAME = re.compile(r"^step-(\d{8})$")
 _STALE = re.compile(r"^\.step-\d{8}\.(tmp|old)$")
 
@@ -88,13 +94,34 @@ def newest_intact_checkpoint(run_dir: Path) -> Path | None:
     return None
 
 
-def read_state(path: Path) -> dict[str, Any]:
+def read_raw_state(path: Path) -> dict[str, Any]:
     return json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
 
 
-STATE_FIELDS = ("step", "tokens_seen", "micro_batches", "skipped_steps", "window_steps",
-                "window_tokens", "metrics_lines")
-"""The loop counters every state file holds, each an integer >= 0."""
+def read_state(path: Path, with_schedule: bool = True) -> dict[str, Any]:
+    """A checkpoint's state file in the parts layout (`step`, `processes`, `trajectory`,
+    `parts`, `files`), whichever version of hftrain wrote it. `with_schedule=False`: an
+    older checkpoint's `scheduler.json` is not read (`damage` checks it as a listed file)."""
+    return _in_parts_layout(path, read_raw_state(path), with_schedule)
+
+
+def _in_parts_layout(path: Path, state: Any, with_schedule: bool) -> Any:
+    if not isinstance(state, dict) or "parts" in state:
+        return state
+    # before the parts layout: the loop's counters at the top, the schedule in scheduler.json
+    schedule = json.loads((path / SCHEDULER_FILE).read_text(encoding="utf-8")) \
+        if with_schedule else {}
+    parts = {"loop": {k: state[k] for k in COUNTERS if k in state},
+             "metrics": {"lines": state.get("metrics_lines")},
+             "data_files": {"files": state.get("data_files") or {}}, "scheduler": schedule}
+    files = state.get("files") if isinstance(state.get("files"), dict) else {}
+    trajectory = state.get("trajectory") if isinstance(state.get("trajectory"), dict) else {}
+    listed = sum(1 for name in files if name.endswith(f"_{LEGACY_LOOP_TENSORS}"))
+    return {**state, "processes": trajectory.get("processes", listed), "parts": parts}
+
+
+COUNTERS = ("step", "tokens_seen", "micro_batches", "skipped_steps", "window_tokens")
+"""The loop counters every state file holds (`parts.loop`), each an integer >= 0."""
 
 
 def state_digest(state: dict[str, Any]) -> str:
@@ -108,23 +135,16 @@ def damage(path: Path) -> str | None:
     file parses, matches its own digest and the folder's step, and every file it lists has
     the size and SHA-256 it was written with."""
     try:
-        state = read_state(path)
+        raw = read_raw_state(path)
     except (OSError, ValueError) as exc:
         return f"{STATE_FILE} is unreadable ({type(exc).__name__})"
-    if not isinstance(state, dict) or state.get("state_sha256") != state_digest(state):
+    if not isinstance(raw, dict) or raw.get("state_sha256") != state_digest(raw):
         return f"{STATE_FILE} was altered after it was written"
-    files = state.get("files")
-    counters_ok = all(type(state.get(k)) is int and state[k] >= 0 for k in STATE_FIELDS)
-    if not counters_ok or not isinstance(files, dict) or not files \
-            or not isinstance(state.get("trajectory"), dict) or not state["trajectory"]:
-        return f"{STATE_FILE} lacks the counters, trajectory or file list a checkpoint holds"
-    if path.name != f"step-{state['step']:08d}":
-        return f"it holds step {state['step']}, not the step its name says"
-    accumulation = state["trajectory"].get("train.grad_accum_steps")
-    if type(accumulation) is not int or state["micro_batches"] != state["step"] * accumulation:
-        return "its data position does not match its step"
-    if not all(isinstance(e, dict) and type(e.get("size")) is int for e in files.values()):
-        return f"{STATE_FILE} lists its files without their sizes and digests"
+    state = _in_parts_layout(path, raw, with_schedule=False)
+    problem = _inconsistent(state, path.name)
+    if problem:
+        return problem
+    files = state["files"]
     if not all(_inside(name) for name in files):
         return f"{STATE_FILE} lists a file outside the checkpoint folder"
     for name, expected in files.items():
@@ -143,10 +163,33 @@ def damage(path: Path) -> str | None:
             or unreadable_random_states(path))
 
 
-def _one_line(exc: Exception) -> str:
-    """`Type: first line of the message`: what a damaged or planted file raised, in one line."""
-    text = str(exc)
-    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+def _inconsistent(state: dict[str, Any], name: str) -> str | None:
+    """What in a (digest-checked) state file contradicts itself or its folder's name."""
+    parts, files = state.get("parts"), state.get("files")
+    parts = parts if isinstance(parts, dict) else {}
+    loop, metrics = parts.get("loop"), parts.get("metrics")
+    counters_ok = isinstance(loop, dict) and all(
+        type(loop.get(k)) is int and loop[k] >= 0 for k in COUNTERS) \
+        and isinstance(metrics, dict) and type(metrics.get("lines")) is int \
+        and metrics["lines"] >= 0
+    if not counters_ok or not isinstance(files, dict) or not files \
+            or not all(isinstance(parts.get(k), dict) for k in ("scheduler", "data_files")) \
+            or not isinstance(state.get("trajectory"), dict) or not state["trajectory"]:
+        return f"{STATE_FILE} lacks the counters, trajectory or file list a checkpoint holds"
+    processes = state.get("processes")
+    if type(processes) is not int or processes < 1 \
+            or processes != state["trajectory"].get("processes", processes) \
+            or not all(rank_tensors_file(r) in files or f"rank{r}_{LEGACY_LOOP_TENSORS}" in files
+                       for r in range(processes)):
+        return "its number of processes does not match its files"
+    if name != f"step-{loop['step']:08d}" or state.get("step") != loop["step"]:
+        return f"it holds step {loop['step']}, not the step its name says"
+    accumulation = state["trajectory"].get("train.grad_accum_steps")
+    if type(accumulation) is not int or loop["micro_batches"] != loop["step"] * accumulation:
+        return "its data position does not match its step"
+    if not all(isinstance(e, dict) and type(e.get("size")) is int for e in files.values()):
+        return f"{STATE_FILE} lists its files without their sizes and digests"
+    return None
 
 
 def _prefixes(name: str) -> list[str]:
@@ -167,7 +210,7 @@ def unreadable_random_states(path: Path) -> str | None:
             accelerate_load(file)
         except Exception as exc:  # noqa: BLE001 - whatever a planted file raises: one line
             return (f"{file.name} does not load as random states "
-                    f"({_one_line(exc)})")
+                    f"({one_line(exc)})")
     return None
 
 
@@ -206,7 +249,7 @@ def unsafe_distributed_checkpoint(path: Path, listed: set[str]) -> str | None:
             _check_storage(metadata_file.parent, folder, metadata, listed)
         except Exception as exc:  # noqa: BLE001 - whatever a planted file raises: one line
             return f"{folder.as_posix()} is not a distributed checkpoint hftrain can read safely " \
-                   f"({_one_line(exc)})"
+                   f"({one_line(exc)})"
     return None
 
 
@@ -244,7 +287,7 @@ def unsafe_deepspeed_files(path: Path) -> str | None:
                 torch.load(file, weights_only=True, map_location="cpu", mmap=True)
         except Exception as exc:  # noqa: BLE001 - whatever a planted file raises: one line
             return (f"{file.relative_to(path).as_posix()} cannot be read safely "
-                    f"({_one_line(exc)})")
+                    f"({one_line(exc)})")
     return None
 
 
@@ -330,46 +373,128 @@ def _sha256_all(paths: list[Path]) -> dict[Path, str]:
         return dict(zip(paths, pool.map(_sha256, paths), strict=True))
 
 
-def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: dict[str, Any],
-                    scheduler: Any, tensors: dict[str, torch.Tensor], keep: int,
-                    previous: Path | None = None) -> Path:
-    """Write a checkpoint for `state["step"]` on every process; keep the newest `keep`.
-
-    A write that fails (a full disk, say) removes its temporary folder and raises
-    CheckpointError naming `previous` (the run's last good checkpoint), which is untouched.
+class Checkpointer:
+    """Saves and restores a run's whole resumable state as one object (torchtitan's
+    `CheckpointManager(states=...)`, litgpt's `state` dict): Accelerate's part (the model and
+    optimizer, in the format FSDP and DeepSpeed shard them, and every process's RNG states,
+    through `save_state`) and named Stateful parts (`state_dict()` / `load_state_dict()`: the
+    schedule, the loop's counters, the data position, the metrics position). Each part's
+    state dict is split by value: tensors go to this process's `rank{N}_state.safetensors`
+    (as `part/key`), everything else, which must be JSON and the same on every process, to
+    the state file rank 0 writes. A part that defines `merge_ranks(saved, rank)` may be
+    loaded on another number of processes than saved it; the others then get rank 0's
+    tensors (`resume.plan_run` lets only token-cache runs change the number).
     """
-    root = checkpoints_root(run_dir)
-    target = root / f"step-{state['step']:08d}"
-    tmp = root / f".{target.name}.tmp"
-    try:
-        if accelerator.is_main_process:
+
+    def __init__(self, accelerator: Accelerator, run_dir: Path, parts: dict[str, Any]) -> None:
+        self.accelerator, self.run_dir, self.parts = accelerator, run_dir, parts
+
+    def save(self, step: int, trajectory: dict[str, Any], keep: int,
+             previous: Path | None = None) -> Path:
+        """Write the checkpoint of `step` on every process; keep the newest `keep`.
+
+        A write that fails (a full disk, say) removes its temporary folder and raises
+        CheckpointError naming `previous` (the run's last good checkpoint), which is untouched.
+        """
+        acc, root = self.accelerator, checkpoints_root(self.run_dir)
+        target = root / f"step-{step:08d}"
+        tmp = root / f".{target.name}.tmp"
+        values, tensors = self._split()
+        try:
+            if acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            acc.wait_for_everyone()
+            acc.save_state(str(tmp))
+            save_file({k: v.contiguous().cpu() for k, v in tensors.items()},
+                      tmp / rank_tensors_file(acc.process_index))
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                _write_state_file(tmp, {"step": step, "processes": acc.num_processes,
+                                        "trajectory": trajectory, "parts": values})
+                replace_directory(target, tmp)  # the same step saved again replaces it
+        except WRITE_ERRORS as exc:  # a full disk, a read-only folder
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()},
-                  tmp / f"rank{accelerator.process_index}_{LOOP_TENSORS}")
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            (tmp / SCHEDULER_FILE).write_text(json.dumps(scheduler.state_dict()),
-                                              encoding="utf-8")
-            paths = [tmp / name for name in manifest_names(tmp)]
-            digests = _sha256_all(paths)
-            files = {p.relative_to(tmp).as_posix(): {"size": p.stat().st_size,
-                                                     "sha256": digests[p]} for p in paths}
-            record = {**state, "files": files}
-            record["state_sha256"] = state_digest(record)
-            (tmp / STATE_FILE).write_text(json.dumps(record, indent=2), encoding="utf-8")
-            replace_directory(target, tmp)  # the same step saved again replaces it
-    except WRITE_ERRORS as exc:  # a full disk, a read-only folder
-        shutil.rmtree(tmp, ignore_errors=True)
-        kept = f"{previous} is intact" if previous else "there is no earlier checkpoint"
-        raise CheckpointError(f"could not write checkpoint {target} "
-                              f"({write_error_reason(exc)}); {kept}") from None
-    if accelerator.is_main_process:
-        _prune(target, keep)
-    accelerator.wait_for_everyone()
-    return target
+            kept = f"{previous} is intact" if previous else "there is no earlier checkpoint"
+            raise CheckpointError(f"could not write checkpoint {target} "
+                                  f"({write_error_reason(exc)}); {kept}") from None
+        if acc.is_main_process:
+            _prune(target, keep)
+        acc.wait_for_everyone()
+        return target
+
+    def _split(self) -> tuple[dict[str, dict[str, Any]], dict[str, torch.Tensor]]:
+        """Every part's state dict as (JSON values by part, tensors as `part/key`)."""
+        values: dict[str, dict[str, Any]] = {}
+        tensors: dict[str, torch.Tensor] = {}
+        for name, part in self.parts.items():
+            values[name] = {}
+            for key, value in part.state_dict().items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"{name}/{key}"] = value
+                else:
+                    values[name][key] = value
+        return values, tensors
+
+    def load(self, path: Path) -> dict[str, Any]:
+        """Restore every part from `path` (checked with `damage` first); returns its state
+        file (normalised by `read_state`)."""
+        acc, state = self.accelerator, read_state(path)
+        try:
+            acc.load_state(str(path))
+            tensors = self._rank_tensors(path, state["processes"])
+            for name, part in self.parts.items():
+                prefix = f"{name}/"
+                mine = {k[len(prefix):]: v.to(acc.device) for k, v in tensors.items()
+                        if k.startswith(prefix)}
+                part.load_state_dict({**state["parts"].get(name, {}), **mine})
+        except CheckpointError as exc:
+            raise CheckpointError(f"{path}: {exc}") from None
+        except HftrainError:  # the data or metrics.jsonl as they are now: not the checkpoint
+            raise
+        except Exception as exc:  # noqa: BLE001 - anything a damaged file raises: one line
+            raise CheckpointError(f"cannot load checkpoint {path}: {one_line(exc)}") from None
+        return state
+
+    def _rank_tensors(self, path: Path, saved_processes: int) -> dict[str, torch.Tensor]:
+        """This process's tensors; from another number of processes, each part's
+        `merge_ranks` of every saved rank's (or rank 0's)."""
+        rank = self.accelerator.process_index
+        if saved_processes == self.accelerator.num_processes:
+            return _load_rank_tensors(path, rank)
+        saved = [_load_rank_tensors(path, r) for r in range(saved_processes)]
+        merged = dict(saved[0])
+        for name, part in self.parts.items():
+            if hasattr(part, "merge_ranks"):
+                prefix = f"{name}/"
+                each = [{k[len(prefix):]: v for k, v in s.items() if k.startswith(prefix)}
+                        for s in saved]
+                merged.update({prefix + k: v for k, v in part.merge_ranks(each, rank).items()})
+        return merged
+
+
+def rank_tensors_file(rank: int) -> str:
+    return f"rank{rank}_{RANK_TENSORS}"
+
+
+def _write_state_file(folder: Path, state: dict[str, Any]) -> None:
+    """The state file, written last: `state`, a manifest of every other file in `folder`
+    (nested ones included) with its size and SHA-256, and the digest of it all."""
+    paths = [folder / name for name in manifest_names(folder)]
+    digests = _sha256_all(paths)
+    files = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size,
+                                                "sha256": digests[p]} for p in paths}
+    record = {**state, "files": files}
+    record["state_sha256"] = state_digest(record)
+    (folder / STATE_FILE).write_text(json.dumps(record, indent=2), encoding="utf-8")
+
+
+def _load_rank_tensors(path: Path, rank: int) -> dict[str, torch.Tensor]:
+    new = path / rank_tensors_file(rank)
+    if new.is_file() or not (path / f"rank{rank}_{LEGACY_LOOP_TENSORS}").is_file():
+        return load_file(new)
+    legacy = load_file(path / f"rank{rank}_{LEGACY_LOOP_TENSORS}")  # before the parts layout
+    return {("data/" if k.startswith("data.") else "loop/") + k: v for k, v in legacy.items()}
 
 
 def _prune(saved: Path, keep: int) -> None:
@@ -389,34 +514,3 @@ def _prune(saved: Path, keep: int) -> None:
         except OSError as exc:
             print(f"hftrain: warning: could not remove old checkpoint {old}: {exc.strerror}",
                   file=sys.stderr)
-
-
-def load_checkpoint(accelerator: Accelerator, path: Path,
-                    scheduler: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Restore Accelerate's state and the schedule from `path` (checked with `damage` first);
-    return the loop's state and its carried tensors."""
-    state = read_state(path)
-    saved_processes = state["trajectory"].get("processes", accelerator.num_processes)
-    try:
-        accelerator.load_state(str(path))
-        scheduler.load_state_dict(json.loads((path / SCHEDULER_FILE).read_text()))
-        if saved_processes == accelerator.num_processes:
-            tensors = load_file(path / f"rank{accelerator.process_index}_{LOOP_TENSORS}")
-        else:
-            tensors = _regrouped_loop_tensors(path, saved_processes, accelerator.process_index)
-    except Exception as exc:  # noqa: BLE001 - anything a damaged file raises: one line
-        raise CheckpointError(f"cannot load checkpoint {path}: {_one_line(exc)}") from None
-    return state, {name: t.to(accelerator.device) for name, t in tensors.items()}
-
-
-def _regrouped_loop_tensors(path: Path, saved_processes: int,
-                            rank: int) -> dict[str, torch.Tensor]:
-    """This rank's loop tensors from a checkpoint saved by another number of processes (a
-    token-cache run: `resume.plan_run` allows nothing else). Every saved rank holds the same
-    data position (the stream turns it into this rank's share) and window counts; the
-    window's loss is split over the ranks, so rank 0 takes its sum and the others none."""
-    saved = [load_file(path / f"rank{r}_{LOOP_TENSORS}") for r in range(saved_processes)]
-    tensors = dict(saved[0])
-    total = sum(t["window_loss"] for t in saved)
-    tensors["window_loss"] = total if rank == 0 else torch.zeros_like(total)
-    return tensors

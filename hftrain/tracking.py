@@ -43,6 +43,13 @@ class MetricsLog:
                 f.write(json.dumps(clean) + "\n")
         self.lines += 1
 
+    def state_dict(self) -> dict[str, int]:
+        return {"lines": self.lines}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Cut the file back to the records written up to the checkpoint."""
+        self.truncate(state["lines"])
+
     def truncate(self, n_records: int) -> None:
         """Keep the first `n_records` records, replacing the file atomically: a kill while
         this runs leaves the old file or the new one, never an empty or partial one."""

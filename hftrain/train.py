@@ -31,10 +31,9 @@ from transformers import GenerationConfig
 
 from hftrain.allocator import keep_freed_heap_memory
 from hftrain.atomic import WRITE_ERRORS, atomic_directory, write_error_reason
-from hftrain.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from hftrain.checkpoint import Checkpointer, CheckpointError
 from hftrain.data import IGNORE_INDEX, DataStreams
 from hftrain.data import cache as token_cache
-from hftrain.data_check import describe_change
 from hftrain.errors import (
     HftrainError,
     RecipeError,
@@ -64,6 +63,7 @@ from hftrain.nodes import (
     builds_token_cache,
     check_same_recipe,
     check_shared,
+    on_every_process,
 )
 from hftrain.optim import build_optimizer, build_scheduler
 from hftrain.recipe import Recipe, dump_recipe
@@ -97,7 +97,7 @@ from hftrain.tracking import (
     plot_losses,
     progress_bar,
 )
-from hftrain.train_state import TrainState
+from hftrain.train_state import DataFiles, TrainState
 
 
 @dataclass
@@ -197,21 +197,27 @@ def build_parts(recipe: Recipe, accelerator: Accelerator, recipe_path: Path | No
     """Tokenizer, data (one batch of each split pulled), model, optimizer, schedule and the
     generation settings: a bad file or setting fails here, with nothing written but the token
     cache (built where `builds_cache`)."""
-    tokenizer, built = prepare_tokenizer(recipe)
+    tokenizer, built = on_every_process(accelerator, lambda: prepare_tokenizer(recipe))
     if recipe.data.cache:  # tokenized once per filesystem, before any rank reads it
 
-        def prepare_cache() -> dict[str, Any]:
+        def prepare_cache() -> dict[str, Any] | None:
             folder = token_cache.prepare(recipe.data, tokenizer)
-            return (token_cache.read_record(folder) or {}).get("splits")
+            return token_cache.split_digests(folder) if accelerator.num_processes > 1 else None
 
         build_once_per_filesystem(accelerator, builds_cache, prepare_cache)
-    streams = DataStreams(recipe.data, tokenizer, seed=recipe.run.seed,
-                          stateful=recipe.train.stateful, rank=accelerator.process_index,
-                          world_size=accelerator.num_processes,
-                          pin_memory=accelerator.device.type == "cuda")
-    batches = streams.train_batches(recipe.train.batch_size)
-    first_batch = batches.peek()
-    streams.check_val(recipe.eval.batch_size)
+
+    def set_up_data() -> tuple[DataStreams, Any, dict[str, torch.Tensor]]:
+        streams = DataStreams(recipe.data, tokenizer, seed=recipe.run.seed,
+                              stateful=recipe.train.stateful, rank=accelerator.process_index,
+                              world_size=accelerator.num_processes,
+                              pin_memory=accelerator.device.type == "cuda")
+        batches = streams.train_batches(recipe.train.batch_size)
+        first_batch = batches.peek()
+        streams.check_val(recipe.eval.batch_size)
+        return streams, batches, first_batch
+
+    # each node reads its own disk (its copy of the data, its cache): a refusal on one node
+    streams, batches, first_batch = on_every_process(accelerator, set_up_data)  # stops all
     with naming_the_recipe(recipe_path), building_the_model(accelerator):
         model = build_model(recipe.model, tokenizer, recipe.data.block_size)
         if not is_sharded(accelerator):  # sharded: `prepare` puts each rank's shard there
@@ -256,7 +262,7 @@ def train(recipe: Recipe, recipe_path: Path | None = None) -> TrainResult:
     check_shared(accelerator, {"run.output_dir": run_dir})  # what rank 0 writes, all read
     builds_cache = False
     if recipe.data.cache:  # a stale cache is rebuilt in place: never over the data
-        check_cache_target(recipe, recipe_path)
+        on_every_process(accelerator, lambda: check_cache_target(recipe, recipe_path))
         builds_cache = builds_token_cache(accelerator, Path(recipe.data.cache))
     with RunLock(run_dir, enabled=accelerator.is_main_process) as lock:
 
@@ -440,6 +446,12 @@ class TrainingLoop:
         self.log = log
         self.run_dir = run_dir
         self.state = TrainState(batches, accelerator.device)
+        self.checkpointer = Checkpointer(accelerator, run_dir, {
+            "loop": self.state, "data": batches, "scheduler": scheduler, "metrics": log,
+            "data_files": DataFiles(streams.fingerprints if streams else {},
+                                  accelerator.is_main_process)})
+        """The run's resumable state, one object of parts (model, optimizer and RNG states
+        are Accelerate's, which the checkpointer saves through `save_state`)."""
         self.window_data_wait = 0.0  # seconds spent in `next(batches)`, for `data_wait`
         self.flops_per_token = flops_per_token(bare_model(accelerator, model),
                                                recipe.data.block_size)
@@ -598,47 +610,20 @@ class TrainingLoop:
         flag = torch.tensor(float(signum), device=self.accelerator.device)
         return bool(self.accelerator.reduce(flag, "max").item())
 
-    def state_dict(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        """The run's resumable position: the state's counters (with the run's trajectory,
-        which a resume must match, and how many metrics.jsonl records belong to the run so
-        far) and this rank's tensors (log window, recurrent state, data position)."""
-        counters, tensors = self.state.state_dict()
-        counters.update(
-            metrics_lines=self.log.lines,
-            trajectory=trajectory(self.recipe, launch_trajectory(self.accelerator)),
-            data_files={path: list(fp) for path, fp in self.streams.fingerprints.items()})
-        return counters, tensors
-
     def save_checkpoint(self, keep: int | None = None) -> Path:
-        counters, tensors = self.state_dict()
-        self.last_checkpoint = save_checkpoint(
-            self.accelerator, self.run_dir, counters, self.scheduler, tensors,
+        """Checkpoint every part of the run's state, with the trajectory a resume must match."""
+        self.last_checkpoint = self.checkpointer.save(
+            self.step, trajectory(self.recipe, launch_trajectory(self.accelerator)),
             keep or self.recipe.checkpoint.keep, previous=self.last_checkpoint)
         return self.last_checkpoint
 
     def resume(self, path: Path) -> None:
-        """Continue from a checkpoint: Accelerate's state (weights, optimizer, RNG), the
-        schedule, and the `TrainState` (counters, recurrent state, data position: the stream
-        continues at the saved position without reading what came before). Log records
-        written after it (by the run that died, or the final evaluation of a run being
-        continued) are dropped."""
-        counters, tensors = load_checkpoint(self.accelerator, path, self.scheduler)
-        self.state.load_state_dict(counters, tensors, str(path))
+        """Continue from a checkpoint: every part of the run's state as it was (the stream
+        continues at the saved position without reading what came before; log records
+        written after it, by the run that died or the final evaluation of a run being
+        continued, are dropped)."""
+        self.checkpointer.load(path)
         self.last_checkpoint = path
-        self.log.truncate(counters["metrics_lines"])
-        self._warn_changed_data(counters.get("data_files") or {})
-
-    def _warn_changed_data(self, saved: dict[str, list[int]]) -> None:
-        """A data file that changed since the checkpoint (a record fixed after the run stopped
-        on it, or a corpus edited by mistake) is read as it is now: say so, once."""
-        if not self.accelerator.is_main_process:
-            return
-        for path, then in saved.items():
-            now = self.streams.fingerprints.get(path)
-            how = describe_change(then, now) if now is not None else None
-            if how:
-                print(f"hftrain: warning: data file {path} changed since the checkpoint ({how});"
-                      " the resumed run reads it as it is now", file=sys.stderr)
 
     def optimizer_step(self, micro_batches: list[dict[str, torch.Tensor]]
                        ) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -1,7 +1,6 @@
-"""The run's resumable state besides Accelerate's (weights, optimizer, RNG) and the schedule:
-the loop's counters, the current log window, the recurrent state carried across windows and
-the training stream's position, saved and restored as one unit (litgpt's `state` dict,
-torchtitan's per-rank data loader state).
+"""The training loop's part of the run's resumable state (`checkpoint.Checkpointer`): its
+counters, the current log window and the recurrent state carried across windows; and
+`DataFiles`, the data files' fingerprints, which a resume compares with the files as they are.
 
 The log window's sums stay on the device between log lines (`window_loss`,
 `window_steps`, `window_skipped`): adding to them never waits for the device, and reading
@@ -10,21 +9,22 @@ them once per log line is the loop's only host-device synchronisation between ch
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
 
-from hftrain.checkpoint import CheckpointError
-
-COUNTERS = ("step", "tokens_seen", "micro_batches", "skipped_steps", "window_tokens")
+from hftrain.checkpoint import COUNTERS, CheckpointError
+from hftrain.data_check import describe_change
 
 
 class TrainState:
-    """Counters, log window, recurrent state and data position of one process."""
+    """Counters, log window and recurrent state of one process, and its training stream."""
 
     def __init__(self, data: Any, device: torch.device) -> None:
         self.data = data
-        """The training stream: `state_dict()` / `load_state_dict()` give its exact position."""
+        """The training stream (a checkpoint part of its own: `state_dict()` /
+        `load_state_dict()` give its exact position)."""
         self.step = 0
         self.tokens_seen = 0
         self.micro_batches = 0
@@ -67,27 +67,56 @@ class TrainState:
         self.window_tokens = 0
         return loss, steps, skipped, first_skipped
 
-    def state_dict(self) -> tuple[dict[str, int], dict[str, torch.Tensor]]:
-        """(counters for the JSON state file, tensors for this rank's safetensors file)."""
-        counters = {name: getattr(self, name) for name in COUNTERS}
-        counters["window_steps"] = int(self.window_steps.item())
-        tensors = {"window_loss": self.window_loss, "window_steps": self.window_steps,
-                   "window_skipped": self.window_skipped,
-                   "window_first_skipped": self.window_first_skipped, **self.data.state_dict()}
-        tensors.update({f"state_{i}": t for i, t in enumerate(self.recurrent or ())})
-        return counters, tensors
+    def state_dict(self) -> dict[str, Any]:
+        """Counters (plain integers: the run's) and tensors (this process's: the log window,
+        the recurrent state); the data position is a part of its own."""
+        state: dict[str, Any] = {name: getattr(self, name) for name in COUNTERS}
+        state.update(window_loss=self.window_loss, window_steps=self.window_steps,
+                     window_skipped=self.window_skipped,
+                     window_first_skipped=self.window_first_skipped)
+        state.update({f"state_{i}": t for i, t in enumerate(self.recurrent or ())})
+        return state
 
-    def load_state_dict(self, counters: dict[str, Any], tensors: dict[str, torch.Tensor],
-                        where: str) -> None:
-        if "data.position" not in tensors or "window_first_skipped" not in tensors:
-            raise CheckpointError(f"{where} was written by an older hftrain, which kept no data "
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "window_first_skipped" not in state:
+            raise CheckpointError("it was written by an older hftrain, which kept no data "
                                   "position; it cannot be resumed by this version")
         for name in COUNTERS:
-            setattr(self, name, counters[name])
-        self.window_loss = tensors["window_loss"]
-        self.window_steps = tensors["window_steps"]
-        self.window_skipped = tensors["window_skipped"]
-        self.window_first_skipped = tensors["window_first_skipped"]
-        self.data.load_state_dict({k: v for k, v in tensors.items() if k.startswith("data.")})
-        n_states = sum(1 for name in tensors if name.startswith("state_"))
-        self.recurrent = tuple(tensors[f"state_{i}"] for i in range(n_states)) or None
+            setattr(self, name, state[name])
+        self.window_loss = state["window_loss"]
+        self.window_steps = state["window_steps"]
+        self.window_skipped = state["window_skipped"]
+        self.window_first_skipped = state["window_first_skipped"]
+        n_states = sum(1 for name in state if name.startswith("state_"))
+        self.recurrent = tuple(state[f"state_{i}"] for i in range(n_states)) or None
+
+    @staticmethod
+    def merge_ranks(saved: list[dict[str, torch.Tensor]], rank: int) -> dict[str, torch.Tensor]:
+        """This rank's tensors from a checkpoint saved by another number of processes (a
+        token-cache run: `resume.plan_run` allows nothing else, and no recurrent state). The
+        window's counts are the same on every saved rank; its loss is split over them, so
+        rank 0 takes the sum and the others none."""
+        total = sum(tensors["window_loss"] for tensors in saved)
+        return {**saved[0], "window_loss": total if rank == 0 else torch.zeros_like(total)}
+
+
+class DataFiles:
+    """The data files' fingerprints (size, mtime) at the checkpoint: on resume, a file that
+    changed since (a record fixed after the run stopped on it, or a corpus edited by mistake)
+    is read as it is now, and the main process says so, once."""
+
+    def __init__(self, fingerprints: dict[str, Any], is_main_process: bool) -> None:
+        self.fingerprints, self.is_main_process = fingerprints, is_main_process
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"files": {path: list(fp) for path, fp in self.fingerprints.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not self.is_main_process:
+            return
+        for path, then in (state.get("files") or {}).items():
+            now = self.fingerprints.get(path)
+            how = describe_change(then, now) if now is not None else None
+            if how:
+                print(f"hftrain: warning: data file {path} changed since the checkpoint ({how});"
+                      " the resumed run reads it as it is now", file=sys.stderr)

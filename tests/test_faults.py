@@ -538,7 +538,8 @@ def test_folders_hftrain_did_not_write_never_push_out_real_checkpoints(finished,
         "step-00000030", "step-00000040", "step-00000098", "step-00000099"]
 
 
-@pytest.mark.parametrize("edit", ["digest", "step", "trajectory", "micro_batches", "renamed"])
+@pytest.mark.parametrize("edit", ["digest", "step", "trajectory", "micro_batches", "renamed",
+                                  "processes", "metrics_lines"])
 def test_an_edited_state_file_marks_the_checkpoint_damaged(edit, finished, capsys):
     """Edits caught by the state file's own digest, and (with the digest recomputed, as a
     careless tool might) by its consistency checks."""
@@ -546,13 +547,17 @@ def test_an_edited_state_file_marks_the_checkpoint_damaged(edit, finished, capsy
     newest = run_dir / "checkpoints" / "step-00000020"
     state = json.loads((newest / STATE_FILE).read_text())
     if edit == "digest":
-        state["tokens_seen"] += 1
+        state["parts"]["loop"]["tokens_seen"] += 1
     elif edit == "step":
-        state["step"] = 25
+        state["step"] = state["parts"]["loop"]["step"] = 25
     elif edit == "trajectory":
         del state["trajectory"]
     elif edit == "micro_batches":
-        state["micro_batches"] = 10**9  # a replay that would never end
+        state["parts"]["loop"]["micro_batches"] = 10**9  # a replay that would never end
+    elif edit == "processes":  # rank 1 would take rank 0's data position
+        state["processes"] = 2
+    elif edit == "metrics_lines":  # metrics.jsonl would be cut to nothing, or fail later
+        state["parts"]["metrics"]["lines"] = None
     if edit not in ("digest", "renamed"):
         state["state_sha256"] = state_digest(state)
     if edit == "renamed":  # a copy of step 20 named as step 40
