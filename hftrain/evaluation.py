@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from hftrain.data import IGNORE_INDEX, batched
 from hftrain.errors import HftrainError
 from hftrain.framing import Framing, token_bytes
+from hftrain.models.recurrent.modeling_recurrent import recurrent_cache
 
 METRIC_PATH = Path(__file__).parent / "metrics" / "perplexity"
 
@@ -85,8 +86,9 @@ def evaluate_lm(
         if batch.get("reset_state"):
             state = None
         with accelerator.autocast():
-            out = model(**model_inputs(batch, device), past_key_values=state, use_cache=stateful)
-        logits, state = out.logits, out.past_key_values if stateful else None
+            carried = {"cache": state, "use_cache": True} if stateful else {"use_cache": False}
+            out = model(**model_inputs(batch, device), **carried)
+        logits, state = out.logits, recurrent_cache(out) if stateful else None
         scored = labels != IGNORE_INDEX
         sums[0] += token_nll(logits, labels).sum(dtype=torch.float64)
         sums[1] += scored.sum()

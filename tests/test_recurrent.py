@@ -18,6 +18,7 @@ from conftest import tiny_recipe_dict
 from hftrain.data import IGNORE_INDEX, collate, lane_windows
 from hftrain.errors import RecipeError
 from hftrain.evaluation import evaluate_lm
+from hftrain.models.recurrent.modeling_recurrent import recurrent_cache
 from hftrain.models.rnn import RecurrentFields, build_recurrent
 from hftrain.recipe import TokenizerConfig, recipe_from_dict
 from hftrain.tokenizer import build_tokenizer
@@ -118,7 +119,7 @@ def test_state_is_the_cache(tokenizer, cell):
     with torch.no_grad():
         whole = model(ids).logits
         first = model(ids[:, :9])
-        second = model(ids[:, 9:], past_key_values=first.past_key_values)
+        second = model(ids[:, 9:], cache=recurrent_cache(first))
         assert torch.allclose(torch.cat([first.logits, second.logits], 1), whole, atol=1e-6)
         generated = model.generate(ids[:, :5], max_new_tokens=10, do_sample=False,
                                    pad_token_id=0)
@@ -127,6 +128,23 @@ def test_state_is_the_cache(tokenizer, cell):
             next_token = model(recomputed).logits[:, -1:].argmax(-1)
             recomputed = torch.cat([recomputed, next_token], 1)
     assert torch.equal(generated, recomputed)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_generate_feeds_one_token_per_forward_after_the_prompt(tokenizer, cell):
+    """The cost of a generated token does not grow with the prefix, whatever this version of
+    transformers calls the cache (transformers 5.25 renamed past_key_values to cache, and a
+    model reading only the old name silently re-read the whole prefix at every token)."""
+    model = tiny(tokenizer, cell)
+    lengths: list[int] = []
+    model.register_forward_pre_hook(
+        lambda module, args, kwargs: lengths.append((args[0] if args else
+                                                     kwargs["input_ids"]).shape[1]),
+        with_kwargs=True)
+    ids = torch.randint(4, len(tokenizer), (2, 7))
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert lengths == [7] + [1] * 11
 
 
 def test_sampling_and_resized_embeddings(tokenizer):

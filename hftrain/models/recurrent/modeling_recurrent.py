@@ -5,12 +5,16 @@ Self-contained: imports only torch, transformers and its sibling configuration f
 path, trust_remote_code=True)` loads it where hftrain is not installed.
 
 Training runs the fused `nn.LSTM` / `nn.GRU` / `nn.RNN` kernels (cuDNN on GPU) over whole
-sequences. The recurrent state is the model's cache: `forward` takes it as `past_key_values`
-and returns the updated one, so `generate()` feeds one new token per step and the cost of a
-token does not grow with the prefix.
+sequences. The recurrent state is the model's cache: `forward` takes it and returns the
+updated one, so `generate()` feeds one new token per step and the cost of a token does not
+grow with the prefix. transformers renamed the cache from `past_key_values` to `cache` (5.2x):
+`forward` and `prepare_inputs_for_generation` take either name, and the output carries it
+under the name this transformers' `generate()` reads (`CACHE_KEY`).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from torch import nn
@@ -23,6 +27,15 @@ _RNN_CLASSES = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn_tanh": nn.RNN, "rnn_relu": 
 
 # The recurrent state: (h, c) for an LSTM, (h,) otherwise; each (num_layers, batch, hidden).
 RecurrentState = tuple[torch.Tensor, ...]
+
+CACHE_KEY = ("cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
+             else "past_key_values")
+"""The name under which this version of transformers passes a model's cache around."""
+
+
+def recurrent_cache(output: CausalLMOutputWithPast) -> RecurrentState | None:
+    """The state after the last token of `output` (under either name of the cache)."""
+    return getattr(output, CACHE_KEY, None)
 
 
 class RecurrentPreTrainedModel(PreTrainedModel):
@@ -92,18 +105,20 @@ class RecurrentForCausalLM(RecurrentPreTrainedModel, GenerationMixin):
     def forward(
         self,
         input_ids: torch.LongTensor,
-        past_key_values: RecurrentState | None = None,
+        cache: RecurrentState | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         attention_mask: torch.Tensor | None = None,  # accepted for the generate() contract;
+        past_key_values: RecurrentState | None = None,  # the cache's name before 5.2x
         **kwargs,  # a recurrent model reads every token it is given
     ) -> CausalLMOutputWithPast:
         """Logits for every position; with `labels` (shifted inside, -100 ignored) the loss;
         with `use_cache` (default: the config's) the state after the last token."""
         hidden = self.embedding_dropout(self.embed_tokens(input_ids.t()))  # (T, B, E)
+        given = cache if cache is not None else past_key_values
         state = None
-        if past_key_values is not None:
-            state = past_key_values if self.config.cell == "lstm" else past_key_values[0]
+        if given is not None:
+            state = given if self.config.cell == "lstm" else given[0]
         output, new_state = self.rnn(hidden, state)  # (T, B, H)
         output = self.output_dropout(output)
         if self.projection is not None:
@@ -119,17 +134,17 @@ class RecurrentForCausalLM(RecurrentPreTrainedModel, GenerationMixin):
             cache = None
         else:
             cache = new_state if isinstance(new_state, tuple) else (new_state,)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_KEY: cache})
 
     def prepare_inputs_for_generation(
         self, input_ids: torch.LongTensor, past_key_values: RecurrentState | None = None,
-        use_cache: bool | None = None, **kwargs,
+        use_cache: bool | None = None, cache: RecurrentState | None = None, **kwargs,
     ) -> dict:
         """The first step reads the prompt; later steps only the newest token and the state."""
-        if past_key_values is not None:
+        state = cache if cache is not None else past_key_values
+        if state is not None:
             input_ids = input_ids[:, -1:]
-        return {"input_ids": input_ids, "past_key_values": past_key_values,
-                "use_cache": use_cache}
+        return {"input_ids": input_ids, "cache": state, "use_cache": use_cache}
 
     def _reorder_cache(self, past_key_values: RecurrentState, beam_idx: torch.Tensor):
         return tuple(s.index_select(1, beam_idx.to(s.device)) for s in past_key_values)
