@@ -228,7 +228,11 @@ class TrainConfig:
 class CheckpointConfig:
     interval: int = 0
     """Save a checkpoint every this many steps; 0: never.
-    Ctrl-C or SIGTERM also saves one before the run stops."""
+    Ctrl-C, SIGTERM or SIGHUP also saves one before the run stops."""
+    minutes: float = 30.0
+    """Also save one when this many minutes have passed since the last (0: never), so that a
+    kill -9, an out-of-memory kill or a power cut loses at most this much of a run that set
+    no interval."""
     keep: int = 2
     """How many of the newest checkpoints to keep."""
     resume: Literal["auto", "never"] = "never"
@@ -236,7 +240,7 @@ class CheckpointConfig:
     (`hftrain train RECIPE --resume` sets it)."""
 
     def __post_init__(self) -> None:
-        non_negative(self, "interval")
+        non_negative(self, "interval", "minutes")
         at_least_one(self, "keep")
 
 

@@ -1,4 +1,6 @@
-"""SIGTERM and Ctrl-C, handled from the first step until the process is done with the run."""
+"""SIGTERM, SIGHUP and Ctrl-C, handled from the first step until the process is done with the
+run. SIGHUP is what a closed terminal or a dropped SSH session sends: like a preemption, it
+checkpoints the step and stops with the resume command, instead of killing the run."""
 
 from __future__ import annotations
 
@@ -10,13 +12,14 @@ from hftrain.errors import RunStopped
 
 
 class StopRequest:
-    """During training, turns SIGTERM and the first Ctrl-C into a request that the loop reads
-    after each step: it checkpoints and stops (a second Ctrl-C stops at once). Once training
+    """During training, turns SIGTERM, SIGHUP and the first Ctrl-C into a request that the loop
+    reads after each step: it checkpoints and stops (a second Ctrl-C stops at once). Once training
     is over and its last step checkpointed, `raise_from_now_on` makes either signal raise
     `RunStopped` at once, so a preempted final evaluation or export ends cleanly and
     `--resume` redoes it. The previous handlers are restored on exit."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    SIGNALS = (signal.SIGTERM, signal.SIGINT,
+               *((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ()))  # no SIGHUP: Windows
 
     def __init__(self) -> None:
         self.signum = 0

@@ -8,11 +8,12 @@ trained on; under torchrun, to RECORD_FILE.rankN). KILL_AT_STEP > 0 sends SIGKIL
 process at the start of that step; KILL_ON_SAVE > 0 sends it in the middle of that checkpoint
 save (after Accelerate's files, before hftrain's completion marker). With the environment
 variable SIGNAL_IN=PHASE:SIGNAL (PHASE `final_eval`, `export` or `sample`; SIGNAL `TERM` or
-`KILL`) the process sends itself that signal when the phase begins; SIGNAL_IN=stepN:TERM
-sends SIGTERM at the start of step N. With KILL_ONCE=MARKER the kill at KILL_AT_STEP hits only
-the last rank, and only while MARKER does not exist (it is created first): a worker that dies
-once, as under `torchrun --max-restarts`. With PG_TIMEOUT=S the process group's collectives
-time out after S seconds; with SLOW_CACHE=S building the token cache takes S seconds longer.
+`KILL`) the process sends itself that signal when the phase begins; SIGNAL_IN=stepN:TERM (or
+HUP, INT, ...) sends that signal at the start of step N. With KILL_ONCE=MARKER the kill at
+KILL_AT_STEP hits only the last rank, and only while MARKER does not exist (it is created
+first): a worker that dies once, as under `torchrun --max-restarts`. With PG_TIMEOUT=S the
+process group's collectives time out after S seconds; with SLOW_CACHE=S building the token
+cache takes S seconds longer.
 """
 
 import hashlib
@@ -57,8 +58,9 @@ def should_die() -> bool:
 def recording_step(self, micro_batches):
     if self.step + 1 == kill_at_step and should_die():
         os.kill(os.getpid(), signal.SIGKILL)
-    if os.environ.get("SIGNAL_IN") == f"step{self.step + 1}:TERM":
-        os.kill(os.getpid(), signal.SIGTERM)
+    phase, _, name = os.environ.get("SIGNAL_IN", "").partition(":")
+    if phase == f"step{self.step + 1}":
+        os.kill(os.getpid(), getattr(signal, f"SIG{name}"))
     with open(record_file, "a") as f:
         f.write(f"{self.step + 1} {digest(micro_batches)}\n")
     return original_step(self, micro_batches)

@@ -192,18 +192,41 @@ def test_nan_loss_can_be_skipped(tmp_path, corpus_file, monkeypatch):
     assert all(r["loss"] == r["loss"] for r in records)  # no NaN reaches the log
 
 
-def test_sigterm_checkpoints_exits_cleanly_and_resumes(uninterrupted, tmp_path):
-    """A real process gets SIGTERM at step 7 (preemption): it finishes the step, checkpoints,
-    exits 143 with the resume command; resuming reproduces the uninterrupted run."""
+@pytest.mark.parametrize("name", ["TERM", "HUP"])
+def test_sigterm_or_sighup_checkpoints_exits_cleanly_and_resumes(name, uninterrupted, tmp_path):
+    """A real process gets SIGTERM (preemption) or SIGHUP (its terminal closed, its SSH
+    session dropped) at step 7: it finishes the step, checkpoints, exits 128 + the signal with
+    the resume command; resuming reproduces the uninterrupted run."""
     corpus, whole_losses, whole_steps = uninterrupted
     recipe = write_recipe(tmp_path, corpus, "run")
     record = tmp_path / "record.txt"
-    env = {**os.environ, "SIGNAL_IN": "step7:TERM"}
+    env = {**os.environ, "SIGNAL_IN": f"step7:{name}"}
     stopped = subprocess.run([sys.executable, str(FAULTS), str(record), "0", "0", "--", "train",
                               str(recipe)], capture_output=True, text=True, cwd=REPO, env=env)
-    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr
+    assert stopped.returncode == 128 + getattr(signal, f"SIG{name}"), stopped.stderr
     assert "stopped at step 7" in stopped.stderr and "Traceback" not in stopped.stderr
     assert latest_checkpoint(tmp_path / "run").name == "step-00000007"
+    resumed = run_with_fault(record, recipe, extra=["--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert trained_steps(record) == whole_steps
+    got = losses(tmp_path / "run")
+    for step, loss in whole_losses.items():
+        assert got[step] == pytest.approx(loss, rel=1e-5), step
+
+
+def test_a_run_without_a_checkpoint_interval_survives_kill_9_by_the_clock(uninterrupted,
+                                                                         tmp_path):
+    """checkpoint.interval 0 (the default) and a time-based checkpoint every
+    `checkpoint.minutes` (here a few microseconds, so after every step): a kill -9 at step 24
+    loses one step, and the resumed run equals the uninterrupted one."""
+    corpus, whole_losses, whole_steps = uninterrupted
+    recipe = write_recipe(tmp_path, corpus, "run")
+    data = json.loads(recipe.read_text())
+    data["checkpoint"] = {"minutes": 1e-7, "keep": 2}
+    recipe.write_text(json.dumps(data))
+    record = tmp_path / "record.txt"
+    assert run_with_fault(record, recipe, kill_at_step=24).returncode == -signal.SIGKILL
+    assert latest_checkpoint(tmp_path / "run").name == "step-00000023"
     resumed = run_with_fault(record, recipe, extra=["--resume"])
     assert resumed.returncode == 0, resumed.stderr
     assert trained_steps(record) == whole_steps
