@@ -373,7 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--sample-by", choices=["document", "paragraph", "line"], default="document",
                    help="what one document of a .txt file is")
     e.add_argument("--trust-remote-code", action="store_true",
-                   help="allow model code shipped with the export (recurrent models)")
+                   help="allow model code shipped with the export (recurrent models) and "
+                        "Python functions in local lm-eval task files (!function)")
     e.add_argument("--json", action="store_true",
                    help="print the result as one JSON object (--data figures, block_size, "
                         "stride; lm-eval metrics under \"tasks\")")

@@ -20,6 +20,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from hftrain.errors import HftrainError
 
 LM_EVAL_MISSING = "hftrain eval --tasks needs lm-eval: pip install 'hftrain[eval]'"
@@ -113,6 +115,8 @@ def run_tasks(
 
     if include_path is not None and not Path(include_path).is_dir():
         raise HftrainError(f"--include-path: no such folder: {include_path}")
+    if not trust_remote_code:
+        refuse_task_code(include_path, tasks)
     check_export_exists(export)
     manager = TaskManager(include_path=include_path)
     known = set(manager.match_tasks(tasks))
@@ -131,6 +135,68 @@ def run_tasks(
     if output is None:  # only on processes other than the main one
         return {}
     return {task: _metrics(values) for task, values in output["results"].items()}
+
+
+def refuse_task_code(include_path: str | None, tasks: list[str]) -> None:
+    """Refuse, in one line, local task files that would make lm-eval run Python: a `!function`
+    tag imports a module from beside the YAML (or anywhere on the path) when the task is
+    built. Tasks that ship with lm-eval are its own code; a folder or file the user points
+    at runs only with --trust-remote-code, as a model's code does."""
+    files = [Path(t) for t in tasks if Path(t).is_file()]
+    if include_path is not None:
+        files += sorted(p for p in Path(include_path).rglob("*")
+                        if p.suffix in (".yaml", ".yml") and p.is_file())
+    seen: set[Path] = set()
+    while files:
+        file = files.pop().resolve()
+        if file in seen:
+            continue
+        seen.add(file)
+        functions, includes = _task_file_code(file)
+        if functions:
+            raise HftrainError(
+                f"{file}: this lm-eval task runs Python ({functions[0]}); hftrain "
+                "runs no code it did not ship unless asked: pass --trust-remote-code if you "
+                "trust it")
+        files += [file.parent / name for name in includes if (file.parent / name).is_file()]
+
+
+class _TagRecorder(yaml.SafeLoader):
+    """Reads a task YAML without constructing anything: records each tag that would run or
+    build Python (`!function NAME`, `!!python/...`)."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self.functions: list[str] = []
+
+
+def _record_tag(loader: _TagRecorder, suffix: str, node: yaml.Node) -> None:
+    if suffix == "function" and isinstance(node, yaml.ScalarNode):
+        loader.functions.append(f"!function {node.value}")
+
+
+def _record_python_tag(loader: _TagRecorder, suffix: str, node: yaml.Node) -> None:
+    loader.functions.append(f"!!python/{suffix}")  # PyYAML's FullLoader builds Python objects
+
+
+_TagRecorder.add_multi_constructor("!", _record_tag)
+_TagRecorder.add_multi_constructor("tag:yaml.org,2002:python/", _record_python_tag)
+
+
+def _task_file_code(file: Path) -> tuple[list[str], list[str]]:
+    """(the `!function` names in `file`, the files its `include:` names); a file that does
+    not parse is lm-eval's to report."""
+    try:
+        loader = _TagRecorder(file.read_text(encoding="utf-8"))
+        try:
+            document = loader.get_single_data()
+        finally:
+            loader.dispose()
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return [], []
+    includes = document.get("include") if isinstance(document, dict) else None
+    names = includes if isinstance(includes, list) else [includes]
+    return loader.functions, [str(name) for name in names if isinstance(name, str)]
 
 
 def _metrics(values: dict[str, Any]) -> dict[str, float]:

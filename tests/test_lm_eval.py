@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -123,6 +124,30 @@ def test_unknown_task_is_one_line(scored, capsys):
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert "unknown lm-eval task 'no_such_task_xyz'" in err
+
+
+@needs_lm_eval
+def test_a_task_folder_that_runs_python_needs_trust_remote_code(scored, capsys, tmp_path):
+    """`process_docs: !function evil.fn` makes lm-eval import evil.py from the task folder:
+    refused in one line (nothing imported) unless --trust-remote-code is given."""
+    tasks = tmp_path / "tasks"
+    shutil.copytree(scored["tasks"], tasks)
+    marker = tmp_path / "evil-ran"
+    (tasks / "evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n"
+                                   "def fn(docs):\n    return docs\n")
+    task = tasks / "hftrain_heldout.yaml"
+    task.write_text(task.read_text() + "process_docs: !function evil.fn\n")
+    argv = ["eval", str(scored["export"]), "--tasks", "hftrain_heldout", "--include-path",
+            str(tasks)]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert "runs Python (!function evil.fn)" in err and "--trust-remote-code" in err
+    assert not marker.exists()
+    main([*argv, "--trust-remote-code"])
+    assert marker.exists()
+    assert "hftrain_heldout: bits_per_byte" in capsys.readouterr().out
 
 
 def test_tasks_without_lm_eval_is_one_line_and_exit_2(monkeypatch, capsys, tmp_path):
