@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,8 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from hftrain.errors import HftrainError
+from hftrain.atomic import atomic_write_text, write_error_reason
+from hftrain.errors import HftrainError, one_line
 from hftrain.launch import RUN_RECORD
 from hftrain.run_folder import contains
 from hftrain.tracking import read_metrics
@@ -71,16 +73,68 @@ def stage(export: Path, folder: Path, repo_id: str) -> list[str]:
     """Write `folder`: the export, the run's loss curve and a model card. Returns the files."""
     if not (export / "config.json").is_file():
         raise HftrainError(f"not an export folder (no config.json): {export}")
+    files = export_files(export)
     _claim_staging_folder(folder, export)
-    shutil.copytree(export, folder, dirs_exist_ok=True)
-    run_dir = export.parent
-    plot = run_dir / "loss.png"
-    if plot.is_file():
-        shutil.copy2(plot, folder / "loss.png")
-    card = model_card(folder, repo_id, _last_evaluation(run_dir / "metrics.jsonl"))
-    card.save(folder / "README.md")
+    try:
+        for name in files:
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(export / name, folder / name, follow_symlinks=False)
+        run_dir = export.parent
+        plot = run_dir / "loss.png"
+        if plot.is_file() and not plot.is_symlink():
+            shutil.copy2(plot, folder / "loss.png")
+        try:
+            card = model_card(folder, repo_id, _last_evaluation(run_dir / "metrics.jsonl"))
+            _publish_recipe(folder / "hftrain_recipe.yaml")
+        except (yaml.YAMLError, TypeError, ValueError, AttributeError, KeyError) as exc:
+            raise HftrainError(f"{export}: its hftrain_recipe.yaml or config.json holds "
+                               f"values a model card cannot be made from ({one_line(exc)}); "
+                               "fix or remove them") from None
+        card.save(folder / "README.md")
+    except OSError as exc:  # a full disk: the marker stays, so the next push replaces it
+        raise HftrainError(f"cannot stage the upload in {folder} "
+                           f"({write_error_reason(exc)})") from None
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
                   if p.is_file() and p.name != STAGING_MARKER)
+
+
+def export_files(export: Path) -> list[str]:
+    """The export's files (relative POSIX paths), every one a regular file inside it: a
+    symbolic link (to a token file, a private folder) is refused in one line, never followed
+    into a public upload."""
+    files = []
+    for root, dirs, names in os.walk(export):  # does not follow linked folders
+        for name in sorted(dirs + names):
+            path = Path(root) / name
+            if path.is_symlink():
+                raise HftrainError(f"{path} is a symbolic link (to {os.readlink(path)}); push "
+                                   "uploads only the export's own files: replace the link "
+                                   "with a copy, or remove it")
+            if name in names and not path.is_file():
+                raise HftrainError(f"{path} is not a regular file; remove it from the export")
+            if name in names:
+                files.append(path.relative_to(export).as_posix())
+    return files
+
+
+def _publish_recipe(path: Path) -> None:
+    """The staged recipe without the trainer's local directories: every absolute path in it
+    (data files, the run folder, the cache, a local `init_from`) is cut to its last two
+    parts, as the model card names local models."""
+    if not path.is_file():
+        return
+    recipe = yaml.safe_load(path.read_text(encoding="utf-8"))
+    atomic_write_text(path, yaml.safe_dump(_without_local_paths(recipe), sort_keys=False))
+
+
+def _without_local_paths(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _without_local_paths(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_without_local_paths(item) for item in value]
+    if isinstance(value, str) and (value.startswith("~") or os.path.isabs(value)):
+        return "/".join(Path(value).parts[-2:])
+    return value
 
 
 STAGING_MARKER = ".hftrain-staging"
@@ -125,7 +179,8 @@ def model_card(folder: Path, repo_id: str, val: dict[str, Any] | None) -> ModelC
     recipe_path = folder / "hftrain_recipe.yaml"
     recipe = yaml.safe_load(recipe_path.read_text(encoding="utf-8")) if recipe_path.is_file() \
         else {}
-    data, model, train = recipe.get("data", {}), recipe.get("model", {}), recipe.get("train", {})
+    recipe = _sections(recipe)
+    data, model, train = recipe["data"], recipe["model"], recipe["train"]
     recurrent = config.get("model_type") == "hftrain_recurrent"
     arch = config.get("cell", config.get("model_type", "causal-lm"))
     dataset_name = data.get("dataset") or ", ".join(Path(f).name for f in data.get("val_files")
@@ -167,6 +222,14 @@ def model_card(folder: Path, repo_id: str, val: dict[str, Any] | None) -> ModelC
         remote=", trust_remote_code=True" if recurrent else "",
         prompt=recipe.get("sample", {}).get("prompt", "") or "",
     )
+
+
+def _sections(recipe: Any) -> dict[str, dict[str, Any]]:
+    """The recipe's sections as dictionaries (an edited export's recipe may hold anything:
+    what is not a mapping is left out of the card rather than crash it)."""
+    recipe = recipe if isinstance(recipe, dict) else {}
+    return {name: recipe.get(name) if isinstance(recipe.get(name), dict) else {}
+            for name in ("run", "data", "model", "train", "tokenizer", "sample")}
 
 
 def _run_record(folder: Path) -> dict[str, Any]:
