@@ -7,22 +7,61 @@ import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 from safetensors import SafetensorError
+
+from hftrain.errors import HftrainError
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Replace `path` with `text`: readers see the old content or the new, never a part."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` through a temporary sibling renamed over it. Neither is
+    written through a symbolic link: the temporary file is created new (`O_EXCL`, and
+    `O_NOFOLLOW`), and a rename replaces a link at `path` rather than its target."""
     tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)  # a stale one, or a link planted there: removed, not followed
     try:
-        with tmp.open("w", encoding="utf-8") as f:
-            f.write(text)
+        with open_new(tmp) as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
     except BaseException:  # a full disk: leave nothing behind
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, path)
+
+
+NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+def open_new(path: Path) -> BinaryIO:
+    """`path` created for writing, failing if anything (a file, a link) is already there."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NO_FOLLOW, 0o644),
+                     "wb")
+
+
+def open_no_follow(path: Path, flags: int) -> int:
+    """`os.open(path, flags | O_CREAT | O_NOFOLLOW)`: a symbolic link at `path` raises
+    `LinkRefused` (one line naming it) instead of being written through."""
+    try:
+        return os.open(path, flags | os.O_CREAT | NO_FOLLOW, 0o644)
+    except OSError as exc:
+        if path.is_symlink():
+            raise LinkRefused(path) from None
+        raise exc from None
+
+
+class LinkRefused(HftrainError):
+    """A symbolic link where hftrain writes a file of its own."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(f"{path} is a symbolic link; hftrain writes its own files and never "
+                         "through a link (it could overwrite the file it points at): remove it")
 
 
 @contextmanager

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from hftrain.atomic import atomic_write_text
+from hftrain.atomic import LinkRefused, atomic_write_text, open_no_follow
 from hftrain.errors import HftrainError
 
 MARKER = ".hftrain-run"
@@ -143,6 +143,23 @@ def _refuse_foreign_entries(folder: Path) -> None:
                            "run.output_dir")
 
 
+def check_no_links(folder: Path) -> None:
+    """Refuse, in one line, a symbolic link where hftrain writes its own files: any entry of
+    the run folder or of its `checkpoints/` (the run folder itself may be a link: the user
+    chose that path). hftrain writes there by name (the lock, metrics.jsonl, loss.png, the
+    marker, temporary names, whole folders), and a planted link would make it truncate or
+    replace the file or folder it points at. (The writers also refuse to follow one: this
+    says so before anything is written.)"""
+    for parent in (folder, folder / "checkpoints"):
+        if not parent.is_dir() or parent.is_symlink():
+            if parent.is_symlink():
+                raise LinkRefused(parent)
+            continue
+        for entry in parent.iterdir():
+            if entry.is_symlink():
+                raise LinkRefused(entry)
+
+
 class RunLock:
     """The run folder's lock: held from `acquire` until `release` (or the block's end).
 
@@ -170,9 +187,10 @@ class RunLock:
         import fcntl
 
         folder = self.folder
+        check_no_links(folder)
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            handle = (folder / LOCK).open("a+", encoding="utf-8")
+            handle = os.fdopen(open_no_follow(folder / LOCK, os.O_RDWR), "r+", encoding="utf-8")
         except OSError as exc:
             raise HftrainError(f"cannot write the run folder {folder}: {exc.strerror}") from None
         try:

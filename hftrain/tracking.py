@@ -3,8 +3,10 @@ utilisation figures, and a loss-curve plot; files are written by the main proces
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -13,7 +15,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from hftrain.atomic import atomic_write_text
+from hftrain.atomic import atomic_write_bytes, atomic_write_text, open_no_follow
 from hftrain.errors import HftrainError
 from hftrain.recipe import flatten
 
@@ -39,7 +41,8 @@ class MetricsLog:
         if self.enabled:
             clean = {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v)
                      for k, v in record.items()}
-            with self.path.open("a", encoding="utf-8") as f:
+            descriptor = open_no_follow(self.path, os.O_WRONLY | os.O_APPEND)
+            with os.fdopen(descriptor, "a", encoding="utf-8") as f:
                 f.write(json.dumps(clean) + "\n")
         self.lines += 1
 
@@ -175,6 +178,8 @@ def plot_losses(metrics_path: Path, out_path: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out_path)
+    image = io.BytesIO()
+    fig.savefig(image, format="png")
     plt.close(fig)
+    atomic_write_bytes(out_path, image.getvalue())  # never through a link planted there
     return out_path

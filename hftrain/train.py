@@ -58,6 +58,7 @@ from hftrain.models import (
     check_attention_precision,
 )
 from hftrain.models.base import is_lora
+from hftrain.models.recurrent.modeling_recurrent import recurrent_cache
 from hftrain.nodes import (
     build_once_per_filesystem,
     builds_token_cache,
@@ -464,6 +465,8 @@ class TrainingLoop:
         """Exported and marked finished: a later failure (sample, push) leaves nothing to
         resume."""
         self.last_checkpoint: Path | None = None
+        self.last_save = time.monotonic()
+        """When the last checkpoint was saved (or the loop made): for `checkpoint.minutes`."""
         self.stateful = recipe.train.stateful
         self.skip_on_device = _skips_on_device(optimizer, accelerator)
         self.deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
@@ -541,10 +544,11 @@ class TrainingLoop:
                           f"val_ppl {val['perplexity']:.3f}")
                 window_start, self.window_data_wait = time.perf_counter(), 0.0
             saved = every and self.step % every == 0 and self.save_checkpoint()
-            if self._agreed(stop.signum, log_step or bool(saved)
-                            or self.step % STOP_CHECK_STEPS == 0):
-                if not saved:
-                    self.save_checkpoint()
+            stopping, due = self._agreed(stop.signum, self._checkpoint_due(), log_step
+                                         or bool(saved) or self.step % STOP_CHECK_STEPS == 0)
+            if (stopping or due) and not saved:
+                self.save_checkpoint()
+            if stopping:
                 self.interrupted = stop.signum or signal.SIGTERM
                 break
 
@@ -598,23 +602,31 @@ class TrainingLoop:
             f"steps up to step {self.step}); those steps did not update the model ({kept}). "
             "Lower train.lr in a new run, or --resume with train.on_nan=skip")
 
-    def _agreed(self, signum: int, sync_point: bool) -> bool:
-        """Whether any process was asked to stop: all must stop after the same step. With
-        several GPU processes they agree at log lines, checkpoints and every
-        STOP_CHECK_STEPS steps (a collective the host waits for is a synchronisation); on
-        CPU, where waiting costs nothing, after every step."""
+    def _checkpoint_due(self) -> bool:
+        """`checkpoint.minutes` have passed since the last checkpoint (or the start)."""
+        minutes = self.recipe.checkpoint.minutes
+        return minutes > 0 and time.monotonic() - self.last_save >= minutes * 60
+
+    def _agreed(self, signum: int, due: bool, sync_point: bool) -> tuple[bool, bool]:
+        """Whether any process was asked to stop, and whether any found a time-based
+        checkpoint due: all must stop or save after the same step. With several GPU processes
+        they agree at log lines, checkpoints and every STOP_CHECK_STEPS steps (a collective
+        the host waits for is a synchronisation); on CPU, where waiting costs nothing, after
+        every step."""
         if self.accelerator.num_processes == 1:
-            return bool(signum)
+            return bool(signum), due
         if not sync_point and self.accelerator.device.type != "cpu":
-            return False
-        flag = torch.tensor(float(signum), device=self.accelerator.device)
-        return bool(self.accelerator.reduce(flag, "max").item())
+            return False, False
+        flags = torch.tensor([float(signum), float(due)], device=self.accelerator.device)
+        stopping, due = self.accelerator.reduce(flags, "max").tolist()
+        return bool(stopping), bool(due)
 
     def save_checkpoint(self, keep: int | None = None) -> Path:
         """Checkpoint every part of the run's state, with the trajectory a resume must match."""
         self.last_checkpoint = self.checkpointer.save(
             self.step, trajectory(self.recipe, launch_trajectory(self.accelerator)),
             keep or self.recipe.checkpoint.keep, previous=self.last_checkpoint)
+        self.last_save = time.monotonic()
         return self.last_checkpoint
 
     def resume(self, path: Path) -> None:
@@ -649,9 +661,9 @@ class TrainingLoop:
                 state.recurrent = None
             with self._accumulating(last):
                 out = self.model(**model_inputs(batch, acc.device),
-                                 past_key_values=state.recurrent, use_cache=self.stateful)
+                                 **self._carried(state.recurrent))
                 if self.stateful:
-                    state.recurrent = tuple(s.detach() for s in out.past_key_values)
+                    state.recurrent = tuple(s.detach() for s in recurrent_cache(out))
                 nll = token_nll(out.logits, y).sum() / n_targets
                 acc.backward(nll * acc.num_processes, **self.backward_options)
             step_loss += nll.detach()
@@ -669,6 +681,10 @@ class TrainingLoop:
         # schedule's learning rate for step N however many steps before it were skipped
         self.optimizer.zero_grad(set_to_none=True)
         return step_loss, finite, n_tokens
+
+    def _carried(self, recurrent: tuple[torch.Tensor, ...] | None) -> dict[str, Any]:
+        """The recurrent state carried into a stateful forward; no cache built otherwise."""
+        return {"cache": recurrent, "use_cache": True} if self.stateful else {"use_cache": False}
 
     def _accumulating(self, last: bool) -> Any:
         """The context of one micro-batch's forward and backward. DDP: no gradient sync but

@@ -634,6 +634,87 @@ def test_push_staging_mistakes_are_one_line(where, finished, tmp_path, capsys):
     assert not (tmp_path / "new").exists()
 
 
+@pytest.mark.parametrize("link", ["file", "folder"])
+def test_push_never_stages_what_a_link_in_the_export_points_at(link, finished, tmp_path,
+                                                               capsys):
+    """A token file (or a private folder) linked into the export is refused in one line and
+    never copied into the upload."""
+    _, run_dir = finished
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "token").write_text("hf_SECRET_TOKEN")
+    target = secret / "token" if link == "file" else secret
+    (run_dir / "final" / "extra").symlink_to(target)
+    code, _, err = cli(["push", str(run_dir / "final"), "--repo-id", "me/m", "--dry-run"],
+                       capsys)
+    assert code == 2 and "is a symbolic link" in one_error_line(err)
+    staged = run_dir / "hub"
+    assert not staged.exists() or not any(
+        "hf_SECRET_TOKEN" in p.read_text(errors="replace") for p in staged.rglob("*")
+        if p.is_file())
+
+
+def test_the_staged_upload_carries_no_local_absolute_path(finished, tmp_path, capsys):
+    """The recipe names the corpus and the run folder by absolute paths: the staged recipe
+    and model card keep only their last two parts."""
+    _, run_dir = finished
+    code, _, err = cli(["push", str(run_dir / "final"), "--repo-id", "me/m", "--dry-run"],
+                       capsys)
+    assert code == 0, err
+    assert str(tmp_path) in (run_dir / "final" / "hftrain_recipe.yaml").read_text()
+    for name in ("hftrain_recipe.yaml", "README.md"):
+        assert str(tmp_path) not in (run_dir / "hub" / name).read_text(), name
+    import yaml
+
+    staged = yaml.safe_load((run_dir / "hub" / "hftrain_recipe.yaml").read_text())
+    assert staged["run"]["output_dir"] == f"{tmp_path.name}/run"
+
+
+@pytest.mark.parametrize("content", ["- a list\n", "data: 5\nmodel: [1]\n",
+                                     "data: {train_files: 7}\n", "data: [unclosed\n"])
+def test_push_of_an_export_with_a_malformed_recipe_is_one_line(content, finished, capsys):
+    _, run_dir = finished
+    (run_dir / "final" / "hftrain_recipe.yaml").write_text(content)
+    code, out, err = cli(["push", str(run_dir / "final"), "--repo-id", "me/m", "--dry-run"],
+                         capsys)
+    assert (code == 0 and "README.md" in out) or (code == 2 and one_error_line(err)), err
+
+
+@pytest.mark.parametrize("name", [".hftrain-lock", "loss.png", "metrics.jsonl", "recipe.yaml",
+                                  ".metrics.jsonl.tmp", "checkpoints/.step-00000030.tmp"])
+def test_a_link_planted_in_a_run_folder_is_refused_and_never_written_through(
+        name, finished, tmp_path, capsys):
+    """`--resume` of a run whose folder holds a symbolic link where hftrain writes its own
+    file: one line, exit 2, and the file the link points at is untouched."""
+    recipe, run_dir = finished
+    victim = tmp_path / "victim.txt"
+    victim.write_text("the user's own file")
+    planted = run_dir / name
+    if planted.exists():
+        planted.unlink()
+    planted.symlink_to(victim)
+    code, _, err = cli(["train", str(recipe), "--resume", "train.max_steps=30"], capsys)
+    assert code == 2 and "is a symbolic link" in one_error_line(err), err
+    assert victim.read_text() == "the user's own file"
+
+
+def test_no_writer_follows_a_link_even_past_the_check(tmp_path):
+    """The writers themselves (atomic replace, metrics append, the plot) never write through
+    a link, should one appear after the start-up check."""
+    from hftrain.atomic import LinkRefused, atomic_write_text
+    from hftrain.tracking import MetricsLog
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("kept")
+    (tmp_path / ".a.txt.tmp").symlink_to(victim)
+    atomic_write_text(tmp_path / "a.txt", "new")
+    assert (tmp_path / "a.txt").read_text() == "new" and victim.read_text() == "kept"
+    (tmp_path / "metrics.jsonl").symlink_to(victim)
+    with pytest.raises(LinkRefused):
+        MetricsLog(tmp_path / "metrics.jsonl", enabled=True).write({"step": 1, "loss": 1.0})
+    assert victim.read_text() == "kept"
+
+
 def test_a_tilde_in_the_output_dir_means_home(tmp_path, corpus_file, monkeypatch):
     from hftrain.recipe import load_recipe
 
