@@ -23,7 +23,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from hftrain.atomic import atomic_write_text, write_error_reason
 from hftrain.errors import HftrainError, one_line
 from hftrain.launch import RUN_RECORD
-from hftrain.run_folder import contains
+from hftrain.run_folder import contains, record_written
 from hftrain.tracking import read_metrics
 
 FAMILIES = {"gpt2": "GPT-2", "llama": "Llama-style", "qwen3": "Qwen3-style"}
@@ -91,6 +91,8 @@ def stage(export: Path, folder: Path, repo_id: str) -> list[str]:
                                f"values a model card cannot be made from ({one_line(exc)}); "
                                "fix or remove them") from None
         card.save(folder / "README.md")
+        if folder.name == "hub":  # RUN/hub (the default): run.overwrite may remove these
+            record_written(folder.parent, folder.name)
     except OSError as exc:  # a full disk: the marker stays, so the next push replaces it
         raise HftrainError(f"cannot stage the upload in {folder} "
                            f"({write_error_reason(exc)})") from None

@@ -137,10 +137,64 @@ def clear_run_folder(folder: Path) -> None:
 
 def _refuse_foreign_entries(folder: Path) -> None:
     foreign = sorted(e.name for e in folder.iterdir() if not _made_by_hftrain(e))
+    foreign += foreign_files(folder)
     if foreign:
-        raise HftrainError(f"{folder} holds files hftrain did not write ({', '.join(foreign)}); "
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3
+                                          else "")
+        raise HftrainError(f"{folder} holds files hftrain did not write ({shown}); "
                            "move them out before replacing the run, or choose another "
                            "run.output_dir")
+
+
+RECORDED = ("tokenizer", "final", "hub", "hftrain")
+"""The run's folders whose files hftrain records in the marker (`written`) when it writes
+them: the tokenizer, the export, the push staging folder and the trackers' logs."""
+
+
+def record_written(run_dir: Path, name: str) -> None:
+    """Record in the marker every file now under `run_dir/name` as hftrain's own (no-op when
+    `run_dir` is not a run folder: an export or tokenizer written elsewhere)."""
+    if not is_run_folder(run_dir):
+        return
+    written = read_marker(run_dir).get("written")
+    written = dict(written) if isinstance(written, dict) else {}
+    written[name] = _listing(run_dir / name)
+    write_marker(run_dir, written=written)
+
+
+def _listing(folder: Path) -> list[str]:
+    if not folder.is_dir() or folder.is_symlink():
+        return []
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                  if p.is_file() or p.is_symlink())
+
+
+def foreign_files(folder: Path) -> list[str]:
+    """Files inside the run's own folders that hftrain did not write, at any depth: in
+    `checkpoints/`, anything but complete checkpoints' listed files (and temporary folders of
+    killed saves); in the RECORDED folders, anything the marker does not list. A run folder
+    from before the record (no `written` in its marker) is checked at the top level only."""
+    from hftrain.checkpoint import STATE_FILE, read_raw_state
+
+    found: list[str] = []
+    written = read_marker(folder).get("written")
+    if isinstance(written, dict):
+        for name in RECORDED:
+            known = set(written.get(name) or [])
+            found += [f"{name}/{f}" for f in _listing(folder / name) if f not in known]
+    root = folder / "checkpoints"
+    if root.is_dir() and not root.is_symlink():
+        for entry in sorted(root.iterdir()):
+            if entry.name.startswith(".step-") and entry.name.endswith((".tmp", ".old")):
+                continue  # a killed save's
+            try:
+                listed = set(read_raw_state(entry)["files"]) | {STATE_FILE}
+            except (OSError, ValueError, KeyError, TypeError):
+                found.append(f"checkpoints/{entry.name}")
+                continue
+            found += [f"checkpoints/{entry.name}/{f}" for f in _listing(entry)
+                      if f not in listed]
+    return found
 
 
 def check_no_links(folder: Path) -> None:

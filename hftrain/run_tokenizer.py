@@ -14,6 +14,7 @@ from hftrain.data import describe_source, texts
 from hftrain.errors import RecipeError
 from hftrain.recipe import Recipe
 from hftrain.resume import changed_keys
+from hftrain.run_folder import record_written
 from hftrain.tokenizer import build_tokenizer, load_tokenizer
 
 TOKENIZER_RECORD = "hftrain_tokenizer.json"
@@ -71,3 +72,4 @@ def save_run_tokenizer(tokenizer: Any, recipe: Recipe, folder: Path) -> None:
     with atomic_directory(folder) as tmp:
         tokenizer.save_pretrained(tmp)
         (tmp / TOKENIZER_RECORD).write_text(json.dumps(tokenizer_record(recipe), indent=2))
+    record_written(folder.parent, folder.name)  # run.overwrite may remove exactly these

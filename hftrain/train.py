@@ -76,6 +76,7 @@ from hftrain.run_folder import (
     clear_run_folder,
     contains,
     is_run_folder,
+    record_written,
     write_marker,
 )
 from hftrain.run_tokenizer import prepare_tokenizer, save_run_tokenizer
@@ -318,6 +319,8 @@ def _run_in_folder(recipe: Recipe, accelerator: Accelerator, plan: Plan, parts: 
     run_dir = Path(recipe.run.output_dir)
     if trackers:
         accelerator.init_trackers("hftrain", config=flat_config(recipe.to_dict()))
+        if accelerator.is_main_process:
+            record_written(run_dir, "hftrain")  # the trackers' log files, made just now
     log = MetricsLog(run_dir / "metrics.jsonl", accelerator.is_main_process, accelerator)
     loop = TrainingLoop(recipe, accelerator, parts.model, parts.optimizer, parts.scheduler,
                         parts.streams, log, run_dir, parts.batches)
@@ -627,6 +630,8 @@ class TrainingLoop:
             self.step, trajectory(self.recipe, launch_trajectory(self.accelerator)),
             keep or self.recipe.checkpoint.keep, previous=self.last_checkpoint)
         self.last_save = time.monotonic()
+        if self.accelerator.is_main_process and self.recipe.run.trackers != []:
+            record_written(self.run_dir, "hftrain")  # the trackers may have added files
         return self.last_checkpoint
 
     def resume(self, path: Path) -> None:
@@ -750,6 +755,7 @@ def export(accelerator: Accelerator, model: Any, tokenizer: Any, recipe: Recipe,
             tokenizer.save_pretrained(tmp)
             dump_recipe(recipe, tmp / "hftrain_recipe.yaml")
             write_run_record(accelerator, recipe, tmp)  # processes: the recipe cannot say
+        record_written(run_dir, final_dir.name)  # run.overwrite may remove exactly these
     accelerator.wait_for_everyone()
     return final_dir, whole
 

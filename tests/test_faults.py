@@ -80,11 +80,32 @@ def test_overwrite_never_deletes_what_hftrain_did_not_make(target, tmp_path, cor
 
 def test_overwrite_replaces_a_run_hftrain_made(finished, capsys):
     recipe, run_dir = finished
-    (run_dir / "checkpoints" / "step-00000010" / "stale").write_text("x")
+    code, out, err = cli(["push", str(run_dir / "final"), "--repo-id", "me/m", "--dry-run"],
+                         capsys)
+    assert code == 0 and (run_dir / "hub").is_dir(), err  # staged, so the run's too
     code, _, err = cli(["train", str(recipe), "run.overwrite=true", "train.max_steps=5"], capsys)
     assert code == 0, err
     assert (run_dir / MARKER).is_file()
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step-00000005"]
+
+
+@pytest.mark.parametrize("where", ["final/NOTES.md", "tokenizer/notes.txt", "hftrain/mine.txt",
+                                   "checkpoints/best/model.bin",
+                                   "checkpoints/step-00000010/notes.txt",
+                                   "hub/notes.txt", "final/sub/deep/thesis.tex"])
+def test_overwrite_refuses_a_users_file_at_any_depth(where, finished, capsys):
+    """run.overwrite removes exactly what hftrain recorded writing: a file the user put
+    anywhere in the run's folders stops it in one line, and nothing is deleted."""
+    recipe, run_dir = finished
+    assert cli(["push", str(run_dir / "final"), "--repo-id", "me/m", "--dry-run"],
+               capsys)[0] == 0
+    (run_dir / where).parent.mkdir(parents=True, exist_ok=True)
+    (run_dir / where).write_text("precious")
+    before = snapshot(run_dir)
+    code, _, err = cli(["train", str(recipe), "run.overwrite=true", "train.max_steps=5"], capsys)
+    line = one_error_line(err)  # names the file, or the folder hftrain did not make
+    assert code == 2 and (where in line or f"({Path(where).parent})" in line), line
+    assert snapshot(run_dir) == before
 
 
 # 2. the push staging folder ---------------------------------------------------------------
