@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,9 @@ def load_export(path: str, trust_remote_code: bool = False) -> tuple[Any, Any]:
     check_export_exists(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
+    # UnpicklingError: a pickled pytorch_model.bin that torch.load(weights_only) refused (its
+    # payload ran nothing): a bad export, not a crash
+    except (OSError, ValueError, pickle.UnpicklingError) as exc:
         raise HftrainError(f"cannot load model '{path}': {exc}".split("\n")[0]) from None
     return model.eval(), load_tokenizer(path, trust_remote_code=trust_remote_code)
 

@@ -255,11 +255,15 @@ class RunLock:
             handle.close()
             raise HftrainError(f"{folder} is in use by {holder}; wait for it to finish, or "
                                "choose another run.output_dir") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"PID {os.getpid()} ({' '.join(sys.argv[:3])})\n")
-        handle.flush()
         self._handle = handle
+        try:  # who holds it, for the next one's message
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"PID {os.getpid()} ({' '.join(sys.argv[:3])})\n")
+            handle.flush()
+        except OSError as exc:  # a full disk
+            self.release()
+            raise HftrainError(f"cannot write the run folder {folder}: {exc.strerror}") from None
         if not any(not _leftover(p) for p in folder.iterdir()):
             try:  # a folder hftrain created (or found empty)
                 write_marker(folder)

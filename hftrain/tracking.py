@@ -3,6 +3,8 @@ utilisation figures, and a loss-curve plot; files are written by the main proces
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
 import json
 import math
@@ -15,7 +17,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from hftrain.atomic import atomic_write_bytes, atomic_write_text, open_no_follow
+from hftrain.atomic import (
+    atomic_write_bytes,
+    atomic_write_text,
+    open_no_follow,
+    write_error_reason,
+)
 from hftrain.errors import HftrainError
 from hftrain.recipe import flatten
 
@@ -41,10 +48,25 @@ class MetricsLog:
         if self.enabled:
             clean = {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v)
                      for k, v in record.items()}
-            descriptor = open_no_follow(self.path, os.O_WRONLY | os.O_APPEND)
-            with os.fdopen(descriptor, "a", encoding="utf-8") as f:
-                f.write(json.dumps(clean) + "\n")
+            self._append((json.dumps(clean) + "\n").encode("utf-8"))
         self.lines += 1
+
+    def _append(self, line: bytes) -> None:
+        """Append one record whole or not at all: a write that fails (a full disk) is cut
+        back off, so the next record never continues a torn one, and said in one line."""
+        descriptor = open_no_follow(self.path, os.O_WRONLY | os.O_APPEND)
+        try:
+            size = os.fstat(descriptor).st_size
+            try:
+                if os.write(descriptor, line) != len(line):  # a partial write: the disk filled
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            except OSError as exc:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(descriptor, size)
+                raise HftrainError(f"cannot append to {self.path} "
+                                   f"({write_error_reason(exc)})") from None
+        finally:
+            os.close(descriptor)
 
     def state_dict(self) -> dict[str, int]:
         return {"lines": self.lines}

@@ -99,7 +99,7 @@ from hftrain.tracking import (
     plot_losses,
     progress_bar,
 )
-from hftrain.train_state import DataFiles, TrainState
+from hftrain.train_state import DataFiles, TokenizerIdentity, TrainState
 
 
 @dataclass
@@ -323,7 +323,7 @@ def _run_in_folder(recipe: Recipe, accelerator: Accelerator, plan: Plan, parts: 
             record_written(run_dir, "hftrain")  # the trackers' log files, made just now
     log = MetricsLog(run_dir / "metrics.jsonl", accelerator.is_main_process, accelerator)
     loop = TrainingLoop(recipe, accelerator, parts.model, parts.optimizer, parts.scheduler,
-                        parts.streams, log, run_dir, parts.batches)
+                        parts.streams, log, run_dir, parts.batches, parts.tokenizer)
     if plan.checkpoint is not None:
         loop.resume(plan.checkpoint)
         accelerator.print(f"resumed from {plan.checkpoint} at step {loop.step}")
@@ -440,7 +440,7 @@ class TrainingLoop:
 
     def __init__(self, recipe: Recipe, accelerator: Accelerator, model: Any, optimizer: Any,
                  scheduler: Any, streams: DataStreams, log: MetricsLog,
-                 run_dir: Path | None = None, batches: Any = None) -> None:
+                 run_dir: Path | None = None, batches: Any = None, tokenizer: Any = None) -> None:
         self.recipe = recipe
         self.accelerator = accelerator
         self.model = model
@@ -453,7 +453,8 @@ class TrainingLoop:
         self.checkpointer = Checkpointer(accelerator, run_dir, {
             "loop": self.state, "data": batches, "scheduler": scheduler, "metrics": log,
             "data_files": DataFiles(streams.fingerprints if streams else {},
-                                  accelerator.is_main_process)})
+                                  accelerator.is_main_process),
+            **({"tokenizer": TokenizerIdentity(tokenizer)} if tokenizer is not None else {})})
         """The run's resumable state, one object of parts (model, optimizer and RNG states
         are Accelerate's, which the checkpointer saves through `save_state`)."""
         self.window_data_wait = 0.0  # seconds spent in `next(batches)`, for `data_wait`

@@ -1,6 +1,7 @@
 """The training loop's part of the run's resumable state (`checkpoint.Checkpointer`): its
-counters, the current log window and the recurrent state carried across windows; and
-`DataFiles`, the data files' fingerprints, which a resume compares with the files as they are.
+counters, the current log window and the recurrent state carried across windows; `DataFiles`,
+the data files' fingerprints, which a resume compares with the files as they are; and
+`TokenizerIdentity`, which a resume requires to be the same.
 
 The log window's sums stay on the device between log lines (`window_loss`,
 `window_steps`, `window_skipped`): adding to them never waits for the device, and reading
@@ -9,6 +10,7 @@ them once per log line is the loop's only host-device synchronisation between ch
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from typing import Any
 
@@ -16,6 +18,7 @@ import torch
 
 from hftrain.checkpoint import COUNTERS, CheckpointError
 from hftrain.data_check import describe_change
+from hftrain.errors import HftrainError
 
 
 class TrainState:
@@ -120,3 +123,28 @@ class DataFiles:
             if how:
                 print(f"hftrain: warning: data file {path} changed since the checkpoint ({how});"
                       " the resumed run reads it as it is now", file=sys.stderr)
+
+
+class TokenizerIdentity:
+    """The tokenizer the run trains with, by content (the SHA-256 of its full JSON): a resume
+    with another one (the run's `tokenizer/` edited, an `init_from` folder re-trained with
+    another vocabulary) would read the same ids as other text, so it is refused in one line.
+    A checkpoint from before this part has none, and is not checked."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sha256": tokenizer_digest(self.tokenizer), "size": len(self.tokenizer)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state.get("sha256")
+        if saved is not None and saved != tokenizer_digest(self.tokenizer):
+            raise HftrainError(
+                f"the tokenizer is not the one the run was trained with ({state.get('size')} "
+                f"tokens then, {len(self.tokenizer)} now, and different content): its ids "
+                "would mean other text. Restore the run's tokenizer, or start a new run")
+
+
+def tokenizer_digest(tokenizer: Any) -> str:
+    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()

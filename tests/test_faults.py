@@ -8,6 +8,7 @@ import json
 import os
 import pickle
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -190,6 +191,75 @@ def test_resume_never_runs_a_pickle_planted_in_a_checkpoint(keep_manifest_valid,
 
 
 # 4. failures after training began leave a run that --resume finishes ----------------------
+
+
+def test_a_full_disk_while_appending_metrics_is_one_line_and_tears_no_record(
+        tmp_path, corpus_file, capsys, monkeypatch):
+    """The disk fills while the step-15 record is appended (half of it written): one line
+    naming metrics.jsonl, the half record cut back off, and --resume finishes the run."""
+    import os
+
+    import hftrain.tracking
+
+    recipe = recipe_file(tmp_path, corpus_file, tmp_path / "run")
+    real_write = os.write
+
+    def filling_disk(fd, data):
+        if b'"step": 15' in data and b'"loss"' in data:
+            return real_write(fd, data[: len(data) // 2])  # the rest does not fit
+        return real_write(fd, data)
+
+    monkeypatch.setattr(hftrain.tracking.os, "write", filling_disk)
+    code, _, err = cli(["train", str(recipe)], capsys)
+    line = one_error_line(err)
+    assert code == 2 and "cannot append to" in line and "metrics.jsonl" in line
+    assert "No space left" in line and "--resume" in line
+    text = (tmp_path / "run" / "metrics.jsonl").read_text()
+    assert text.endswith("\n") and '"step": 15' not in text  # cut back off, no torn line
+    monkeypatch.setattr(hftrain.tracking.os, "write", real_write)
+    code, _, err = cli(["train", str(recipe), "--resume"], capsys)
+    assert code == 0, err
+    steps = [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert steps == sorted(set(steps)) and steps[-1] == 20
+
+
+def test_a_pickled_export_is_one_line_and_its_payload_never_runs(finished, tmp_path, capsys):
+    """An export whose weights are a pickle (pytorch_model.bin) carrying a payload: torch's
+    weights_only loader refuses it; hftrain says so in one line."""
+    import os
+    import pickle
+
+    _, run_dir = finished
+    export = tmp_path / "evil_export"
+    shutil.copytree(run_dir / "final", export)
+    (export / "model.safetensors").unlink()
+    proof = tmp_path / "payload-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {proof}",))
+
+    (export / "pytorch_model.bin").write_bytes(pickle.dumps({"w": Payload()}))
+    code, _, err = cli(["generate", str(export), "--prompt", "a", "--max-new-tokens", "2"],
+                       capsys)
+    assert code == 2 and "cannot load model" in one_error_line(err)
+    assert not proof.exists()
+
+
+def test_a_tokenizer_changed_under_a_run_is_refused_on_resume(finished, capsys):
+    """The run's tokenizer/tokenizer.json edited (two ids swapped): the same ids would mean
+    other text, so --resume stops in one line instead of training on."""
+    recipe, run_dir = finished
+    path = run_dir / "tokenizer" / "tokenizer.json"
+    tokenizer = json.loads(path.read_text())
+    vocab = tokenizer["model"]["vocab"]
+    a, b = sorted(vocab)[-2:]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    path.write_text(json.dumps(tokenizer))
+    code, _, err = cli(["train", str(recipe), "--resume", "train.max_steps=30"], capsys)
+    assert code == 2 and "the tokenizer is not the one the run was trained with" in \
+        one_error_line(err)
+    assert latest_checkpoint(run_dir).name == "step-00000020"  # nothing trained on
 
 
 def test_no_sample_is_fine(tmp_path, corpus_file, capsys):
