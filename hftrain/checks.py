@@ -4,7 +4,10 @@ model field classes, which cannot import recipe.py). The recipe loader adds key 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+from hftrain.errors import HftrainError
 
 # Each check is written so that NaN fails it (every comparison with NaN is false); the recipe
 # loader already refuses non-finite floats, this also covers sections built in code.
@@ -42,3 +45,13 @@ def in_unit_interval(fields: Any, *names: str) -> None:
 def in_range(fields: Any, low: float, high: float, *names: str) -> None:
     """Each named field lies in [low, high], both ends included."""
     _require(fields, names, lambda v: low <= v <= high, f"in [{low}, {high}]")
+
+
+def check_local_folder(name: str, key: str) -> None:
+    """A name that is a local path (not a Hub id like `user/name`) must exist: one line
+    naming the key, rather than a Hub lookup's message about an invalid repository id."""
+    path = Path(name).expanduser()
+    looks_local = path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1
+    if looks_local and not path.exists():
+        raise HftrainError(f"{key} '{name}' does not exist (deleted or moved?); point {key} "
+                           "at the model's folder")

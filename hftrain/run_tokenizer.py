@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from hftrain.atomic import atomic_directory
+from hftrain.checks import check_local_folder
 from hftrain.data import describe_source, texts
 from hftrain.errors import RecipeError
 from hftrain.recipe import Recipe
@@ -32,6 +33,8 @@ def prepare_tokenizer(recipe: Recipe) -> tuple[Any, bool]:
     """
     if recipe.tokenizer.name_or_path or recipe.model.init_from:
         name = recipe.tokenizer.name_or_path or recipe.model.init_from
+        check_local_folder(name, "tokenizer.name_or_path" if recipe.tokenizer.name_or_path
+                           else "model.init_from")
         return load_tokenizer(name, trust_remote_code=recipe.model.trust_remote_code), False
     saved = Path(recipe.run.output_dir) / "tokenizer"
     if (saved / "tokenizer.json").is_file() and not recipe.run.overwrite:

@@ -262,6 +262,18 @@ def test_a_tokenizer_changed_under_a_run_is_refused_on_resume(finished, capsys):
     assert latest_checkpoint(run_dir).name == "step-00000020"  # nothing trained on
 
 
+@pytest.mark.parametrize("key", ["model.init_from", "tokenizer.name_or_path"])
+def test_a_deleted_init_from_folder_is_named_in_one_line(key, finished, tmp_path, capsys):
+    """A fine-tuning run from a local export that was deleted (or moved) since: one line
+    naming the key and the folder, not a Hub lookup's message about repository ids."""
+    recipe, run_dir = finished
+    gone = tmp_path / "exports" / "gone"
+    code, _, err = cli(["train", str(recipe), f"{key}={gone}", "run.output_dir="
+                        f"{tmp_path / 'tuned'}"], capsys)
+    assert code == 2 and f"{key} '{gone}' does not exist" in one_error_line(err)
+    assert not (tmp_path / "tuned").exists()
+
+
 def test_no_sample_is_fine(tmp_path, corpus_file, capsys):
     recipe = recipe_file(tmp_path, corpus_file, tmp_path / "run")
     code, out, err = cli(["train", str(recipe), "sample.max_new_tokens=0"], capsys)

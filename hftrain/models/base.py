@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from hftrain.checks import in_unit_interval, non_negative, positive
+from hftrain.checks import check_local_folder, in_unit_interval, non_negative, positive
 from hftrain.errors import HftrainError
 
 
@@ -47,6 +47,7 @@ def load_pretrained(fields: Any, block_size: int) -> Any:
     from transformers import AutoModelForCausalLM
 
     attention = getattr(fields, "attn_implementation", None)  # recurrent models have none
+    check_local_folder(fields.init_from, "model.init_from")
     try:
         model = AutoModelForCausalLM.from_pretrained(
             fields.init_from, trust_remote_code=fields.trust_remote_code,
