@@ -360,6 +360,30 @@ def test_a_cache_made_with_another_tokenizer_is_refused(tmp_path, corpus_file, s
     assert json.loads((tmp_path / "cache" / CACHE_RECORD).read_text())  # left as it was
 
 
+@pytest.mark.parametrize("edit", ["same size and mtime", "out-of-range id"])
+def test_a_token_cache_altered_after_it_was_built_is_rebuilt(edit, tmp_path, corpus_file, tok,
+                                                            capsys):
+    """Bytes of train.bin changed in place, keeping its size and mtime (or one token turned
+    into an id the tokenizer does not have): the next prepare says so and rebuilds it,
+    instead of training on other tokens or failing mid-run."""
+    config = cache_config(corpus_file, tmp_path / "cache")
+    folder = prepare(config, tok, show_progress=False)
+    tokens = folder / "train.bin"
+    original, stat = tokens.read_bytes(), tokens.stat()
+    with tokens.open("r+b") as f:
+        if edit == "out-of-range id":
+            f.seek(40)
+            f.write(b"\xff\xff")
+        else:
+            f.write(original[100:200])
+    os.utime(tokens, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert tokens.read_bytes() != original and tokens.stat().st_size == stat.st_size
+    capsys.readouterr()
+    prepare(config, tok, show_progress=False)
+    assert "changed after it was built" in capsys.readouterr().err
+    assert tokens.read_bytes() == original
+
+
 def logged_losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r}
 

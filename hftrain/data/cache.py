@@ -81,15 +81,17 @@ def prepare(config: DataConfig, tokenizer: Any, show_progress: bool = True) -> P
     folder = Path(config.cache).expanduser()
     wanted = identity(config, tokenizer)
     record = read_record(folder)
-    if record is not None and record.get("identity") == wanted:
+    if record is not None and record.get("identity") == wanted and _intact(folder, record):
         return folder
     _refuse_foreign(folder, record)  # before the lock file is made beside a folder not ours
     try:
         with _builder_lock(folder):  # two runs starting on one new cache: one builds it
             record = read_record(folder)
-            if record is not None and record.get("identity") == wanted:
+            same = record is not None and record.get("identity") == wanted
+            if same and _intact(folder, record, warn=True):
                 return folder  # the other process built it while this one waited
-            _check_and_build(config, tokenizer, folder, wanted, record, show_progress)
+            _check_and_build(config, tokenizer, folder, wanted, record, show_progress,
+                             announce=not same)  # altered after it was built: said above
     except OSError as exc:  # a read-only or missing parent folder, a full disk
         raise HftrainError(f"could not write the token cache {folder} "
                            f"({write_error_reason(exc)})") from None
@@ -136,17 +138,47 @@ def _not_probes(folder: Path) -> list[Path]:
 
 
 def _check_and_build(config: DataConfig, tokenizer: Any, folder: Path, wanted: dict[str, Any],
-                     record: dict[str, Any] | None, show_progress: bool) -> None:
+                     record: dict[str, Any] | None, show_progress: bool,
+                     announce: bool = True) -> None:
     _refuse_foreign(folder, record)
     foreign = sorted(p.name for p in _not_probes(folder) if p.name not in CACHE_FILES) \
         if folder.is_dir() else []
     if foreign:  # a rebuild replaces the folder: never with files hftrain did not write
         raise DataError(f"data.cache {folder} must be rebuilt (its data, settings or tokenizer "
                         f"changed) but also holds {', '.join(foreign)}; move those away first")
-    if record is not None:
+    if record is not None and announce:
         print(f"hftrain: {folder} was tokenized from other files, settings or tokenizer: "
               "rebuilding it", file=sys.stderr)
     _build(config, tokenizer, folder, wanted, show_progress)
+
+
+def _intact(folder: Path, record: dict[str, Any], warn: bool = False) -> bool:
+    """Whether every split's tokens still have the SHA-256 they were built with (a cache
+    built before the record held one is taken as it is). An edit in place at the same size
+    and mtime, or a flipped byte that makes an out-of-range id, would otherwise be trained
+    on. One read of the cache per start, by the one process per filesystem that builds it."""
+    for split, entry in (record.get("splits") or {}).items():
+        expected = entry.get("sha256") if isinstance(entry, dict) else None
+        if expected is None:
+            continue
+        try:
+            actual = _file_sha256(folder / f"{split}.bin")
+        except OSError:
+            actual = None
+        if actual != expected:
+            if warn:
+                print(f"hftrain: {folder / f'{split}.bin'} changed after it was built (its "
+                      "SHA-256 differs): rebuilding the token cache", file=sys.stderr)
+            return False
+    return True
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def split_digests(folder: Path) -> dict[str, Any]:
@@ -157,15 +189,11 @@ def split_digests(folder: Path) -> dict[str, Any]:
     splits = record.get("splits") or {}
     missing = [split for split, entry in splits.items() if "sha256" not in entry]
     for split in missing:
-        digest = hashlib.sha256()
         try:
-            with (folder / f"{split}.bin").open("rb") as f:
-                while chunk := f.read(1 << 22):
-                    digest.update(chunk)
+            splits[split]["sha256"] = _file_sha256(folder / f"{split}.bin")
         except OSError as exc:
             raise HftrainError(f"cannot read the token cache {folder / f'{split}.bin'} "
                                f"({write_error_reason(exc)})") from None
-        splits[split]["sha256"] = digest.hexdigest()
     if missing:  # hashed once: kept in the record if the folder can be written
         with suppress(OSError):
             atomic_write_text(folder / CACHE_RECORD, json.dumps(record, indent=2))
