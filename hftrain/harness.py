@@ -17,12 +17,14 @@ the text in the windows the model was trained on, like `hftrain eval --data`.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from hftrain.errors import HftrainError
+from hftrain.errors import HftrainError, one_line
 
 LM_EVAL_MISSING = "hftrain eval --tasks needs lm-eval: pip install 'hftrain[eval]'"
 
@@ -130,11 +132,42 @@ def run_tasks(
                   batch_size=batch_size, device=_device())
     except (OSError, ValueError) as exc:
         raise HftrainError(f"lm-eval cannot load '{export}': {exc}".split("\n")[0]) from None
-    output = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,
-                             log_samples=False)
+    from jinja2.exceptions import SecurityError
+
+    try:
+        with nullcontext() if trust_remote_code else sandboxed_templates():
+            output = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,
+                                     log_samples=False)
+    except SecurityError as exc:
+        raise HftrainError(f"an lm-eval task template reaches for Python ({one_line(exc)}); "
+                           "hftrain runs no code it did not ship unless asked: pass "
+                           "--trust-remote-code if you trust the task") from None
     if output is None:  # only on processes other than the main one
         return {}
     return {task: _metrics(values) for task, values in output["results"].items()}
+
+
+@contextmanager
+def sandboxed_templates() -> Iterator[None]:
+    """lm-eval renders every task template (`doc_to_text`, `doc_to_target`, ...) with a plain
+    `jinja2.Environment`, in which `{{ cycler.__init__.__globals__.os.popen(...) }}` runs a
+    command. Without --trust-remote-code, hftrain swaps lm-eval's module-level environment for
+    jinja2's own `ImmutableSandboxedEnvironment` (same settings and filters) for the time of
+    the evaluation: templates that only read fields render the same, one that reaches for
+    Python internals raises jinja2's SecurityError. (lm-eval offers no setting for this.)"""
+    import lm_eval.utils
+    from jinja2 import BaseLoader, StrictUndefined
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    original = lm_eval.utils.env
+    sandbox = ImmutableSandboxedEnvironment(loader=BaseLoader, undefined=StrictUndefined,
+                                            keep_trailing_newline=True)
+    sandbox.filters.update(original.filters)
+    lm_eval.utils.env = sandbox
+    try:
+        yield
+    finally:
+        lm_eval.utils.env = original
 
 
 def refuse_task_code(include_path: str | None, tasks: list[str]) -> None:
@@ -184,16 +217,17 @@ _TagRecorder.add_multi_constructor("tag:yaml.org,2002:python/", _record_python_t
 
 
 def _task_file_code(file: Path) -> tuple[list[str], list[str]]:
-    """(the `!function` names in `file`, the files its `include:` names); a file that does
-    not parse is lm-eval's to report."""
-    try:
-        loader = _TagRecorder(file.read_text(encoding="utf-8"))
+    """(the tags in `file` that would run Python, the files its `include:` names); a file that
+    cannot be read or parsed is refused: lm-eval might read it otherwise."""
+    try:  # bytes, as lm-eval reads them: the YAML reader detects UTF-16 and BOMs itself
+        loader = _TagRecorder(file.read_bytes())
         try:
             document = loader.get_single_data()
         finally:
             loader.dispose()
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return [], []
+    except (OSError, yaml.YAMLError) as exc:  # unreadable here: not handed on unchecked
+        raise HftrainError(f"{file}: cannot read this lm-eval task file to check it "
+                           f"({one_line(exc)})") from None
     includes = document.get("include") if isinstance(document, dict) else None
     names = includes if isinstance(includes, list) else [includes]
     return loader.functions, [str(name) for name in names if isinstance(name, str)]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import glob
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from typing import Any
 import yaml
 
 from hftrain.checkpoint import latest_checkpoint, newest_intact_checkpoint, read_state
+from hftrain.data_check import content_sample
 from hftrain.errors import HftrainError
 from hftrain.recipe import Recipe, flatten
 from hftrain.run_folder import check_new_run_target, has_run, is_run_folder, read_marker
@@ -96,7 +98,8 @@ def plan_run(recipe: Recipe, run_dir: Path, resume: bool, launch: dict[str, Any]
         _refuse_changes(saved, current, run_dir / "recipe.yaml")
         return Plan(restart=True)
     state = read_state(checkpoint)
-    _refuse_changes(state.get("trajectory", {}), current, checkpoint)
+    saved = _moved_data(state.get("trajectory", {}), current, state)
+    _refuse_changes(saved, current, checkpoint)
     step, max_steps = state["step"], recipe.train.max_steps
     if step > max_steps:
         raise HftrainError(f"the newest checkpoint ({checkpoint}) is at step {step}, past "
@@ -104,6 +107,30 @@ def plan_run(recipe: Recipe, run_dir: Path, resume: bool, launch: dict[str, Any]
     finished = (step == max_steps and read_marker(run_dir).get("finished_step") == step
                 and (run_dir / "final" / "config.json").is_file())
     return Plan(checkpoint=checkpoint, finished=finished)
+
+
+def _moved_data(saved: dict[str, Any], current: dict[str, Any],
+                state: dict[str, Any]) -> dict[str, Any]:
+    """`saved` with the data files of `current` where they are the checkpoint's files moved
+    to other paths with the same bytes (the same `content_sample`s, in the same order), said
+    in one line; otherwise as it was (the change is then refused)."""
+    samples = (state.get("parts") or {}).get("data_files", {}).get("samples") or {}
+    moved = dict(saved)
+    for key in ("data.train_files", "data.val_files"):
+        before, now = saved.get(key), current.get(key)
+        if not samples or not isinstance(before, list) or before == now or not now \
+                or len(before) != len(now) or any(path not in samples for path in before):
+            continue
+        try:
+            same = [samples[path] for path in before] == [content_sample(path) for path in now]
+        except OSError:
+            continue
+        if same:
+            moved[key] = now
+            print(f"hftrain: {key} moved since the checkpoint ({before[0]} -> {now[0]}"
+                  f"{', ...' if len(now) > 1 else ''}), same bytes: resuming with them",
+                  file=sys.stderr)
+    return moved
 
 
 def _recipe_trajectory(path: Path, launch: dict[str, Any]) -> dict[str, Any]:

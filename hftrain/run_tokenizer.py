@@ -12,7 +12,9 @@ from typing import Any
 from hftrain.atomic import atomic_directory
 from hftrain.checks import check_local_folder
 from hftrain.data import describe_source, texts
-from hftrain.errors import RecipeError
+from hftrain.data.sources import resolve_files
+from hftrain.data_check import content_sample
+from hftrain.errors import HftrainError, RecipeError
 from hftrain.recipe import Recipe
 from hftrain.resume import changed_keys
 from hftrain.run_folder import record_written
@@ -54,6 +56,21 @@ def tokenizer_record(recipe: Recipe) -> dict[str, Any]:
             "data.train_files": origin}
 
 
+SAMPLES = "data.train_samples"
+"""In the record: the training files by content (`content_sample`), so that a tokenizer
+learned from files since moved elsewhere with the same bytes is still the recipe's."""
+
+
+def _train_samples(recipe: Recipe) -> list[str] | None:
+    if recipe.data.dataset:
+        return None
+    try:
+        files = resolve_files(recipe.data.train_files, "data.train_files")
+        return [content_sample(path) for path in files]
+    except (OSError, HftrainError):
+        return None
+
+
 def check_saved_tokenizer(folder: Path, recipe: Recipe) -> None:
     """Refuse a tokenizer in the run folder that the recipe did not build: other tokenizer
     settings (`hftrain tokenizer` with kind char, then `train` with kind byte_bpe) or other
@@ -64,7 +81,10 @@ def check_saved_tokenizer(folder: Path, recipe: Recipe) -> None:
     except (OSError, ValueError):
         raise RecipeError(f"{folder} has no readable {TOKENIZER_RECORD}, so it cannot be told "
                           f"whether it fits the recipe. {fix}") from None
-    changed = changed_keys(saved, tokenizer_record(recipe))
+    current = tokenizer_record(recipe)
+    if saved.get(SAMPLES) and saved.get(SAMPLES) == _train_samples(recipe):
+        current["data.train_files"] = saved.get("data.train_files")  # moved, same bytes
+    changed = changed_keys({k: v for k, v in saved.items() if k != SAMPLES}, current)
     if changed:
         raise RecipeError(f"{folder} was built with other settings than the recipe's: "
                           f"{'; '.join(changed)}. {fix}")
@@ -74,5 +94,6 @@ def save_run_tokenizer(tokenizer: Any, recipe: Recipe, folder: Path) -> None:
     """The tokenizer and the record of how it was built, written together or not at all."""
     with atomic_directory(folder) as tmp:
         tokenizer.save_pretrained(tmp)
-        (tmp / TOKENIZER_RECORD).write_text(json.dumps(tokenizer_record(recipe), indent=2))
+        record = {**tokenizer_record(recipe), SAMPLES: _train_samples(recipe)}
+        (tmp / TOKENIZER_RECORD).write_text(json.dumps(record, indent=2))
     record_written(folder.parent, folder.name)  # run.overwrite may remove exactly these

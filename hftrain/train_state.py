@@ -11,13 +11,14 @@ them once per log line is the loop's only host-device synchronisation between ch
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 from typing import Any
 
 import torch
 
 from hftrain.checkpoint import COUNTERS, CheckpointError
-from hftrain.data_check import describe_change
+from hftrain.data_check import content_sample, describe_change
 from hftrain.errors import HftrainError
 
 
@@ -110,9 +111,17 @@ class DataFiles:
 
     def __init__(self, fingerprints: dict[str, Any], is_main_process: bool) -> None:
         self.fingerprints, self.is_main_process = fingerprints, is_main_process
+        self._samples: dict[str, str] | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"files": {path: list(fp) for path, fp in self.fingerprints.items()}}
+        """The fingerprints, and (main process: it writes the state file) each file's
+        `content_sample` by absolute path, taken once: a resume from files moved elsewhere
+        with the same bytes recognises them by it."""
+        if self._samples is None:
+            self._samples = {os.path.abspath(path): content_sample(path)
+                             for path in self.fingerprints} if self.is_main_process else {}
+        return {"files": {path: list(fp) for path, fp in self.fingerprints.items()},
+                "samples": self._samples}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not self.is_main_process:

@@ -274,6 +274,31 @@ def test_a_deleted_init_from_folder_is_named_in_one_line(key, finished, tmp_path
     assert not (tmp_path / "tuned").exists()
 
 
+@pytest.mark.parametrize("bytes_", ["same", "changed"])
+def test_data_moved_with_the_same_bytes_resumes_and_changed_data_is_refused(
+        bytes_, tmp_path, shakespeare_text, capsys):
+    """The corpus moved to another folder after step 20 (the recipe updated to match): with
+    the same bytes the run resumes, saying so; with other bytes it is refused as before."""
+    old = tmp_path / "old" / "corpus.txt"
+    old.parent.mkdir()
+    old.write_text(shakespeare_text[:60_000], encoding="utf-8")
+    recipe = recipe_file(tmp_path, old, tmp_path / "run")
+    assert cli(["train", str(recipe)], capsys)[0] == 0
+    new = tmp_path / "new" / "corpus.txt"
+    new.parent.mkdir()
+    old.rename(new)
+    if bytes_ == "changed":
+        new.write_text(shakespeare_text[:60_000].replace("e", "E", 1), encoding="utf-8")
+    code, out, err = cli(["train", str(recipe), "--resume", "train.max_steps=30",
+                          f"data.train_files=[{json.dumps(str(new))}]"], capsys)
+    if bytes_ == "same":
+        assert code == 0, err
+        assert "data.train_files moved since the checkpoint" in err
+        assert "resumed at step 20" in out
+    else:
+        assert code == 2 and "data.train_files" in one_error_line(err)
+
+
 def test_no_sample_is_fine(tmp_path, corpus_file, capsys):
     recipe = recipe_file(tmp_path, corpus_file, tmp_path / "run")
     code, out, err = cli(["train", str(recipe), "sample.max_new_tokens=0"], capsys)

@@ -150,6 +150,46 @@ def test_a_task_folder_that_runs_python_needs_trust_remote_code(scored, capsys, 
     assert "hftrain_heldout: bits_per_byte" in capsys.readouterr().out
 
 
+@needs_lm_eval
+def test_a_task_file_in_utf16_is_checked_too(scored, capsys, tmp_path):
+    """lm-eval's YAML reader decodes UTF-16: the check reads the bytes the same way."""
+    tasks = tmp_path / "tasks"
+    shutil.copytree(scored["tasks"], tasks)
+    marker = tmp_path / "evil-ran"
+    (tasks / "evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n"
+                                   "def fn(docs):\n    return docs\n")
+    task = tasks / "hftrain_heldout.yaml"
+    task.write_bytes((task.read_text() + "process_docs: !function evil.fn\n").encode("utf-16"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", str(scored["export"]), "--tasks", "hftrain_heldout", "--include-path",
+              str(tasks)])
+    assert exit_info.value.code == 2 and "runs Python" in capsys.readouterr().err
+    assert not marker.exists()
+
+
+@needs_lm_eval
+def test_a_task_template_cannot_reach_python_without_trust(scored, capsys, tmp_path):
+    """lm-eval renders task templates with jinja2: without --trust-remote-code they render
+    in jinja2's sandbox, so a template reaching for os.popen raises instead of running."""
+    tasks = tmp_path / "tasks"
+    shutil.copytree(scored["tasks"], tasks)
+    marker = tmp_path / "template-ran"
+    task = tasks / "hftrain_heldout.yaml"
+    payload = f"{{{{ cycler.__init__.__globals__.os.popen('touch {marker}').read() }}}}"
+    text = task.read_text()
+    assert "doc_to_target:" in text
+    lines = [f'doc_to_target: "{payload}{{{{text}}}}"' if line.startswith("doc_to_target:")
+             else line for line in text.splitlines()]
+    task.write_text("\n".join(lines) + "\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", str(scored["export"]), "--tasks", "hftrain_heldout", "--include-path",
+              str(tasks)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert "task template reaches for Python" in err
+    assert not marker.exists()
+
+
 def test_tasks_without_lm_eval_is_one_line_and_exit_2(monkeypatch, capsys, tmp_path):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` raises ImportError
     # checked before --data is read: the missing file is not what gets reported
