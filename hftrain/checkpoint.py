@@ -65,6 +65,11 @@ class CheckpointError(HftrainError):
     """A checkpoint could not be written (full disk, read-only folder) or read."""
 
 
+def is_checkpoint_name(name: str) -> bool:
+    """`step-00000120`: the only folder name hftrain gives a checkpoint."""
+    return bool(_NAME.match(name))
+
+
 def checkpoints_root(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
 

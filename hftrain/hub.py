@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from hftrain.atomic import atomic_write_text, write_error_reason
 from hftrain.errors import HftrainError, one_line
 from hftrain.launch import RUN_RECORD
-from hftrain.run_folder import contains, record_written
+from hftrain.run_folder import check_replaceable, contains, is_run_folder, record_written
 from hftrain.tracking import read_metrics
 
 FAMILIES = {"gpt2": "GPT-2", "llama": "Llama-style", "qwen3": "Qwen3-style"}
@@ -134,9 +135,25 @@ def _without_local_paths(value: Any) -> Any:
         return {key: _without_local_paths(item) for key, item in value.items()}
     if isinstance(value, list):
         return [_without_local_paths(item) for item in value]
-    if isinstance(value, str) and (value.startswith("~") or os.path.isabs(value)):
-        return "/".join(Path(value).parts[-2:])
-    return value
+    return public_name(value) if isinstance(value, str) else value
+
+
+_WINDOWS_PATH = re.compile(r"^[A-Za-z]:[\\/]")
+
+
+def looks_local(value: str) -> bool:
+    """Whether `value` is a local path (POSIX or Windows, `~`, `./`, `../`, `file:`) rather
+    than a Hub id (`owner/name`) or a plain name."""
+    return (value.startswith(("/", "~", "./", "../", "file:", "\\")) or "\\" in value
+            or bool(_WINDOWS_PATH.match(value)) or value.count("/") > 1)
+
+
+def public_name(value: str) -> str:
+    """A local path as its last component only: a published file names no user, home or
+    directory of the machine the model was trained on. Anything else as it is."""
+    if not looks_local(value):
+        return value
+    return re.split(r"[\\/]", value.rstrip("/\\"))[-1] or "local"
 
 
 STAGING_MARKER = ".hftrain-staging"
@@ -153,6 +170,8 @@ def _claim_staging_folder(folder: Path, export: Path) -> None:
                            "folder; stage the upload in a folder of its own (default: RUN/hub)")
     if folder.is_symlink():
         raise HftrainError(f"--folder {folder} is a symbolic link; give the folder itself")
+    if folder.name == "hub" and is_run_folder(folder.parent):  # RUN/hub, staged before
+        check_replaceable(folder.parent, folder.name)
     try:
         if folder.exists():
             if not folder.is_dir():
@@ -185,8 +204,8 @@ def model_card(folder: Path, repo_id: str, val: dict[str, Any] | None) -> ModelC
     data, model, train = recipe["data"], recipe["model"], recipe["train"]
     recurrent = config.get("model_type") == "hftrain_recurrent"
     arch = config.get("cell", config.get("model_type", "causal-lm"))
-    dataset_name = data.get("dataset") or ", ".join(Path(f).name for f in data.get("val_files")
-                                                   or data.get("train_files") or []) or "custom"
+    dataset_name = data.get("dataset") or ", ".join(public_name(str(f)) for f in data.get(
+        "val_files") or data.get("train_files") or []) or "custom"
     card_data = ModelCardData(
         library_name="transformers",
         pipeline_tag="text-generation",
@@ -212,7 +231,7 @@ def model_card(folder: Path, repo_id: str, val: dict[str, Any] | None) -> ModelC
         architecture=_architecture(config),
         parameters=f"{n_params / 1e6:.2f} M" if n_params else "unknown",
         tokenizer=_tokenizer_origin(recipe),
-        train_data=data.get("dataset") or ", ".join(Path(f).name for f in
+        train_data=data.get("dataset") or ", ".join(public_name(str(f)) for f in
                                                     data.get("train_files") or []) or "unknown",
         val_data=dataset_name,
         steps=train.get("max_steps", "?"),
@@ -261,12 +280,12 @@ def global_batch(train: dict[str, Any], block_size: Any, run: dict[str, Any]) ->
 
 
 def _model_name(reference: str) -> str:
-    """A Hub id as given; a local folder by its last two path parts only (`runs/x/final` ->
-    `x/final`): the card is public and the trainer's directories are not its business."""
-    path = Path(reference).expanduser()
-    if not path.exists():
+    """A Hub id as given; a local folder by its last component only (`runs/x/final` ->
+    `final`), whether or not it still exists: the card is public and the trainer's
+    directories are not its business."""
+    if not looks_local(reference) and not Path(reference).exists():
         return f"`{reference}`"
-    return f"the local model `{'/'.join(path.resolve().parts[-2:])}`"
+    return f"the local model `{public_name(str(Path(reference).expanduser().resolve()))}`"
 
 
 def _tokenizer_origin(recipe: dict[str, Any]) -> str:

@@ -16,6 +16,7 @@ import os
 import shutil
 import sys
 from collections.abc import Iterable, Iterator
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
@@ -146,14 +147,32 @@ def _refuse_foreign_entries(folder: Path) -> None:
                            "run.output_dir")
 
 
-RECORDED = ("tokenizer", "final", "hub", "hftrain")
+RECORDED = ("tokenizer", "final", "hub")
 """The run's folders whose files hftrain records in the marker (`written`) when it writes
-them: the tokenizer, the export, the push staging folder and the trackers' logs."""
+them: the tokenizer, the export and the push staging folder."""
+
+KNOWN_NAMES = {
+    "tokenizer": ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                  "chat_template.jinja", "added_tokens.json", "vocab.json", "merges.txt",
+                  "hftrain_tokenizer.json"),
+    "final": ("config.json", "generation_config.json", "model.safetensors",
+              "model-*-of-*.safetensors", "model.safetensors.index.json", "hftrain_recipe.yaml",
+              "hftrain_run.json", "*_recurrent.py", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "chat_template.jinja", "added_tokens.json",
+              "vocab.json", "merges.txt"),
+    # TensorBoard's logs under Accelerate's project_dir: RUN/hftrain/<time>/events..., hparams
+    "hftrain": ("*/events.out.tfevents.*", "events.out.tfevents.*", "*/hparams.yml"),
+}
+"""What hftrain writes into a folder it has no record of (a run started by an earlier
+version; the trackers' folder, which the trackers fill), as `fnmatch` patterns of paths
+relative to the folder."""
+KNOWN_NAMES["hub"] = (*KNOWN_NAMES["final"], "README.md", "loss.png", ".hftrain-staging")
 
 
 def record_written(run_dir: Path, name: str) -> None:
     """Record in the marker every file now under `run_dir/name` as hftrain's own (no-op when
-    `run_dir` is not a run folder: an export or tokenizer written elsewhere)."""
+    `run_dir` is not a run folder: an export or tokenizer written elsewhere). Called right
+    after hftrain replaced the folder whole, so everything in it is hftrain's."""
     if not is_run_folder(run_dir):
         return
     written = read_marker(run_dir).get("written")
@@ -169,32 +188,54 @@ def _listing(folder: Path) -> list[str]:
                   if p.is_file() or p.is_symlink())
 
 
-def foreign_files(folder: Path) -> list[str]:
-    """Files inside the run's own folders that hftrain did not write, at any depth: in
-    `checkpoints/`, anything but complete checkpoints' listed files (and temporary folders of
-    killed saves); in the RECORDED folders, anything the marker does not list. A run folder
-    from before the record (no `written` in its marker) is checked at the top level only."""
-    from hftrain.checkpoint import STATE_FILE, read_raw_state
-
+def foreign_files(folder: Path, names: tuple[str, ...] = (*RECORDED, "hftrain")) -> list[str]:
+    """Files inside the run's own folders (`names`, and `checkpoints/` among the defaults)
+    that hftrain did not write, at any depth: in `checkpoints/`, anything but `step-N`
+    folders' listed files (and temporary folders of killed saves); in a RECORDED folder,
+    anything the marker does not list, or, with no record of it, anything but KNOWN_NAMES."""
     found: list[str] = []
     written = read_marker(folder).get("written")
-    if isinstance(written, dict):
-        for name in RECORDED:
+    written = written if isinstance(written, dict) else {}
+    for name in names:
+        if name in written:
             known = set(written.get(name) or [])
             found += [f"{name}/{f}" for f in _listing(folder / name) if f not in known]
-    root = folder / "checkpoints"
-    if root.is_dir() and not root.is_symlink():
-        for entry in sorted(root.iterdir()):
-            if entry.name.startswith(".step-") and entry.name.endswith((".tmp", ".old")):
-                continue  # a killed save's
-            try:
-                listed = set(read_raw_state(entry)["files"]) | {STATE_FILE}
-            except (OSError, ValueError, KeyError, TypeError):
-                found.append(f"checkpoints/{entry.name}")
-                continue
-            found += [f"checkpoints/{entry.name}/{f}" for f in _listing(entry)
-                      if f not in listed]
+        else:
+            found += [f"{name}/{f}" for f in _listing(folder / name)
+                      if not any(fnmatch(f, pattern) for pattern in KNOWN_NAMES[name])]
+    if names == (*RECORDED, "hftrain"):
+        found += _foreign_checkpoint_files(folder / "checkpoints")
     return found
+
+
+def _foreign_checkpoint_files(root: Path) -> list[str]:
+    from hftrain.checkpoint import STATE_FILE, is_checkpoint_name, read_raw_state
+
+    if not root.is_dir() or root.is_symlink():
+        return []
+    found = []
+    for entry in sorted(root.iterdir()):
+        if entry.name.startswith(".step-") and entry.name.endswith((".tmp", ".old")):
+            continue  # a killed save's
+        try:
+            if not is_checkpoint_name(entry.name):
+                raise ValueError("not a name hftrain gives a checkpoint")
+            listed = set(read_raw_state(entry)["files"]) | {STATE_FILE}
+        except (OSError, ValueError, KeyError, TypeError):
+            found.append(f"checkpoints/{entry.name}")
+            continue
+        found += [f"checkpoints/{entry.name}/{f}" for f in _listing(entry) if f not in listed]
+    return found
+
+
+def check_replaceable(run_dir: Path, name: str) -> None:
+    """Refuse (one line) before hftrain replaces `run_dir/name` whole (the export, the
+    tokenizer) when the user put files of their own in it."""
+    foreign = foreign_files(run_dir, (name,))
+    if foreign:
+        raise HftrainError(f"{run_dir / name} holds files hftrain did not write "
+                           f"({', '.join(foreign[:3])}); hftrain replaces that folder whole: "
+                           "move them out first")
 
 
 def check_no_links(folder: Path) -> None:

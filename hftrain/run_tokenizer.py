@@ -17,7 +17,7 @@ from hftrain.data_check import content_sample
 from hftrain.errors import HftrainError, RecipeError
 from hftrain.recipe import Recipe
 from hftrain.resume import changed_keys
-from hftrain.run_folder import record_written
+from hftrain.run_folder import check_replaceable, record_written
 from hftrain.tokenizer import build_tokenizer, load_tokenizer
 
 TOKENIZER_RECORD = "hftrain_tokenizer.json"
@@ -92,6 +92,7 @@ def check_saved_tokenizer(folder: Path, recipe: Recipe) -> None:
 
 def save_run_tokenizer(tokenizer: Any, recipe: Recipe, folder: Path) -> None:
     """The tokenizer and the record of how it was built, written together or not at all."""
+    check_replaceable(folder.parent, folder.name)  # replaced whole: none of the user's files
     with atomic_directory(folder) as tmp:
         tokenizer.save_pretrained(tmp)
         record = {**tokenizer_record(recipe), SAMPLES: _train_samples(recipe)}

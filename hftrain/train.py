@@ -72,6 +72,7 @@ from hftrain.resume import Plan, plan_run, trajectory
 from hftrain.run_folder import (
     RunLock,
     check_new_run_target,
+    check_replaceable,
     check_writable_target,
     clear_run_folder,
     contains,
@@ -154,6 +155,7 @@ def start_run_folder(run_dir: Path, recipe: Recipe, tokenizer: Any, built: bool,
         check_new_run_target(run_dir, recipe.run.overwrite)
         if recipe.run.overwrite and is_run_folder(run_dir):
             clear_run_folder(run_dir)
+    check_replaceable(run_dir, "final")  # the export replaces it whole at the end
     try:
         if is_run_folder(run_dir):  # from now on the run is not finished, until _finish says so
             write_marker(run_dir, finished_step=None)
@@ -319,8 +321,6 @@ def _run_in_folder(recipe: Recipe, accelerator: Accelerator, plan: Plan, parts: 
     run_dir = Path(recipe.run.output_dir)
     if trackers:
         accelerator.init_trackers("hftrain", config=flat_config(recipe.to_dict()))
-        if accelerator.is_main_process:
-            record_written(run_dir, "hftrain")  # the trackers' log files, made just now
     log = MetricsLog(run_dir / "metrics.jsonl", accelerator.is_main_process, accelerator)
     loop = TrainingLoop(recipe, accelerator, parts.model, parts.optimizer, parts.scheduler,
                         parts.streams, log, run_dir, parts.batches, parts.tokenizer)
@@ -631,8 +631,6 @@ class TrainingLoop:
             self.step, trajectory(self.recipe, launch_trajectory(self.accelerator)),
             keep or self.recipe.checkpoint.keep, previous=self.last_checkpoint)
         self.last_save = time.monotonic()
-        if self.accelerator.is_main_process and self.recipe.run.trackers != []:
-            record_written(self.run_dir, "hftrain")  # the trackers may have added files
         return self.last_checkpoint
 
     def resume(self, path: Path) -> None:
@@ -751,6 +749,7 @@ def export(accelerator: Accelerator, model: Any, tokenizer: Any, recipe: Recipe,
     whole = whole_model(accelerator, model)
     if accelerator.is_main_process:
         whole.generation_config = generation_config(recipe, tokenizer)
+        check_replaceable(run_dir, final_dir.name)  # checked at start too: a file put since
         with atomic_directory(final_dir) as tmp:
             whole.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)

@@ -214,6 +214,20 @@ def test_sigterm_or_sighup_checkpoints_exits_cleanly_and_resumes(name, uninterru
         assert got[step] == pytest.approx(loss, rel=1e-5), step
 
 
+def test_a_run_under_nohup_ignores_sighup(uninterrupted, tmp_path):
+    """`nohup hftrain train ...`: SIGHUP was set to be ignored before hftrain started, and
+    stays ignored (the run goes on to the end when the terminal closes)."""
+    corpus, whole_losses, _ = uninterrupted
+    recipe = write_recipe(tmp_path, corpus, "run")
+    env = {**os.environ, "SIGNAL_IN": "step7:HUP"}
+    done = subprocess.run([sys.executable, str(FAULTS), str(tmp_path / "record.txt"), "0", "0",
+                           "--", "train", str(recipe)], capture_output=True, text=True,
+                          cwd=REPO, env=env,
+                          preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    assert done.returncode == 0, done.stderr
+    assert losses(tmp_path / "run").keys() == whole_losses.keys()
+
+
 def test_a_run_without_a_checkpoint_interval_survives_kill_9_by_the_clock(uninterrupted,
                                                                          tmp_path):
     """checkpoint.interval 0 (the default) and a time-based checkpoint every

@@ -109,6 +109,44 @@ def test_overwrite_refuses_a_users_file_at_any_depth(where, finished, capsys):
     assert snapshot(run_dir) == before
 
 
+@pytest.mark.parametrize("how", ["copied checkpoint", "older run folder", "continued run",
+                                 "tokenizer command"])
+def test_a_users_file_survives_what_found_it_before(how, finished, tmp_path, capsys):
+    """Ways a hostile probe got a user's file deleted: a checkpoint copied under another name
+    (its state file valid); a run folder from before the record of written files; a finished
+    run continued (the export is replaced whole); `hftrain tokenizer ... run.overwrite=true`."""
+    import shutil
+
+    recipe, run_dir = finished
+    if how == "copied checkpoint":
+        shutil.copytree(run_dir / "checkpoints" / "step-00000020",
+                        run_dir / "checkpoints" / "best-keep")
+        mine, argv = run_dir / "checkpoints" / "best-keep", ["run.overwrite=true"]
+    elif how == "older run folder":
+        marker = json.loads((run_dir / MARKER).read_text())
+        del marker["written"]
+        (run_dir / MARKER).write_text(json.dumps(marker))
+        mine, argv = run_dir / "final" / "notes.txt", ["run.overwrite=true"]
+    elif how == "continued run":
+        mine, argv = run_dir / "final" / "notes.txt", ["--resume", "train.max_steps=25"]
+    else:
+        folder = tmp_path / "tok"
+        assert cli(["tokenizer", str(recipe), f"run.output_dir={folder}"], capsys)[0] == 0
+        mine = folder / "tokenizer" / "notes.txt"
+        argv = None
+    if not mine.exists():
+        mine.write_text("precious")
+    before = snapshot(tmp_path)
+    command = ["train", str(recipe), "train.max_steps=5", *argv] if argv else \
+        ["tokenizer", str(recipe), f"run.output_dir={tmp_path / 'tok'}", "run.overwrite=true",
+         "tokenizer.kind=byte_bpe"]
+    if argv and "--resume" in argv:
+        command = ["train", str(recipe), *argv]
+    code, _, err = cli(command, capsys)
+    assert code == 2 and "hftrain did not write" in one_error_line(err), err
+    assert snapshot(tmp_path) == before
+
+
 # 2. the push staging folder ---------------------------------------------------------------
 
 
@@ -795,7 +833,29 @@ def test_the_staged_upload_carries_no_local_absolute_path(finished, tmp_path, ca
     import yaml
 
     staged = yaml.safe_load((run_dir / "hub" / "hftrain_recipe.yaml").read_text())
-    assert staged["run"]["output_dir"] == f"{tmp_path.name}/run"
+    assert staged["run"]["output_dir"] == "run"
+
+
+def test_no_user_or_home_reaches_the_card_or_recipe_from_any_path_form(finished, capsys):
+    """Paths a recipe may hold in any form (missing on this machine, ~, ~user, ../..,
+    file://, Windows) are published as their last component only."""
+    import yaml
+
+    _, run_dir = finished
+    path = run_dir / "final" / "hftrain_recipe.yaml"
+    recipe = yaml.safe_load(path.read_text())
+    recipe["model"]["init_from"] = "/home/alice/models/unreleased-7b"
+    recipe["tokenizer"]["name_or_path"] = "~/tokenizers/acme-internal"
+    recipe["data"]["train_files"] = ["C:\\Users\\alice\\data.txt", "~bob/notes.txt",
+                                     "../../home/alice/private.txt", "file:///home/alice/x.txt"]
+    path.write_text(yaml.safe_dump(recipe))
+    code, _, err = cli(["push", str(run_dir / "final"), "--repo-id", "me/m", "--dry-run"],
+                       capsys)
+    assert code == 0, err
+    for name in ("README.md", "hftrain_recipe.yaml"):
+        text = (run_dir / "hub" / name).read_text()
+        assert not any(word in text for word in ("alice", "bob", "/home", "~", "Users")), name
+    assert "unreleased-7b" in (run_dir / "hub" / "README.md").read_text()
 
 
 @pytest.mark.parametrize("content", ["- a list\n", "data: 5\nmodel: [1]\n",
