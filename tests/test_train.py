@@ -223,7 +223,7 @@ def test_metrics_say_how_long_the_loop_waited_for_data(tmp_path, corpus_file, mo
     real_next = TrainStream.__next__
 
     def slow_next(self):
-        time.sleep(0.05)  # a data source far slower than a 1-layer model's step
+        time.sleep(0.2)  # far slower than a 1-layer model's step, even on a busy machine
         return real_next(self)
 
     monkeypatch.setattr(TrainStream, "__next__", slow_next)
