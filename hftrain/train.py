@@ -40,6 +40,7 @@ from hftrain.errors import (
     ReportedByMainProcess,
     RunStopped,
     TrainingDiverged,
+    one_line,
 )
 from hftrain.evaluation import evaluate_lm, model_inputs, token_nll
 from hftrain.generation import generate_text
@@ -519,6 +520,10 @@ class TrainingLoop:
         try:  # keep every earlier checkpoint too: this one was not planned
             self.save_checkpoint(keep=self.recipe.checkpoint.keep + 1)
         except CheckpointError:
+            return
+        except Exception as other:  # noqa: BLE001 - the failure being reported comes first
+            print(f"hftrain: warning: could not checkpoint after the failure "
+                  f"({one_line(other)})", file=sys.stderr)
             return
         exc.checkpoint = self.last_checkpoint  # the CLI prints how to resume from it
 

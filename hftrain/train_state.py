@@ -111,17 +111,23 @@ class DataFiles:
 
     def __init__(self, fingerprints: dict[str, Any], is_main_process: bool) -> None:
         self.fingerprints, self.is_main_process = fingerprints, is_main_process
-        self._samples: dict[str, str] | None = None
+        self.samples = self._content_samples() if is_main_process else {}
+        """Each file's `content_sample` by absolute path (main process: it writes the state
+        file), taken at the start, while the files are as the run found them: a resume from
+        files moved elsewhere with the same bytes recognises them by it."""
+
+    def _content_samples(self) -> dict[str, str]:
+        samples = {}
+        for path in self.fingerprints:
+            try:
+                samples[os.path.abspath(path)] = content_sample(path)
+            except OSError:  # gone already: the data stream says so when it reads it
+                continue
+        return samples
 
     def state_dict(self) -> dict[str, Any]:
-        """The fingerprints, and (main process: it writes the state file) each file's
-        `content_sample` by absolute path, taken once: a resume from files moved elsewhere
-        with the same bytes recognises them by it."""
-        if self._samples is None:
-            self._samples = {os.path.abspath(path): content_sample(path)
-                             for path in self.fingerprints} if self.is_main_process else {}
         return {"files": {path: list(fp) for path, fp in self.fingerprints.items()},
-                "samples": self._samples}
+                "samples": self.samples}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not self.is_main_process:

@@ -60,6 +60,18 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r}
 
 
+def assert_resume_equals_the_whole_run(record: Path, recipe: Path, run_dir: Path,
+                                       whole_losses: dict, whole_steps: dict) -> None:
+    """`--resume` finishes the run on the same blocks (none twice, none skipped) with the
+    uninterrupted run's losses."""
+    resumed = run_with_fault(record, recipe, extra=["--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert trained_steps(record) == whole_steps
+    got = losses(run_dir)
+    for step, loss in whole_losses.items():
+        assert got[step] == pytest.approx(loss, rel=1e-5), step
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, shakespeare_text):
     tmp = tmp_path_factory.mktemp("whole")
@@ -206,12 +218,8 @@ def test_sigterm_or_sighup_checkpoints_exits_cleanly_and_resumes(name, uninterru
     assert stopped.returncode == 128 + getattr(signal, f"SIG{name}"), stopped.stderr
     assert "stopped at step 7" in stopped.stderr and "Traceback" not in stopped.stderr
     assert latest_checkpoint(tmp_path / "run").name == "step-00000007"
-    resumed = run_with_fault(record, recipe, extra=["--resume"])
-    assert resumed.returncode == 0, resumed.stderr
-    assert trained_steps(record) == whole_steps
-    got = losses(tmp_path / "run")
-    for step, loss in whole_losses.items():
-        assert got[step] == pytest.approx(loss, rel=1e-5), step
+    assert_resume_equals_the_whole_run(record, recipe, tmp_path / "run", whole_losses,
+                                       whole_steps)
 
 
 def test_a_run_under_nohup_ignores_sighup(uninterrupted, tmp_path):
@@ -241,12 +249,8 @@ def test_a_run_without_a_checkpoint_interval_survives_kill_9_by_the_clock(uninte
     record = tmp_path / "record.txt"
     assert run_with_fault(record, recipe, kill_at_step=24).returncode == -signal.SIGKILL
     assert latest_checkpoint(tmp_path / "run").name == "step-00000023"
-    resumed = run_with_fault(record, recipe, extra=["--resume"])
-    assert resumed.returncode == 0, resumed.stderr
-    assert trained_steps(record) == whole_steps
-    got = losses(tmp_path / "run")
-    for step, loss in whole_losses.items():
-        assert got[step] == pytest.approx(loss, rel=1e-5), step
+    assert_resume_equals_the_whole_run(record, recipe, tmp_path / "run", whole_losses,
+                                       whole_steps)
 
 
 def test_two_process_kill_9_then_resume_reproduces_the_uninterrupted_run(tmp_path, corpus_file):

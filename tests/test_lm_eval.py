@@ -126,16 +126,22 @@ def test_unknown_task_is_one_line(scored, capsys):
     assert "unknown lm-eval task 'no_such_task_xyz'" in err
 
 
-@needs_lm_eval
-def test_a_task_folder_that_runs_python_needs_trust_remote_code(scored, capsys, tmp_path):
-    """`process_docs: !function evil.fn` makes lm-eval import evil.py from the task folder:
-    refused in one line (nothing imported) unless --trust-remote-code is given."""
+def task_folder_with_code(scored: dict, tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A copy of the local task folder with `evil.py` beside it, which leaves `marker` when
+    imported: (folder, the task's YAML, marker)."""
     tasks = tmp_path / "tasks"
     shutil.copytree(scored["tasks"], tasks)
     marker = tmp_path / "evil-ran"
     (tasks / "evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n"
                                    "def fn(docs):\n    return docs\n")
-    task = tasks / "hftrain_heldout.yaml"
+    return tasks, tasks / "hftrain_heldout.yaml", marker
+
+
+@needs_lm_eval
+def test_a_task_folder_that_runs_python_needs_trust_remote_code(scored, capsys, tmp_path):
+    """`process_docs: !function evil.fn` makes lm-eval import evil.py from the task folder:
+    refused in one line (nothing imported) unless --trust-remote-code is given."""
+    tasks, task, marker = task_folder_with_code(scored, tmp_path)
     task.write_text(task.read_text() + "process_docs: !function evil.fn\n")
     argv = ["eval", str(scored["export"]), "--tasks", "hftrain_heldout", "--include-path",
             str(tasks)]
@@ -153,12 +159,7 @@ def test_a_task_folder_that_runs_python_needs_trust_remote_code(scored, capsys, 
 @needs_lm_eval
 def test_a_task_file_in_utf16_is_checked_too(scored, capsys, tmp_path):
     """lm-eval's YAML reader decodes UTF-16: the check reads the bytes the same way."""
-    tasks = tmp_path / "tasks"
-    shutil.copytree(scored["tasks"], tasks)
-    marker = tmp_path / "evil-ran"
-    (tasks / "evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n"
-                                   "def fn(docs):\n    return docs\n")
-    task = tasks / "hftrain_heldout.yaml"
+    tasks, task, marker = task_folder_with_code(scored, tmp_path)
     task.write_bytes((task.read_text() + "process_docs: !function evil.fn\n").encode("utf-16"))
     with pytest.raises(SystemExit) as exit_info:
         main(["eval", str(scored["export"]), "--tasks", "hftrain_heldout", "--include-path",
