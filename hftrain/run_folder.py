@@ -182,10 +182,10 @@ def record_written(run_dir: Path, name: str) -> None:
 
 
 def _listing(folder: Path) -> list[str]:
-    if not folder.is_dir() or folder.is_symlink():
-        return []
-    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
-                  if p.is_file() or p.is_symlink())
+    """`checkpoint.manifest_names` of a folder that is one (not a link to one), else []."""
+    from hftrain.checkpoint import manifest_names
+
+    return manifest_names(folder) if folder.is_dir() and not folder.is_symlink() else []
 
 
 def foreign_files(folder: Path, names: tuple[str, ...] = (*RECORDED, "hftrain")) -> list[str]:

@@ -32,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from hftrain.atomic import atomic_directory, atomic_write_text, write_error_reason
+from hftrain.checkpoint import file_sha256
 from hftrain.data.loader import (
     PieceTokenizer,
     UndoableSteps,
@@ -162,7 +163,7 @@ def _intact(folder: Path, record: dict[str, Any], warn: bool = False) -> bool:
         if expected is None:
             continue
         try:
-            actual = _file_sha256(folder / f"{split}.bin")
+            actual = file_sha256(folder / f"{split}.bin")
         except OSError:
             actual = None
         if actual != expected:
@@ -171,14 +172,6 @@ def _intact(folder: Path, record: dict[str, Any], warn: bool = False) -> bool:
                       "SHA-256 differs): rebuilding the token cache", file=sys.stderr)
             return False
     return True
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def split_digests(folder: Path) -> dict[str, Any]:
@@ -190,7 +183,7 @@ def split_digests(folder: Path) -> dict[str, Any]:
     missing = [split for split, entry in splits.items() if "sha256" not in entry]
     for split in missing:
         try:
-            splits[split]["sha256"] = _file_sha256(folder / f"{split}.bin")
+            splits[split]["sha256"] = file_sha256(folder / f"{split}.bin")
         except OSError as exc:
             raise HftrainError(f"cannot read the token cache {folder / f'{split}.bin'} "
                                f"({write_error_reason(exc)})") from None
