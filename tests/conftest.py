@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import resource
+import shutil
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -10,9 +15,75 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Every Python process a test starts prints all its threads' stacks on SIGABRT (see
+# `communicate_or_dump`), and leaves no core file behind.
+os.environ.setdefault("PYTHONFAULTHANDLER", "1")
+resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO / "recipes" / "data" / "tinyshakespeare.txt"
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below `pid` (from /proc: Linux only, as the tests that use it)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        found += children
+        todo += children
+    return found
+
+
+def native_stacks(pid: int) -> str:
+    """Every thread's C stack of process `pid` from gdb, where gdb is installed: what a
+    Python stack cannot show (a lock inside `fork`, a collective)."""
+    if shutil.which("gdb") is None:
+        return ""
+    try:
+        done = subprocess.run(["gdb", "-p", str(pid), "-batch", "-ex", "thread apply all bt 25"],
+                              capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        return f"pid {pid}: gdb timed out\n"
+    frames = [line for line in done.stdout.splitlines() if line.startswith(("#", "Thread"))]
+    return f"=== pid {pid} ===\n" + "\n".join(frames) + "\n"
+
+
+def communicate_or_dump(proc: subprocess.Popen, timeout: float) -> subprocess.CompletedProcess:
+    """`proc.communicate(timeout)`; past the timeout, every process below `proc` (workers,
+    DataLoader workers) is sent SIGABRT so that each prints its stacks, and the test fails
+    with them: a hang in CI then says where it hung instead of only that it did."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        hung = [*descendants(proc.pid), proc.pid]
+        native = "".join(native_stacks(pid) for pid in hung)
+        for pid in hung:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGABRT)
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        pytest.fail(f"hung past {timeout} s: {proc.args}\n--- native stacks ---\n{native}"
+                    f"\n--- stderr (Python stacks) ---\n{(err or '')[-20000:]}\n"
+                    f"--- stdout ---\n{(out or '')[-3000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def run_or_dump(args: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """`subprocess.run(args, capture_output=True, text=True, timeout=...)` that prints the
+    stacks of a hung process tree (`communicate_or_dump`)."""
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            **kwargs)
+    return communicate_or_dump(proc, timeout)
 
 
 @pytest.fixture(scope="session")

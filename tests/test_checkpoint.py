@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, tiny_recipe_dict
+from conftest import REPO, run_or_dump, tiny_recipe_dict
 from safetensors.torch import load_file, save_file
 
 import hftrain.train
@@ -263,10 +263,9 @@ def test_two_process_kill_9_then_resume_reproduces_the_uninterrupted_run(tmp_pat
         data["run"]["output_dir"] = str(tmp_path / name)
         recipe = tmp_path / f"{name}.yaml"
         recipe.write_text(json.dumps(data))
-        return subprocess.run([torchrun, "--nproc_per_node", "2", str(FAULTS),
-                               str(tmp_path / f"{name}.record"), str(kill_at_step), "0", "--",
-                               "train", str(recipe), *train_args],
-                              capture_output=True, text=True, cwd=REPO)
+        return run_or_dump([torchrun, "--nproc_per_node", "2", str(FAULTS),
+                            str(tmp_path / f"{name}.record"), str(kill_at_step), "0", "--",
+                            "train", str(recipe), *train_args], 600, cwd=REPO)
 
     assert launch("whole", 0).returncode == 0
     assert launch("killed", 17).returncode != 0

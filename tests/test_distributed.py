@@ -8,14 +8,13 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, blocks_of, tiny_recipe_dict, unpack
+from conftest import REPO, blocks_of, run_or_dump, tiny_recipe_dict, unpack
 
 from hftrain.cli import main
 from hftrain.data import DataStreams
@@ -148,8 +147,8 @@ def run_two_processes(tmp_path: Path, data: dict) -> Path:
     recipe = tmp_path / "two.yaml"
     recipe.write_text(json.dumps(data))
     torchrun = str(Path(sys.executable).with_name("torchrun"))
-    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "hftrain", "train",
-                           str(recipe)], capture_output=True, text=True, cwd=REPO)
+    proc = run_or_dump([torchrun, "--nproc_per_node", "2", "-m", "hftrain", "train",
+                        str(recipe)], 600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return tmp_path / "two"
 

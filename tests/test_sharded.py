@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, tiny_recipe_dict
+from conftest import REPO, communicate_or_dump, run_or_dump, tiny_recipe_dict
 from safetensors.torch import load_file
 
 from hftrain.checkpoint import (
@@ -74,10 +74,10 @@ def launch(tmp_path: Path, name: str, data: dict, fsdp: bool | str, *args: str,
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_"))}
     config = "fsdp" if fsdp is True else fsdp  # or a DeepSpeed config's name
     env.update(launch_variables(config) if config else {}, OMP_NUM_THREADS="1")
-    return subprocess.run(
+    return run_or_dump(
         [TORCHRUN, "--nproc_per_node", "2", str(FAULTS), str(tmp_path / f"{name}.record"),
          str(kill_at_step), "0", "--", "train", str(recipe), *args],
-        capture_output=True, text=True, cwd=REPO, env=env, timeout=TIME_LIMIT)
+        TIME_LIMIT, cwd=REPO, env=env)
 
 
 def recipe_data(tmp_path: Path, corpus: Path, model: dict | None = None) -> dict:
@@ -310,11 +310,7 @@ def agents(tmp_path: Path, name: str, data: dict, nodes: list[Path], *args: str,
          *(node_args[rank] if node_args else [])],
         cwd=node, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for rank, node in enumerate(nodes)]
-    done = []
-    for proc in started:
-        out, err = proc.communicate(timeout=TIME_LIMIT)
-        done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
-    return done
+    return [communicate_or_dump(proc, TIME_LIMIT) for proc in started]
 
 
 def test_a_worker_killed_under_torchrun_max_restarts_resumes_and_equals_the_whole_run(
@@ -468,9 +464,8 @@ def test_a_recipe_mistake_under_torchrun_is_said_once(tmp_path, corpus_file):
     data["model"]["n_layers"] = 2  # a typo of n_layer
     recipe = tmp_path / "typo.yaml"
     recipe.write_text(json.dumps(data))
-    proc = subprocess.run([TORCHRUN, "--nproc_per_node", "2", "-m", "hftrain", "train",
-                           str(recipe)], capture_output=True, text=True, cwd=REPO,
-                          timeout=TIME_LIMIT)
+    proc = run_or_dump([TORCHRUN, "--nproc_per_node", "2", "-m", "hftrain", "train",
+                        str(recipe)], TIME_LIMIT, cwd=REPO)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("hftrain: error:")]
     assert proc.returncode != 0 and len(errors) == 1, proc.stderr[-2000:]
     assert "model.n_layers" in errors[0] and str(recipe) in errors[0]
@@ -564,10 +559,9 @@ def test_the_others_wait_for_a_token_cache_longer_than_the_collective_timeout(tm
     recipe = tmp_path / "run.yaml"
     recipe.write_text(json.dumps(data))
     env = {**os.environ, "PG_TIMEOUT": "4", "SLOW_CACHE": "8", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([TORCHRUN, "--nproc_per_node", "2", str(FAULTS),
-                           str(tmp_path / "record"), "0", "0", "--", "train", str(recipe)],
-                          capture_output=True, text=True, cwd=REPO, env=env,
-                          timeout=TIME_LIMIT)
+    proc = run_or_dump([TORCHRUN, "--nproc_per_node", "2", str(FAULTS),
+                        str(tmp_path / "record"), "0", "0", "--", "train", str(recipe)],
+                       TIME_LIMIT, cwd=REPO, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "run" / "final" / "config.json").is_file()
 
