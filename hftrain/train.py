@@ -34,6 +34,7 @@ from hftrain.atomic import WRITE_ERRORS, atomic_directory, write_error_reason
 from hftrain.checkpoint import Checkpointer, CheckpointError
 from hftrain.data import IGNORE_INDEX, DataStreams
 from hftrain.data import cache as token_cache
+from hftrain.data.loader import usable_cpus, worker_count
 from hftrain.errors import (
     HftrainError,
     RecipeError,
@@ -53,6 +54,7 @@ from hftrain.launch import (
     report_setup,
     write_run_record,
 )
+from hftrain.memory import check_fits, model_sizes
 from hftrain.models import (
     build_model,
     check_attention_available,
@@ -197,12 +199,29 @@ def naming_the_recipe(recipe_path: Path | None) -> Iterator[None]:
         raise RecipeError(f"{recipe_path}: {exc}") from None
 
 
+def check_resources(recipe: Recipe, accelerator: Accelerator, tokenizer: Any,
+                    recipe_path: Path | None) -> None:
+    """Before anything large is allocated: refuse sizes that cannot fit in memory (one line
+    naming the key), and say when fewer data workers start than the recipe asks for."""
+    with naming_the_recipe(recipe_path), building_the_model(accelerator):
+        sizes = model_sizes(recipe.model, tokenizer, recipe.data.block_size)
+    shards = accelerator.num_processes if is_sharded(accelerator) else 1
+    on_every_process(accelerator, lambda: check_fits(recipe, len(tokenizer), sizes,
+                                                     accelerator.device, shards))
+    workers = recipe.data.num_workers
+    if accelerator.is_main_process and worker_count(workers) < workers:
+        print(f"hftrain: warning: data.num_workers {workers} is more than the "
+              f"{usable_cpus()} CPUs this process may use; {worker_count(workers)} workers "
+              "read the data (the batches are the same)", file=sys.stderr)
+
+
 def build_parts(recipe: Recipe, accelerator: Accelerator, recipe_path: Path | None = None,
                 builds_cache: bool = True) -> RunParts:
     """Tokenizer, data (one batch of each split pulled), model, optimizer, schedule and the
     generation settings: a bad file or setting fails here, with nothing written but the token
     cache (built where `builds_cache`)."""
     tokenizer, built = on_every_process(accelerator, lambda: prepare_tokenizer(recipe))
+    check_resources(recipe, accelerator, tokenizer, recipe_path)
     if recipe.data.cache:  # tokenized once per filesystem, before any rank reads it
 
         def prepare_cache() -> dict[str, Any] | None:

@@ -189,9 +189,26 @@ def _as_is(item: Tokenized) -> Tokenized:
     return item
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, as under taskset or a batch
+    scheduler; the machine's count where the platform does not say)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def worker_count(requested: int) -> int:
+    """Workers a loader starts for `data.num_workers`: at most one per usable CPU. Reading
+    and tokenizing is CPU-bound, so more never help, and each worker is a process: a typo
+    of 1000000 would fork until the machine runs out of memory. The batches do not depend
+    on the count."""
+    return min(requested, usable_cpus())
+
+
 def piece_loader(tokenize: PieceTokenizer, sampler: Sampler, num_workers: int) -> DataLoader:
     # A generator of its own: a loader started (or restarted on resume) must not draw from
     # the global RNG, which seeds the model's weights and dropout.
+    num_workers = worker_count(num_workers)
     return DataLoader(tokenize, sampler=sampler, batch_size=None, collate_fn=_as_is,
                       generator=torch.Generator(),
                       num_workers=num_workers,
