@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from hftrain.data import IGNORE_INDEX, batched
-from hftrain.errors import HftrainError
+from hftrain.errors import HftrainError, one_line
 from hftrain.framing import Framing, token_bytes
 from hftrain.models.recurrent.modeling_recurrent import recurrent_cache
 
@@ -180,7 +180,14 @@ def recorded_block_size(export: str) -> int | None:
         return None
     import yaml
 
-    return int(yaml.safe_load(recipe.read_text(encoding="utf-8"))["data"]["block_size"])
+    from hftrain.yaml_data import load_yaml
+
+    try:
+        return int(load_yaml(recipe.read_text(encoding="utf-8"))["data"]["block_size"])
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, TypeError, KeyError,
+            ValueError) as exc:
+        raise HftrainError(f"{recipe}: no usable data.block_size ({one_line(exc)}); give "
+                           "--block-size") from None
 
 
 def export_block_size(export: str, model: Any) -> int:

@@ -8,6 +8,7 @@ cache when it talks to the Hub, and nothing hftrain writes contains it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -26,6 +27,7 @@ from hftrain.errors import HftrainError, one_line
 from hftrain.launch import RUN_RECORD
 from hftrain.run_folder import check_replaceable, contains, is_run_folder, record_written
 from hftrain.tracking import read_metrics
+from hftrain.yaml_data import load_yaml
 
 FAMILIES = {"gpt2": "GPT-2", "llama": "Llama-style", "qwen3": "Qwen3-style"}
 """How the card names a transformers model_type."""
@@ -94,7 +96,8 @@ def stage(export: Path, folder: Path, repo_id: str) -> list[str]:
         card.save(folder / "README.md")
         if folder.name == "hub":  # RUN/hub (the default): run.overwrite may remove these
             record_written(folder.parent, folder.name)
-    except OSError as exc:  # a full disk: the marker stays, so the next push replaces it
+    except OSError as exc:  # a full disk: no half-copied file stays, only the marker
+        _empty_staging_folder(folder)
         raise HftrainError(f"cannot stage the upload in {folder} "
                            f"({write_error_reason(exc)})") from None
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
@@ -126,7 +129,7 @@ def _publish_recipe(path: Path) -> None:
     parts, as the model card names local models."""
     if not path.is_file():
         return
-    recipe = yaml.safe_load(path.read_text(encoding="utf-8"))
+    recipe = load_yaml(path.read_text(encoding="utf-8"))
     atomic_write_text(path, yaml.safe_dump(_without_local_paths(recipe), sort_keys=False))
 
 
@@ -186,6 +189,21 @@ def _claim_staging_folder(folder: Path, export: Path) -> None:
         raise HftrainError(f"cannot stage the upload in {folder}: {exc.strerror}") from None
 
 
+def _empty_staging_folder(folder: Path) -> None:
+    """Remove what a failed staging copied into `folder` (hftrain's own, claimed above),
+    keeping the marker by which the next push replaces it."""
+    try:
+        staged = [path for path in folder.iterdir() if path.name != STAGING_MARKER]
+    except OSError:
+        return
+    for path in staged:
+        with contextlib.suppress(OSError):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+
+
 def _last_evaluation(metrics: Path) -> dict[str, Any] | None:
     if not metrics.is_file():
         return None
@@ -198,7 +216,7 @@ def model_card(folder: Path, repo_id: str, val: dict[str, Any] | None) -> ModelC
     the model was made and is loaded, from the export's config and recipe."""
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     recipe_path = folder / "hftrain_recipe.yaml"
-    recipe = yaml.safe_load(recipe_path.read_text(encoding="utf-8")) if recipe_path.is_file() \
+    recipe = load_yaml(recipe_path.read_text(encoding="utf-8")) if recipe_path.is_file() \
         else {}
     recipe = _sections(recipe)
     data, model, train = recipe["data"], recipe["model"], recipe["train"]

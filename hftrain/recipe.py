@@ -1,9 +1,9 @@
 """Recipes: a YAML file (plus dotted `key=value` overrides) -> typed, validated dataclasses.
 
-Recipes are data: they are read with `yaml.safe_load` and never executed. Every key is checked
-against the dataclasses below, so a typo or a value of the wrong type stops the run before it
-starts, with a message naming the key and the file. Relative paths in a recipe are relative to
-the directory `hftrain` is started from.
+Recipes are data: they are read with `yaml.safe_load` (within bounds: `hftrain.yaml_data`) and
+never executed. Every key is checked against the dataclasses below, so a typo or a value of the
+wrong type stops the run before it starts, with a message naming the key and the file. Relative
+paths in a recipe are relative to the directory `hftrain` is started from.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import math
 import os
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from hftrain.atomic import atomic_write_text
 from hftrain.checks import at_least_one, in_range, in_unit_interval, non_negative, positive
 from hftrain.errors import RecipeError
 from hftrain.models import MODELS, GPT2Fields
+from hftrain.yaml_data import load_yaml
 
 
 @dataclass
@@ -43,6 +45,13 @@ class RunConfig:
     def __post_init__(self) -> None:
         in_range(self, 0, 2**32 - 1, "seed")
         self.output_dir = os.path.expanduser(self.output_dir)  # `key=~/x` escapes the shell
+        from accelerate.utils import LoggerType
+
+        known = [kind.value for kind in LoggerType]
+        for name in self.trackers or []:
+            if name not in known:
+                raise ValueError(f"run.trackers: {name!r} is not one of Accelerate's trackers "
+                                 f"({', '.join(known)})")
 
 
 @dataclass
@@ -330,7 +339,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     except OSError as exc:
         raise RecipeError(f"cannot read recipe file {path}: {exc.strerror or exc}") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = load_yaml(text)
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path}: not valid YAML: {exc}".replace("\n", " ")) from None
     raw = {} if raw is None else raw
@@ -348,10 +357,8 @@ def recipe_from_dict(raw: dict[str, Any], source: str = "<recipe>") -> Recipe:
     if not isinstance(model_raw, dict):
         raise RecipeError(f"{source}: 'model' must be a mapping")
     arch = model_raw.get("arch", "gpt2")
-    if arch not in MODELS:
-        raise RecipeError(
-            f"{source}: model.arch '{arch}' is not one of {sorted(MODELS)}"
-        )
+    if not isinstance(arch, str) or arch not in MODELS:
+        raise RecipeError(f"{source}: model.arch {shown(arch)} is not one of {sorted(MODELS)}")
     field_types = {"model": MODELS[arch].fields}
     recipe = _build(Recipe, raw, prefix="", source=source, field_types=field_types)
     if recipe.train.stateful and not recipe.model.supports_stateful:
@@ -375,7 +382,7 @@ def _apply_override(raw: dict[str, Any], override: str, source: Path) -> None:
         raise RecipeError(f"override '{override}': key '{key}' has an empty part; "
                           "it must look like section.key=value")
     try:
-        value = yaml.safe_load(text) if text else ""
+        value = load_yaml(text) if text else ""
     except yaml.YAMLError as exc:
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise RecipeError(f"override '{override}': the value of {key} is not valid YAML "
@@ -453,13 +460,13 @@ def _coerce(value: Any, annotation: Any, key: str, source: str) -> Any:
             value = next((a for a in args if a in spellings), value)
         if value not in args:
             choices = ", ".join(repr(a) for a in args)
-            raise RecipeError(f"{source}: {key} must be one of {choices}, got {value!r}")
+            raise RecipeError(f"{source}: {key} must be one of {choices}, got {shown(value)}")
         return value
     if origin is list:
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, list):
-            raise RecipeError(f"{source}: {key} expects a list, got {value!r}")
+            raise RecipeError(f"{source}: {key} expects a list, got {shown(value)}")
         return [_coerce(v, args[0], f"{key}[{i}]", source) for i, v in enumerate(value)]
     # An int, a float, or a string: YAML 1.1 reads `3e-4` as a string.
     if annotation is float and isinstance(value, int | float | str) and not isinstance(value, bool):
@@ -471,15 +478,26 @@ def _coerce(value: Any, annotation: Any, key: str, source: str) -> Any:
             number = None
         if number is not None:
             if not math.isfinite(number):  # .nan, .inf, and the strings 'nan', 'inf', ...
-                raise RecipeError(f"{source}: {key} must be a finite number, got {value!r}")
+                raise RecipeError(f"{source}: {key} must be a finite number, got {shown(value)}")
             return number
     if annotation is Any or (isinstance(value, annotation) and not (
         annotation is int and isinstance(value, bool)
     )):
         return value
     raise RecipeError(
-        f"{source}: {key} expects {annotation.__name__}, got {value!r} ({type(value).__name__})"
+        f"{source}: {key} expects {annotation.__name__}, got {shown(value)} "
+        f"({type(value).__name__})"
     )
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxstring, _SHORT.maxother = 2, 3, 40, 40
+
+
+def shown(value: Any) -> str:
+    """`repr(value)` cut short (three items, 40 characters of a string): an error message
+    names a wrong value without printing a whole file pasted into a key."""
+    return _SHORT.repr(value)
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

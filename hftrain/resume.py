@@ -28,6 +28,7 @@ from hftrain.data_check import content_sample
 from hftrain.errors import HftrainError
 from hftrain.recipe import Recipe, flatten
 from hftrain.run_folder import check_new_run_target, has_run, is_run_folder, read_marker
+from hftrain.yaml_data import load_yaml
 
 MAY_CHANGE_ON_RESUME = (
     "run.output_dir", "run.overwrite", "run.trackers",
@@ -137,8 +138,8 @@ def _recipe_trajectory(path: Path, launch: dict[str, Any]) -> dict[str, Any]:
     from hftrain.recipe import recipe_from_dict
 
     try:
-        saved = recipe_from_dict(yaml.safe_load(path.read_text(encoding="utf-8")), str(path))
-    except (OSError, yaml.YAMLError, HftrainError):
+        saved = recipe_from_dict(load_yaml(path.read_text(encoding="utf-8")), str(path))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, HftrainError, AttributeError):
         return {}
     return trajectory(saved, launch)
 
