@@ -49,6 +49,18 @@ CUTS = {
 }
 """Where a piece may start: after a line, a blank line, or a safe line break."""
 
+LONG_LINE = 1 << 20
+"""A stretch without a line break this long is cut inside (`INSIDE_LINE`): no piece holds
+more than `PIECE_BYTES + LONG_LINE` bytes, however a file is laid out."""
+
+INSIDE_LINE = re.compile(rb"(?<=\S) (?=\S)")
+"""Where a piece may start when no line break comes for `LONG_LINE` bytes (a file of one long
+line): at a single space between two non-spaces, which begins a pre-token for GPT-2's
+byte-level regex (and Llama 3's, which joins the space to the word after it), ends one for
+the word tokenizer, and splits characters; the tokens are those of the whole line. Only a
+stretch with no such space either is cut at a character boundary, where a BPE merge across
+the cut is lost (one per piece, against reading the whole file as one piece)."""
+
 _FORMAT_BY_SUFFIX = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json",
                      ".parquet": "parquet"}
 
@@ -191,14 +203,20 @@ class SplitPieces:
         separator = CUTS["document" if document else
                          "paragraph" if fmt == "text" and self.config.sample_by == "paragraph"
                          else "line"]
-        bounds = [start]
+        bounds, inside = [start], set()
         for i in range(1, n):
-            at = _after_separator(path, start + (end - start) * i // n, end, separator)
-            if bounds[-1] < at < end:
+            target = start + (end - start) * i // n
+            at = _after_separator(path, target, min(end, target + LONG_LINE), separator)
+            if at is None and fmt == "text":  # one long line: cut inside it
+                at = _after_separator(path, target, min(end, target + LONG_LINE), INSIDE_LINE,
+                                      at_start=True)
+                at = _char_boundary(path, target) if at is None else at
+                inside.add(at)
+            if at is not None and bounds[-1] < at < end:
                 bounds.append(at)
         bounds.append(end)
-        return [Piece(path, fmt, a, b, ends_document=not document or b == end,
-                      starts_document=not document or a == start)
+        return [Piece(path, fmt, a, b, ends_document=b not in inside and (not document or b == end),
+                      starts_document=a not in inside and (not document or a == start))
                 for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
 
     def documents(self, piece: Piece) -> Iterator[Any]:
@@ -243,24 +261,25 @@ def _char_boundary(path: str, offset: int) -> int:
     return offset - (len(window) - 1 - at) if window else offset
 
 
-def _after_separator(path: str, offset: int, limit: int, separator: re.Pattern[bytes]) -> int:
-    """The offset just after the first match of `separator` at or after `offset` (`limit` if
-    none)."""
+def _after_separator(path: str, offset: int, limit: int, separator: re.Pattern[bytes],
+                     at_start: bool = False) -> int | None:
+    """The offset just after (`at_start`: at) the first match of `separator` at or after
+    `offset` and before `limit`; None if there is none."""
     with open(path, "rb") as f:
-        f.seek(offset)
-        carried = b""
-        position = offset
+        f.seek(max(0, offset - 1))  # the byte before: a look-behind's context
+        carried = f.read(offset - max(0, offset - 1))
+        position, first = offset, len(carried)  # a match starts at `offset` or later
         while position < limit:
             chunk = f.read(min(1 << 16, limit - position))
             if not chunk:
-                return limit
+                return None
             window = carried + chunk
-            found = separator.search(window)
+            found = separator.search(window, first)
             if found is not None:
-                return position - len(carried) + found.end()
-            carried = window[-4:]  # a separator, or the bytes its look-ahead needs
+                return position - len(carried) + (found.start() if at_start else found.end())
+            carried, first = window[-4:], 0  # a separator, or the bytes its look-around needs
             position += len(chunk)
-    return limit
+    return None
 
 
 def _count_records(piece: Piece) -> int:
