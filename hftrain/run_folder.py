@@ -315,7 +315,10 @@ class RunLock:
 
     def release(self) -> None:
         if self._handle is not None:
-            self._handle.close()  # closing the descriptor releases the lock
+            # Closing the descriptor releases the lock; on a full disk the close's flush of
+            # the holder's line fails, and the descriptor is closed all the same.
+            with contextlib.suppress(OSError):
+                self._handle.close()
             self._handle = None
 
 

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, cli, tiny_recipe_dict
+from conftest import REPO, cli, run_or_dump, tiny_recipe_dict
 
 import hftrain.atomic
 import hftrain.tracking
@@ -259,6 +259,71 @@ def test_a_full_disk_while_appending_metrics_is_one_line_and_tears_no_record(
     assert code == 0, err
     steps = [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
     assert steps == sorted(set(steps)) and steps[-1] == 20
+
+
+def test_a_full_disk_at_the_lock_is_one_line(tmp_path, corpus_file, capsys, monkeypatch):
+    """The disk is full when the run folder's lock records its holder: one line naming the
+    folder, exit 2, the lock released (the next start, with space again, runs)."""
+    import errno
+    import io
+    import os
+
+    import hftrain.run_folder
+
+    class FullDisk(io.FileIO):
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    real_fdopen = os.fdopen
+
+    def fdopen(fd, *args, **kwargs):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".hftrain-lock"):
+            return io.TextIOWrapper(io.BufferedRandom(FullDisk(fd, "r+")), encoding="utf-8")
+        return real_fdopen(fd, *args, **kwargs)
+
+    recipe = recipe_file(tmp_path, corpus_file, tmp_path / "run")
+    monkeypatch.setattr(hftrain.run_folder.os, "fdopen", fdopen)
+    code, _, err = cli(["train", str(recipe)], capsys)
+    line = one_error_line(err)
+    assert code == 2 and "cannot write the run folder" in line and "No space left" in line
+    assert "Traceback" not in err
+    monkeypatch.setattr(hftrain.run_folder.os, "fdopen", real_fdopen)
+    code, _, err = cli(["train", str(recipe)], capsys)
+    assert code == 0, err
+
+
+def test_a_full_disk_while_staging_a_push_is_one_line_and_leaves_no_partial_file(
+        finished, capsys, monkeypatch):
+    """The disk fills while `push` copies the weights into the staging folder (half the file
+    written): one line, exit 2, no half-copied file staged; the next push stages it all."""
+    import errno
+    import os
+    import shutil as real_shutil
+
+    import hftrain.hub
+
+    _, run_dir = finished
+    real_copy2 = real_shutil.copy2
+
+    def filling_copy(source, target, **kwargs):
+        if str(source).endswith("model.safetensors"):
+            data = Path(source).read_bytes()
+            Path(target).write_bytes(data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_copy2(source, target, **kwargs)
+
+    monkeypatch.setattr(hftrain.hub.shutil, "copy2", filling_copy)
+    argv = ["push", str(run_dir / "final"), "--repo-id", "me/m", "--dry-run"]
+    code, _, err = cli(argv, capsys)
+    line = one_error_line(err)
+    assert code == 2 and "cannot stage the upload" in line and "No space left" in line
+    staged = run_dir / "hub"
+    assert [p.name for p in staged.iterdir()] == [hftrain.hub.STAGING_MARKER]
+    monkeypatch.setattr(hftrain.hub.shutil, "copy2", real_copy2)
+    code, _, err = cli(argv, capsys)
+    assert code == 0, err
+    assert (staged / "model.safetensors").read_bytes() == \
+        (run_dir / "final" / "model.safetensors").read_bytes()
 
 
 def test_a_pickled_export_is_one_line_and_its_payload_never_runs(finished, tmp_path, capsys):
@@ -995,8 +1060,8 @@ def test_two_processes_fall_back_from_a_damaged_checkpoint_together(tmp_path, co
     recipe = recipe_file(tmp_path, corpus_file, tmp_path / "run", batch_size=4)
 
     def launch(*extra: str) -> subprocess.CompletedProcess:
-        return subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "hftrain", "train",
-                               str(recipe), *extra], capture_output=True, text=True, cwd=REPO)
+        return run_or_dump([torchrun, "--nproc_per_node", "2", "-m", "hftrain", "train",
+                            str(recipe), *extra], 600, cwd=REPO)
 
     assert launch().returncode == 0
     (tmp_path / "run" / "checkpoints" / "step-00000020" / "optimizer.bin").unlink()
@@ -1011,8 +1076,8 @@ def test_a_refusal_under_torchrun_is_one_line_not_a_traceback_per_rank(tmp_path,
     recipe = recipe_file(tmp_path, corpus_file, tmp_path / "run", batch_size=4)
 
     def launch(*extra: str) -> subprocess.CompletedProcess:
-        return subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "hftrain", "train",
-                               str(recipe), *extra], capture_output=True, text=True, cwd=REPO)
+        return run_or_dump([torchrun, "--nproc_per_node", "2", "-m", "hftrain", "train",
+                            str(recipe), *extra], 600, cwd=REPO)
 
     assert launch("train.max_steps=10").returncode == 0
     refused = launch("--resume", "train.lr=0.01")
