@@ -34,7 +34,12 @@ from hftrain.atomic import WRITE_ERRORS, atomic_directory, write_error_reason
 from hftrain.checkpoint import Checkpointer, CheckpointError
 from hftrain.data import IGNORE_INDEX, DataStreams
 from hftrain.data import cache as token_cache
-from hftrain.data.loader import usable_cpus, worker_count
+from hftrain.data.loader import (
+    check_not_a_worker,
+    start_worker_server,
+    usable_cpus,
+    worker_count,
+)
 from hftrain.errors import (
     HftrainError,
     RecipeError,
@@ -261,7 +266,10 @@ def train(recipe: Recipe, recipe_path: Path | None = None) -> TrainResult:
 
     `recipe_path` is the file the recipe came from, which the run folder must not contain.
     """
+    check_not_a_worker()
     run_dir = Path(recipe.run.output_dir)
+    if recipe.data.num_workers:
+        start_worker_server()
     trackers = default_trackers() if recipe.run.trackers is None else recipe.run.trackers
     with naming_the_recipe(recipe_path):
         check_attention_available(recipe.model)

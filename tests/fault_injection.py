@@ -28,11 +28,6 @@ import hftrain.train
 from hftrain.cli import main
 from hftrain.train import TrainingLoop
 
-record_file, kill_at_step, kill_on_save = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: one record per rank
-    record_file = f"{record_file}.rank{os.environ['RANK']}"
-argv = sys.argv[sys.argv.index("--") + 1:]
-
 
 def digest(micro_batches) -> str:
     h = hashlib.sha1()
@@ -91,36 +86,41 @@ def signal_when(phase: str, original):
     return wrapper
 
 
-if os.environ.get("PG_TIMEOUT"):
-    import datetime
+if __name__ == "__main__":  # the data workers' fork server imports this file too
+    record_file, kill_at_step, kill_on_save = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: one record per rank
+        record_file = f"{record_file}.rank{os.environ['RANK']}"
+    argv = sys.argv[sys.argv.index("--") + 1:]
+    if os.environ.get("PG_TIMEOUT"):
+        import datetime
 
-    import torch.distributed
+        import torch.distributed
 
-    original_init = torch.distributed.init_process_group
+        original_init = torch.distributed.init_process_group
 
-    def init_with_timeout(*args, **kwargs):
-        kwargs["timeout"] = datetime.timedelta(seconds=float(os.environ["PG_TIMEOUT"]))
-        return original_init(*args, **kwargs)
+        def init_with_timeout(*args, **kwargs):
+            kwargs["timeout"] = datetime.timedelta(seconds=float(os.environ["PG_TIMEOUT"]))
+            return original_init(*args, **kwargs)
 
-    torch.distributed.init_process_group = init_with_timeout
+        torch.distributed.init_process_group = init_with_timeout
 
-if os.environ.get("SLOW_CACHE"):
-    import time
+    if os.environ.get("SLOW_CACHE"):
+        import time
 
-    import hftrain.data.cache
+        import hftrain.data.cache
 
-    original_prepare = hftrain.data.cache.prepare
+        original_prepare = hftrain.data.cache.prepare
 
-    def slow_prepare(*args, **kwargs):
-        time.sleep(float(os.environ["SLOW_CACHE"]))  # stands for tokenizing a large corpus
-        return original_prepare(*args, **kwargs)
+        def slow_prepare(*args, **kwargs):
+            time.sleep(float(os.environ["SLOW_CACHE"]))  # stands for tokenizing a large corpus
+            return original_prepare(*args, **kwargs)
 
-    hftrain.data.cache.prepare = slow_prepare
+        hftrain.data.cache.prepare = slow_prepare
 
-TrainingLoop.evaluate = signal_when("final_eval", TrainingLoop.evaluate)
-hftrain.train.export = signal_when("export", hftrain.train.export)
-hftrain.train.generate_text = signal_when("sample", hftrain.train.generate_text)
-TrainingLoop.optimizer_step = recording_step
-accelerate.Accelerator.save_state = dying_save_state
-assert hftrain.checkpoint.Accelerator is accelerate.Accelerator
-main(argv)
+    TrainingLoop.evaluate = signal_when("final_eval", TrainingLoop.evaluate)
+    hftrain.train.export = signal_when("export", hftrain.train.export)
+    hftrain.train.generate_text = signal_when("sample", hftrain.train.generate_text)
+    TrainingLoop.optimizer_step = recording_step
+    accelerate.Accelerator.save_state = dying_save_state
+    assert hftrain.checkpoint.Accelerator is accelerate.Accelerator
+    main(argv)

@@ -213,8 +213,11 @@ def test_sigterm_or_sighup_checkpoints_exits_cleanly_and_resumes(name, uninterru
     recipe = write_recipe(tmp_path, corpus, "run")
     record = tmp_path / "record.txt"
     env = {**os.environ, "SIGNAL_IN": f"step7:{name}"}
+    # SIGHUP at its default, as in a terminal: a suite started under nohup would pass its
+    # ignore on (and the run rightly keeps ignoring it, as the next test checks)
     stopped = subprocess.run([sys.executable, str(FAULTS), str(record), "0", "0", "--", "train",
-                              str(recipe)], capture_output=True, text=True, cwd=REPO, env=env)
+                              str(recipe)], capture_output=True, text=True, cwd=REPO, env=env,
+                             preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     assert stopped.returncode == 128 + getattr(signal, f"SIG{name}"), stopped.stderr
     assert "stopped at step 7" in stopped.stderr and "Traceback" not in stopped.stderr
     assert latest_checkpoint(tmp_path / "run").name == "step-00000007"

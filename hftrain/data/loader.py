@@ -42,7 +42,7 @@ from hftrain.data.packing import (
 )
 from hftrain.data.sources import Piece, SplitPieces
 from hftrain.data_check import check_unchanged
-from hftrain.errors import DataError
+from hftrain.errors import DataError, HftrainError
 from hftrain.framing import Framing, token_bytes
 from hftrain.recipe import DataConfig
 from hftrain.sft import IGNORE_INDEX, encode_record
@@ -164,13 +164,15 @@ class _FromPosition(Sampler):
             yield from (int(i) for i in self.order.epoch(e)[k if e == epoch else 0 :])
 
 
-def _worker_init(_: int, parent: int) -> None:
+def _worker_init(_: int, trainer: int) -> None:
     """Workers tokenize one piece at a time on one thread: the parallelism is the workers
     (and the Rust tokenizer must not start a thread pool in a forked process).
 
     On Linux a worker dies with the training process. Without this, a worker whose
-    parent was killed (kill -9, the OOM killer) can hang for ever at exit, flushing pieces
-    into a queue nobody reads, holding its memory and the job's output pipes open."""
+    trainer was killed (kill -9, the OOM killer) can hang for ever at exit, flushing pieces
+    into a queue nobody reads, holding its memory and the job's output pipes open. A worker's
+    parent is the fork server (`worker_context`), which exits when the trainer dies: the
+    worker is killed when its parent exits, and exits at once if the trainer is gone."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     # Ctrl-C and SIGTERM reach the whole process group: the training process handles them
     # (finishes the step, checkpoints, stops its workers); a worker must not die of them.
@@ -181,8 +183,60 @@ def _worker_init(_: int, parent: int) -> None:
 
         pr_set_pdeathsig = 1
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-        if os.getppid() != parent:  # the parent died before the line above
+        if os.getppid() == 1 or not _alive(trainer):  # died before the line above
             os._exit(0)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's (the pid was reused)
+        return False
+    return True
+
+
+def worker_context() -> Any:
+    """Where workers start: a fork server, never a fork of the training process.
+
+    The training process has threads (gloo's, the loader's queue feeders, the pin-memory
+    thread), and a fork copies whatever lock one of them held: a worker forked at the wrong
+    moment hung inside `fork` for ever, and its trainer with it (seen in the two-node test,
+    1 run in 14 on 2 CPUs). POSIX allows a forked child of a threaded process only
+    async-signal-safe calls; Python 3.14 made the fork server its default for this reason.
+    The server is a fresh single-threaded process that imports this module (and the main
+    module, as `spawn` does: a script that starts training needs the `if __name__ ==
+    "__main__":` guard, as for torch's DataLoader on macOS and Windows) once; each worker is
+    forked from it, and gets the dataset pickled."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["__main__", "hftrain.data.loader"])
+    return context
+
+
+def check_not_a_worker() -> None:
+    """Refuse to train inside a data worker's start: a script without the `if __name__ ==
+    "__main__":` guard is imported again by each worker (and the fork server), which would
+    train again there (under torchrun: hang joining the process group). multiprocessing
+    marks a process importing its parent's main module as `_inheriting`, and refuses to
+    start processes from it the same way."""
+    import multiprocessing
+
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        raise HftrainError("training was started while a data worker imported the main "
+                           "script; put the script's code under `if __name__ == "
+                           "\"__main__\":` (data workers import it, as on macOS and Windows)")
+
+
+def start_worker_server() -> None:
+    """Start the fork server now, in the background: its imports (torch, tokenizers: seconds)
+    then overlap the training process's own start instead of delaying the first batch."""
+    import multiprocessing.forkserver
+
+    worker_context()
+    multiprocessing.forkserver.ensure_running()
 
 
 def _as_is(item: Tokenized) -> Tokenized:
@@ -212,7 +266,8 @@ def piece_loader(tokenize: PieceTokenizer, sampler: Sampler, num_workers: int) -
     return DataLoader(tokenize, sampler=sampler, batch_size=None, collate_fn=_as_is,
                       generator=torch.Generator(),
                       num_workers=num_workers,
-                      worker_init_fn=functools.partial(_worker_init, parent=os.getpid()),
+                      worker_init_fn=functools.partial(_worker_init, trainer=os.getpid()),
+                      multiprocessing_context=worker_context() if num_workers else None,
                       prefetch_factor=PREFETCH_PIECES if num_workers else None)
 
 

@@ -207,7 +207,7 @@ class SplitPieces:
         for i in range(1, n):
             target = start + (end - start) * i // n
             at = _after_separator(path, target, min(end, target + LONG_LINE), separator)
-            if at is None and fmt == "text":  # one long line: cut inside it
+            if at is None and fmt == "text" and target + LONG_LINE < end:  # a long line
                 at = _after_separator(path, target, min(end, target + LONG_LINE), INSIDE_LINE,
                                       at_start=True)
                 at = _char_boundary(path, target) if at is None else at
