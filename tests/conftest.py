@@ -21,6 +21,23 @@ os.environ.setdefault("PYTHONFAULTHANDLER", "1")
 resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
 
 REPO = Path(__file__).resolve().parents[1]
+
+DEPENDENCIES = ("torch", "transformers", "datasets", "tokenizers", "accelerate", "evaluate",
+                "huggingface_hub", "safetensors", "numpy", "peft", "lm_eval", "deepspeed")
+
+
+def pytest_report_header() -> str:
+    """The versions the suite runs against, at the top of every run (CI installs the newest
+    of each: its log says what was tested)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def found(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "absent"
+
+    return "hftrain dependencies: " + ", ".join(f"{name} {found(name)}" for name in DEPENDENCIES)
 CORPUS = REPO / "recipes" / "data" / "tinyshakespeare.txt"
 
 

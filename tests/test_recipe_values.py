@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import tiny_recipe_dict
+from conftest import REPO, tiny_recipe_dict
 
 from hftrain.cli import main
 from hftrain.errors import RecipeError
@@ -175,3 +175,18 @@ def test_sections_built_in_code_refuse_nan_too():
         TrainConfig(lr=math.nan)
     with pytest.raises(ValueError, match="beta2 must be in"):
         TrainConfig(beta2=math.nan)
+
+
+def test_the_installed_dependencies_are_within_the_ranges_pyproject_declares():
+    """The lower bounds in pyproject.toml are the releases the suite has passed on: a test run
+    on an older release than declared would be a claim nobody tested."""
+    from importlib.metadata import version
+
+    import tomllib
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    for line in [*project["dependencies"], *project["optional-dependencies"]["test"]]:
+        requirement = Requirement(line)
+        assert requirement.specifier.contains(version(requirement.name), prereleases=True), \
+            f"{requirement.name} {version(requirement.name)} is outside {line}"
