@@ -93,3 +93,18 @@ def test_resolved_recipe_round_trips(tmp_path: Path):
     dump_recipe(recipe, out)
     again = load_recipe(out)
     assert again == recipe
+
+
+@pytest.mark.parametrize(("override", "expected"), [
+    ("model.arch=[x]", "model.arch ['x'] is not one of"),
+    ("run.trackers=[nonexistent]", "'nonexistent' is not one of Accelerate's trackers"),
+    ("data.train_files={a: 1}", "data.train_files expects a list"),
+    ("train.lr=1e400", "train.lr must be a finite number"),
+])
+def test_bad_overrides_are_one_line(tmp_path: Path, override: str, expected: str):
+    """Among 40 override probes (issue 20, S15d), these raised TypeError or Accelerate's
+    ValueError at the start of training."""
+    path = write(tmp_path, {"train": {"max_steps": 10}})
+    with pytest.raises(RecipeError) as refused:
+        load_recipe(path, [override])
+    assert expected in str(refused.value) and "\n" not in str(refused.value)
