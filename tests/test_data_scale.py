@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, blocks_of, tiny_recipe_dict, unpack
+from conftest import REPO, blocks_of, run_or_dump, tiny_recipe_dict, unpack
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
@@ -484,6 +484,19 @@ def run_with_fault(record: Path, recipe: Path, kill_at_step: int = 0,
                                "--", "train", str(recipe), *extra],
                               stdout=out, stderr=out, cwd=REPO, timeout=180)
     return proc.returncode, log.read_text()[-2000:]
+
+
+def test_a_run_killed_with_9_takes_its_workers_and_their_fork_server_with_it(tmp_path,
+                                                                             corpus_file):
+    """The output goes to pipes this time: they close only once every process holding them
+    (the data workers, the fork server they start from) has exited. Workers once outlived a
+    killed trainer: their parent is the fork server, which waited for them in turn."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps(tiny_recipe_dict(
+        corpus_file, tmp_path / "run", data={"num_workers": 2}, train={"max_steps": 30})))
+    killed = run_or_dump([sys.executable, str(FAULTS), str(tmp_path / "record"), "12", "0",
+                          "--", "train", str(recipe)], 180, cwd=REPO)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
 
 
 @pytest.mark.parametrize("setting", ["workers", "cache", "dropout"])

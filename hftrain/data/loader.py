@@ -21,8 +21,11 @@ from __future__ import annotations
 import functools
 import itertools
 import os
+import select
 import signal
 import sys
+import threading
+import time
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -168,11 +171,10 @@ def _worker_init(_: int, trainer: int) -> None:
     """Workers tokenize one piece at a time on one thread: the parallelism is the workers
     (and the Rust tokenizer must not start a thread pool in a forked process).
 
-    On Linux a worker dies with the training process. Without this, a worker whose
-    trainer was killed (kill -9, the OOM killer) can hang for ever at exit, flushing pieces
-    into a queue nobody reads, holding its memory and the job's output pipes open. A worker's
-    parent is the fork server (`worker_context`), which exits when the trainer dies: the
-    worker is killed when its parent exits, and exits at once if the trainer is gone."""
+    A worker dies with the training process (`_exit_with`) and, on Linux, with its parent, the
+    fork server (`worker_context`). Without this, a worker whose trainer was killed (kill -9,
+    the OOM killer) can hang for ever at exit, flushing pieces into a queue nobody reads,
+    holding its memory and the job's output pipes open."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     # Ctrl-C and SIGTERM reach the whole process group: the training process handles them
     # (finishes the step, checkpoints, stops its workers); a worker must not die of them.
@@ -183,16 +185,31 @@ def _worker_init(_: int, trainer: int) -> None:
 
         pr_set_pdeathsig = 1
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-        if os.getppid() == 1 or not _alive(trainer):  # died before the line above
-            os._exit(0)
+    threading.Thread(target=_exit_with, args=(trainer,), daemon=True,
+                     name="hftrain-trainer-watch").start()
+
+
+def _exit_with(trainer: int) -> None:
+    """Exit this worker when the training process exits. Its parent is the fork server, and
+    torch's own watchdog watches only the parent; the server in turn waits for every worker
+    to close the trainer's liveness pipe, which each inherits: without this, a worker of a
+    trainer killed with -9 and its server live on, holding the job's output pipes open."""
+    try:
+        watched = os.pidfd_open(trainer)
+    except (AttributeError, OSError):  # not Linux >= 5.3, or the trainer is already gone
+        watched = None
+    if watched is not None:
+        select.select([watched], [], [])  # readable once it has exited, reaped or not
+    else:
+        while _alive(trainer):
+            time.sleep(1.0)
+    os._exit(0)
 
 
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, another user's (the pid was reused)
+    except (ProcessLookupError, PermissionError):  # gone (or the pid reused by another user)
         return False
     return True
 
