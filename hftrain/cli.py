@@ -106,14 +106,19 @@ def resume_command(args: argparse.Namespace) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from accelerate import PartialState
-
-    from hftrain.errors import RunStopped
     from hftrain.recipe import load_recipe
-    from hftrain.train import train
+    from hftrain.workers import start_worker_server
 
     overrides = [*args.overrides, *(["checkpoint.resume=auto"] if args.resume else [])]
     recipe = load_recipe(args.recipe, overrides)
+    if recipe.data.num_workers:
+        start_worker_server()  # its imports overlap ours: seconds before the first batch
+
+    from accelerate import PartialState
+
+    from hftrain.errors import RunStopped
+    from hftrain.train import train
+
     try:
         result = train(recipe, Path(args.recipe))
     except RunStopped as stop:

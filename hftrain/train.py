@@ -34,12 +34,6 @@ from hftrain.atomic import WRITE_ERRORS, atomic_directory, write_error_reason
 from hftrain.checkpoint import Checkpointer, CheckpointError
 from hftrain.data import IGNORE_INDEX, DataStreams
 from hftrain.data import cache as token_cache
-from hftrain.data.loader import (
-    check_not_a_worker,
-    start_worker_server,
-    usable_cpus,
-    worker_count,
-)
 from hftrain.errors import (
     HftrainError,
     RecipeError,
@@ -109,6 +103,7 @@ from hftrain.tracking import (
     progress_bar,
 )
 from hftrain.train_state import DataFiles, TokenizerIdentity, TrainState
+from hftrain.workers import check_not_a_worker, start_worker_server, usable_cpus, worker_count
 
 
 @dataclass

@@ -155,7 +155,7 @@ def test_a_typo_in_num_workers_starts_one_worker_per_cpu_not_a_million(tmp_path,
     """`data.num_workers=1000000` forked until the machine ran out of memory (it took the
     test suite running beside it down): now at most one worker per usable CPU starts, with a
     warning, and the run trains on the same batches."""
-    from hftrain.data.loader import usable_cpus, worker_count
+    from hftrain.workers import usable_cpus, worker_count
 
     assert worker_count(1_000_000) == usable_cpus() and worker_count(1) == 1
     runs = {}

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
-
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerBase
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from hftrain.checks import at_least_one, in_unit_interval
 from hftrain.models.base import ModelFields
+
+if TYPE_CHECKING:  # the model classes import torch.nn and more: seconds a data worker does without
+    from transformers import GPT2LMHeadModel, PreTrainedTokenizerBase
 
 
 @dataclass
@@ -46,6 +47,8 @@ def build_gpt2(
     fields: GPT2Fields, tokenizer: PreTrainedTokenizerBase, block_size: int
 ) -> GPT2LMHeadModel:
     """A freshly initialised GPT-2 sized for the tokenizer's vocabulary and the recipe's block."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
     config = GPT2Config(
         vocab_size=len(tokenizer),
         n_positions=block_size,

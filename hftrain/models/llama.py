@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
-
-from transformers import LlamaConfig, PreTrainedModel, PreTrainedTokenizerBase, Qwen3Config
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from hftrain.checks import at_least_one, in_unit_interval, positive
 from hftrain.models.base import ModelFields
+
+if TYPE_CHECKING:  # the model classes import torch.nn and more: seconds a data worker does without
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 @dataclass
@@ -25,7 +26,7 @@ class DecoderFields(ModelFields):
     """What the `model:` sections of the Llama-style architectures share."""
 
     supports_stateful: ClassVar[bool] = False
-    config_class: ClassVar[type] = LlamaConfig
+    config_class: ClassVar[str] = "LlamaConfig"
     """The transformers config class the fields are written into."""
 
     n_layer: int = 4
@@ -101,7 +102,7 @@ class DecoderFields(ModelFields):
 class LlamaFields(DecoderFields):
     """The `model:` section of a recipe with `arch: llama` (`LlamaForCausalLM`)."""
 
-    config_class: ClassVar[type] = LlamaConfig
+    config_class: ClassVar[str] = "LlamaConfig"
     arch: Literal["llama"] = "llama"
 
 
@@ -110,7 +111,7 @@ class Qwen3Fields(DecoderFields):
     """The `model:` section of a recipe with `arch: qwen3` (`Qwen3ForCausalLM`: Llama's block
     with RMSNorm on each head's queries and keys)."""
 
-    config_class: ClassVar[type] = Qwen3Config
+    config_class: ClassVar[str] = "Qwen3Config"
     arch: Literal["qwen3"] = "qwen3"
     rms_norm_eps: float = 1e-6
     """Epsilon of the RMSNorm layers (QK-norm included)."""
@@ -119,11 +120,11 @@ class Qwen3Fields(DecoderFields):
 def build_decoder(
     fields: DecoderFields, tokenizer: PreTrainedTokenizerBase, block_size: int
 ) -> PreTrainedModel:
-    """A freshly initialised model of `fields.config_class`, sized for the tokenizer's
-    vocabulary, with `max_position_embeddings` = the recipe's block."""
-    from transformers import AutoModelForCausalLM
+    """A freshly initialised model of the transformers config `fields.config_class` names,
+    sized for the tokenizer's vocabulary, with `max_position_embeddings` = the recipe's block."""
+    import transformers
 
-    config = fields.config_class(
+    config = getattr(transformers, fields.config_class)(
         vocab_size=len(tokenizer),
         max_position_embeddings=block_size,
         bos_token_id=tokenizer.bos_token_id,
@@ -131,4 +132,5 @@ def build_decoder(
         pad_token_id=tokenizer.pad_token_id,
         **fields.config_kwargs(),
     )
-    return AutoModelForCausalLM.from_config(config, attn_implementation=fields.attn_implementation)
+    return transformers.AutoModelForCausalLM.from_config(
+        config, attn_implementation=fields.attn_implementation)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
-
-from transformers import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from hftrain.checks import at_least_one, in_unit_interval, non_negative
 from hftrain.models.base import ModelFields
-from hftrain.models.recurrent import RecurrentForCausalLM, RecurrentLMConfig
+
+if TYPE_CHECKING:  # the model classes import torch.nn and more: seconds a data worker does without
+    from transformers import PreTrainedTokenizerBase
+
+    from hftrain.models.recurrent import RecurrentForCausalLM
 
 
 @dataclass
@@ -46,6 +48,8 @@ def build_recurrent(
     fields: RecurrentFields, tokenizer: PreTrainedTokenizerBase, block_size: int
 ) -> RecurrentForCausalLM:
     """A freshly initialised recurrent LM; it has no maximum length, so block_size is unused."""
+    from hftrain.models.recurrent import RecurrentForCausalLM, RecurrentLMConfig
+
     config = RecurrentLMConfig(
         vocab_size=len(tokenizer),
         cell=fields.arch,
