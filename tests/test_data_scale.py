@@ -762,3 +762,18 @@ def test_a_token_cache_that_cannot_be_written_is_one_error(tmp_path, corpus_file
     finally:
         if parent.is_dir():
             parent.chmod(0o755)
+
+
+def test_what_the_fork_server_imports_leaves_out_the_model_classes():
+    """Every run's fork server imports `WORKER_MODULES` before its first worker starts:
+    transformers' model classes there (through hftrain.models) cost 2 s more on every run
+    with workers. A fresh interpreter imports them and lists what came in."""
+    from hftrain.workers import WORKER_MODULES
+
+    imports = "; ".join(f"import {m}" for m in WORKER_MODULES if m != "__main__")
+    probe = (f"import sys; {imports}; print(sorted(m for m in sys.modules if "
+             "m.startswith(('transformers.models.', 'transformers.modeling_', 'peft', "
+             " 'hftrain.models.recurrent', 'hftrain.train'))))")
+    found = run_or_dump([sys.executable, "-c", probe], timeout=120, cwd=REPO)
+    assert found.returncode == 0, found.stderr[-2000:]
+    assert found.stdout.strip() == "[]", found.stdout
