@@ -246,7 +246,7 @@ def build_parts(recipe: Recipe, accelerator: Accelerator, recipe_path: Path | No
         model = build_model(recipe.model, tokenizer, recipe.data.block_size)
         if not is_sharded(accelerator):  # sharded: `prepare` puts each rank's shard there
             model.to(accelerator.device)
-        optimizer = build_optimizer(model, recipe.train)
+        optimizer = build_optimizer(model, recipe.train, accelerator.device)
     model.generation_config = generation_config(recipe, tokenizer)
     configure_deepspeed(accelerator, recipe.train)
     client_optimizer = optimizer

@@ -27,7 +27,7 @@ import hftrain.tracking
 import hftrain.train
 from hftrain.errors import HftrainError
 from hftrain.hub import model_card
-from hftrain.launch import check_sharding_set_up
+from hftrain.launch import check_sharding_set_up, describe_bf16
 from hftrain.models import GPT2Fields, build_gpt2
 from hftrain.optim import build_optimizer, build_scheduler
 from hftrain.recipe import Recipe, TokenizerConfig, TrainConfig
@@ -179,7 +179,11 @@ def test_training_starts_by_saying_what_accelerate_set_up(tmp_path, corpus_file,
                          capsys)
     assert code == 0, err
     lines = [line for line in out.splitlines() if line.startswith("accelerate:")]
-    assert lines == ["accelerate: 1 process on cpu, NO (not distributed), mixed precision no"]
+    bf16 = describe_bf16("cpu")  # this CPU's: native, or emulated and what changes
+    assert bf16 in (", bf16 native",
+                    ", bf16 emulated (no avx512_bf16/AMX): Muon orthogonalises in fp32")
+    assert lines == ["accelerate: 1 process on cpu, NO (not distributed), mixed precision "
+                     f"no{bf16}"]
 
 
 @pytest.mark.parametrize("variable", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
@@ -243,6 +247,7 @@ def fresh_accelerate_state():
 def test_bf16_on_a_cpu_without_bf16_instructions_warns_of_the_cost(
         native, tmp_path, corpus_file, monkeypatch, capsys, fresh_accelerate_state):
     monkeypatch.setattr(hftrain.launch, "cpu_has_native_bf16", lambda *_: native)
+    monkeypatch.setattr(hftrain.launch, "bf16_is_native", lambda *_: native)
     code, out, err = cli(["train", str(recipe_file(tmp_path, corpus_file, max_steps=2)),
                           "train.mixed_precision=bf16"], capsys)
     assert code == 0, err

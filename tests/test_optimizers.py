@@ -9,6 +9,7 @@ import copy
 import hashlib
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -23,7 +24,14 @@ from safetensors.torch import load_file
 from hftrain.errors import RecipeError
 from hftrain.models import MODELS, GPT2Fields, build_gpt2, build_recurrent
 from hftrain.models.rnn import RecurrentFields
-from hftrain.optim import MuonWithAdamW, build_optimizer, build_scheduler, muon_split
+from hftrain.optim import (
+    Muon,
+    MuonWithAdamW,
+    build_optimizer,
+    build_scheduler,
+    muon_split,
+    newton_schulz,
+)
 from hftrain.recipe import Recipe, TokenizerConfig, TrainConfig, recipe_from_dict
 from hftrain.tokenizer import build_tokenizer
 from hftrain.tracking import MetricsLog, read_metrics
@@ -330,3 +338,71 @@ def test_muon_without_hidden_matrices_says_so():
     model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.LayerNorm(4))
     with pytest.raises(Exception, match="no 2-D hidden weight matrices"):
         build_optimizer(model, TrainConfig(optimizer="muon"))
+
+
+def _muon_twins(dtype: torch.dtype) -> tuple[list[torch.Tensor], Muon, list[torch.Tensor],
+                                             torch.optim.Muon]:
+    """Two copies of the same wide and tall matrices, one under hftrain's Muon orthogonalising
+    in `dtype`, one under torch's."""
+    torch.manual_seed(0)
+    shapes = [(32, 96), (96, 32)]
+    ours = [torch.randn(s, requires_grad=True) for s in shapes]
+    theirs = [p.detach().clone().requires_grad_(True) for p in ours]
+    settings = {"lr": 0.02, "momentum": 0.95, "nesterov": True, "weight_decay": 0.1}
+    return ours, Muon(ours, orthogonalise_in=dtype, **settings), theirs, \
+        torch.optim.Muon(theirs, **settings)
+
+
+def _step_both(ours, our_opt, theirs, their_opt, update) -> None:
+    for step in range(3):
+        torch.manual_seed(100 + step)
+        for mine, other in zip(ours, theirs, strict=True):
+            mine.grad = torch.randn_like(mine)
+            other.grad = mine.grad.clone()
+        update(our_opt)
+        their_opt.step()
+
+
+def test_hftrains_muon_is_torchs_update_and_in_fp32_only_the_rounding_differs():
+    """In bf16 the update written again here (what fp32 runs) equals torch's step exactly:
+    same momentum, Nesterov, weight decay, learning-rate adjustment and iteration. In fp32
+    it differs from torch's bf16 only by bf16's rounding, and is closer to the same
+    iteration in float64."""
+    ours, our_opt, theirs, their_opt = _muon_twins(torch.bfloat16)
+    _step_both(ours, our_opt, theirs, their_opt, lambda opt: opt.update_in(torch.bfloat16))
+    for mine, other in zip(ours, theirs, strict=True):
+        assert torch.equal(mine, other)
+        assert torch.equal(our_opt.state[mine]["momentum_buffer"],
+                           their_opt.state[other]["momentum_buffer"])
+
+    ours, our_opt, theirs, their_opt = _muon_twins(torch.float32)
+    _step_both(ours, our_opt, theirs, their_opt, lambda opt: opt.step())
+    for mine, other in zip(ours, theirs, strict=True):
+        assert not torch.equal(mine, other)
+        assert torch.allclose(mine, other, atol=2e-3)  # lr 0.02 x bf16's ~1% rounding
+
+    matrix = torch.randn(48, 160)
+    exact = newton_schulz(matrix.double(), (3.4445, -4.7750, 2.0315), 5, 1e-7, torch.float64)
+    error = {dtype: (newton_schulz(matrix, (3.4445, -4.7750, 2.0315), 5, 1e-7, dtype).double()
+                     - exact).abs().max().item() for dtype in (torch.float32, torch.bfloat16)}
+    assert error[torch.float32] < error[torch.bfloat16] / 100, error
+
+
+def test_muon_orthogonalises_in_fp32_where_bf16_is_emulated(tmp_path):
+    """oneDNN capped to AVX2 (`ONEDNN_MAX_CPU_ISA`), as on a CPU without avx512_bf16 or AMX:
+    bf16 is not native, the start-up line says so and Muon's part takes fp32; a run trains."""
+    probe = ("from hftrain.launch import bf16_is_native, describe_bf16\n"
+             "from hftrain.optim import build_optimizer\n"
+             "from hftrain.recipe import TrainConfig\n"
+             "from transformers import GPT2Config, GPT2LMHeadModel\n"
+             "model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=40))\n"
+             "opt = build_optimizer(model, TrainConfig(optimizer='muon'))\n"
+             "print(bf16_is_native('cpu'), opt.parts['muon'].orthogonalise_in)\n"
+             "print(describe_bf16('cpu'))\n")
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == [
+        "False torch.float32",
+        ", bf16 emulated (no avx512_bf16/AMX): Muon orthogonalises in fp32"]
