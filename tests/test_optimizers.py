@@ -342,10 +342,10 @@ def test_muon_without_hidden_matrices_says_so():
 
 def _muon_twins(dtype: torch.dtype) -> tuple[list[torch.Tensor], Muon, list[torch.Tensor],
                                              torch.optim.Muon]:
-    """Two copies of the same wide and tall matrices, one under hftrain's Muon orthogonalising
-    in `dtype`, one under torch's."""
+    """Two copies of the same matrices (two wide ones, iterated as a batch by hftrain's Muon,
+    and a tall one), one under hftrain's Muon orthogonalising in `dtype`, one under torch's."""
     torch.manual_seed(0)
-    shapes = [(32, 96), (96, 32)]
+    shapes = [(32, 96), (32, 96), (96, 32)]
     ours = [torch.randn(s, requires_grad=True) for s in shapes]
     theirs = [p.detach().clone().requires_grad_(True) for p in ours]
     settings = {"lr": 0.02, "momentum": 0.95, "nesterov": True, "weight_decay": 0.1}
@@ -364,12 +364,12 @@ def _step_both(ours, our_opt, theirs, their_opt, update) -> None:
 
 
 def test_hftrains_muon_is_torchs_update_and_in_fp32_only_the_rounding_differs():
-    """In bf16 the update written again here (what fp32 runs) equals torch's step exactly:
-    same momentum, Nesterov, weight decay, learning-rate adjustment and iteration. In fp32
-    it differs from torch's bf16 only by bf16's rounding, and is closer to the same
-    iteration in float64."""
+    """In bf16 hftrain's update is torch's step: the same momentum, Nesterov, weight decay,
+    learning-rate adjustment and iteration, equal bit for bit whether a matrix is iterated
+    alone or in a batch of its shape. In fp32 it differs from torch's
+    bf16 only by bf16's rounding, and is closer to the same iteration in float64."""
     ours, our_opt, theirs, their_opt = _muon_twins(torch.bfloat16)
-    _step_both(ours, our_opt, theirs, their_opt, lambda opt: opt.update_in(torch.bfloat16))
+    _step_both(ours, our_opt, theirs, their_opt, lambda opt: opt.step())
     for mine, other in zip(ours, theirs, strict=True):
         assert torch.equal(mine, other)
         assert torch.equal(our_opt.state[mine]["momentum_buffer"],
