@@ -137,6 +137,14 @@ def build_muon(model: torch.nn.Module, config: TrainConfig,
     return MuonWithAdamW(parts, lr=config.lr)
 
 
+def loss_of(closure: Callable[[], Any] | None) -> Any:
+    """torch's optimizer convention: a closure, if given, recomputes the loss with grad on."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 class Muon(torch.optim.Muon):
     """torch's Muon (its parameter groups, defaults, state and algorithm), with an update
     written here for two reasons torch's `step` cannot serve:
@@ -164,10 +172,7 @@ class Muon(torch.optim.Muon):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = loss_of(closure)
         self.update_in(self.orthogonalise_in)
         return loss
 
@@ -274,10 +279,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = loss_of(closure)
         self._share()  # cheap, and safe against anyone replacing param_groups or state
         for part in self.parts.values():
             part.step()
