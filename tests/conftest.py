@@ -26,15 +26,6 @@ DEPENDENCIES = ("torch", "transformers", "datasets", "tokenizers", "accelerate",
                 "huggingface_hub", "safetensors", "numpy", "peft", "lm_eval", "deepspeed")
 
 
-LONGEST_FIRST = ("test_sharded.py",)
-"""Files that take minutes, started first: the suite runs in two workers a whole file at a
-time (`--dist loadfile`), and the longest file started last ran alone at the end."""
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    items.sort(key=lambda item: item.path.name not in LONGEST_FIRST)  # stable: order kept
-
-
 def pytest_report_header() -> str:
     """The versions the suite runs against, at the top of every run (CI installs the newest
     of each: its log says what was tested)."""
