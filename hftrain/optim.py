@@ -173,12 +173,6 @@ class Muon(torch.optim.Muon):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = loss_of(closure)
-        self.update_in(self.orthogonalise_in)
-        return loss
-
-    @torch.no_grad()
-    def update_in(self, dtype: torch.dtype) -> None:
-        """One Muon update of every parameter with a gradient, orthogonalised in `dtype`."""
         for group in self.param_groups:
             if group["adjust_lr_fn"] not in (None, "original"):
                 raise ValueError(f"adjust_lr_fn {group['adjust_lr_fn']!r} is torch's own; "
@@ -193,17 +187,22 @@ class Muon(torch.optim.Muon):
                 buffer.lerp_(grad, 1 - momentum)
                 updates.append(grad.lerp(buffer, momentum) if group["nesterov"] else buffer)
             for members in _alike(params):
-                stacked = updates[members[0]] if len(members) == 1 else \
-                    torch.stack([updates[i] for i in members])
-                orthogonal = newton_schulz(stacked, group["ns_coefficients"],
-                                           group["ns_steps"], group["eps"], dtype)
-                for i, update in zip(members, orthogonal if len(members) > 1 else
-                                     [orthogonal], strict=True):
+                orthogonal = self._orthogonalised([updates[i] for i in members], group)
+                for i, update in zip(members, orthogonal, strict=True):
                     param = params[i]
                     rows, cols = param.shape[:2]
                     param.mul_(1 - group["lr"] * group["weight_decay"])
                     param.add_(update.to(param.dtype),
                                alpha=-group["lr"] * math.sqrt(max(1, rows / cols)))
+        return loss
+
+    def _orthogonalised(self, updates: list[torch.Tensor], group: dict) -> list[torch.Tensor]:
+        """`updates` (one shape) orthogonalised, as one batch where there are several."""
+        settings = (group["ns_coefficients"], group["ns_steps"], group["eps"],
+                    self.orthogonalise_in)
+        if len(updates) == 1:
+            return [newton_schulz(updates[0], *settings)]
+        return list(newton_schulz(torch.stack(updates), *settings).unbind(0))
 
 
 def _alike(params: list[torch.Tensor]) -> list[list[int]]:

@@ -353,30 +353,30 @@ def _muon_twins(dtype: torch.dtype) -> tuple[list[torch.Tensor], Muon, list[torc
         torch.optim.Muon(theirs, **settings)
 
 
-def _step_both(ours, our_opt, theirs, their_opt, update) -> None:
+def _step_both(ours, our_opt, theirs, their_opt) -> None:
     for step in range(3):
         torch.manual_seed(100 + step)
         for mine, other in zip(ours, theirs, strict=True):
             mine.grad = torch.randn_like(mine)
             other.grad = mine.grad.clone()
-        update(our_opt)
+        our_opt.step()
         their_opt.step()
 
 
 def test_hftrains_muon_is_torchs_update_and_in_fp32_only_the_rounding_differs():
     """In bf16 hftrain's update is torch's step: the same momentum, Nesterov, weight decay,
     learning-rate adjustment and iteration, equal bit for bit whether a matrix is iterated
-    alone or in a batch of its shape. In fp32 it differs from torch's
-    bf16 only by bf16's rounding, and is closer to the same iteration in float64."""
+    alone or in a batch of its shape. In fp32 it differs from torch's bf16 only by bf16's
+    rounding, and is closer to the same iteration in float64."""
     ours, our_opt, theirs, their_opt = _muon_twins(torch.bfloat16)
-    _step_both(ours, our_opt, theirs, their_opt, lambda opt: opt.step())
+    _step_both(ours, our_opt, theirs, their_opt)
     for mine, other in zip(ours, theirs, strict=True):
         assert torch.equal(mine, other)
         assert torch.equal(our_opt.state[mine]["momentum_buffer"],
                            their_opt.state[other]["momentum_buffer"])
 
     ours, our_opt, theirs, their_opt = _muon_twins(torch.float32)
-    _step_both(ours, our_opt, theirs, their_opt, lambda opt: opt.step())
+    _step_both(ours, our_opt, theirs, their_opt)
     for mine, other in zip(ours, theirs, strict=True):
         assert not torch.equal(mine, other)
         assert torch.allclose(mine, other, atol=2e-3)  # lr 0.02 x bf16's ~1% rounding
@@ -390,7 +390,7 @@ def test_hftrains_muon_is_torchs_update_and_in_fp32_only_the_rounding_differs():
 
 def test_muon_orthogonalises_in_fp32_where_bf16_is_emulated(tmp_path):
     """oneDNN capped to AVX2 (`ONEDNN_MAX_CPU_ISA`), as on a CPU without avx512_bf16 or AMX:
-    bf16 is not native, the start-up line says so and Muon's part takes fp32; a run trains."""
+    bf16 is not native, the start-up line's note says so and Muon's part takes fp32."""
     probe = ("from hftrain.launch import bf16_is_native, describe_bf16\n"
              "from hftrain.optim import build_optimizer\n"
              "from hftrain.recipe import TrainConfig\n"
