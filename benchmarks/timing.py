@@ -37,8 +37,10 @@ def paired_steps(sides: dict[str, Callable[[], None]], steps: int, warmup: int,
 
     Interleaving single steps, rather than rounds of many, matters on a shared VM: a burst of
     stolen CPU lasts seconds, so it falls on both steps of a pair instead of on one side's
-    whole round, and the median of the per-pair ratios ignores the pairs it spoils.
+    whole round, and the median of the per-pair ratios ignores the pairs it spoils. On a GPU
+    each step is timed until the device has finished it (kernels run asynchronously).
     """
+    wait = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for run in sides.values():
         for _ in range(warmup):
             run()
@@ -46,8 +48,10 @@ def paired_steps(sides: dict[str, Callable[[], None]], steps: int, warmup: int,
     order = list(sides.items())
     for i in range(steps):
         for name, run in order if i % 2 == 0 else reversed(order):
+            wait()
             start = time.perf_counter()
             run()
+            wait()
             rates[name].append(tokens_per_step / (time.perf_counter() - start))
     return rates
 
