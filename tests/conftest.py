@@ -95,9 +95,33 @@ def communicate_or_dump(proc: subprocess.Popen, timeout: float) -> subprocess.Co
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
+MULTI_PROCESS_FLAGS = ("--nproc_per_node", "--num_processes", "--nnodes")
+
+
+def on_cpu_if_multi_process(args: list[str], env: dict[str, str] | None) -> dict[str, str] | None:
+    """The environment for `args`: a multi-process launch sees no GPU, so it runs as CI runs it,
+    on CPU with gloo (on a one-GPU machine every rank past 0 would ask for a GPU that is not
+    there, and NCCL refuses two ranks on one GPU). Other commands keep the GPU if there is one."""
+    if not any(flag in map(str, args) for flag in MULTI_PROCESS_FLAGS):
+        return env
+    return {**(os.environ if env is None else env), "CUDA_VISIBLE_DEVICES": ""}
+
+
+def logits_of(model, input_ids):
+    """`model`'s logits for `input_ids` (a CPU tensor), on the CPU: a trained `result.model`
+    stays on the device it trained on, a GPU where there is one."""
+    import torch
+
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        return model(input_ids=input_ids.to(device)).logits.float().cpu()
+
+
 def run_or_dump(args: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
     """`subprocess.run(args, capture_output=True, text=True, timeout=...)` that prints the
-    stacks of a hung process tree (`communicate_or_dump`)."""
+    stacks of a hung process tree (`communicate_or_dump`). A multi-process launch runs on CPU
+    (`on_cpu_if_multi_process`)."""
+    kwargs["env"] = on_cpu_if_multi_process(args, kwargs.get("env"))
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             **kwargs)
     return communicate_or_dump(proc, timeout)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, cli
+from conftest import REPO, cli, logits_of, on_cpu_if_multi_process
 from safetensors.torch import load_file
 
 from hftrain.recipe import recipe_from_dict
@@ -155,7 +155,7 @@ def test_torchrun_two_processes_with_muon_end_with_equal_weights(files, tmp_path
     path = write(tmp_path / "r.yaml", recipe(files, tmp_path / "run", grad_accum_steps=2))
     proc = subprocess.run([str(torchrun), "--nproc_per_node", "2", str(script), str(tmp_path),
                            "train", str(path)], capture_output=True, text=True, cwd=REPO,
-                          timeout=120)
+                          timeout=120, env=on_cpu_if_multi_process(["--nproc_per_node"], None))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "2 processes on cpu, MULTI_CPU (gloo)" in proc.stdout
     hashes = [(tmp_path / f"rank{r}").read_text() for r in (0, 1)]
@@ -185,8 +185,7 @@ def test_an_untied_qwen3_trained_with_muon_exports_loads_generates_evals_and_pus
                           capture_output=True, text=True, check=True)
     got = json.loads(proc.stdout)
     assert got["class"] == "Qwen3ForCausalLM" and not got["tied"]
-    with torch.no_grad():
-        ours = result.model(input_ids=torch.tensor([[1, 5, 6, 7, 8]])).logits[0, -1, :4]
+    ours = logits_of(result.model, torch.tensor([[1, 5, 6, 7, 8]]))[0, -1, :4]
     assert got["logits"] == pytest.approx(ours.tolist(), abs=1e-5)
     code, out, _ = cli(["generate", str(final), "--prompt", "ROMEO:", "--max-new-tokens", "20",
                         "--num-samples", "2", "--seed", "0"], capsys)
