@@ -358,11 +358,13 @@ def _run_in_folder(recipe: Recipe, accelerator: Accelerator, plan: Plan, parts: 
         try:
             return _train_and_finish(loop, parts, stop)
         except Exception as exc:  # the CLI tells how to resume from the newest checkpoint
-            if getattr(exc, "checkpoint", None) is None and loop.last_checkpoint is not None \
+            newest = loop.settle_checkpoint()
+            if getattr(exc, "checkpoint", None) is None and newest is not None \
                     and not loop.finished:  # once exported, there is nothing to resume
-                exc.checkpoint = loop.last_checkpoint
+                exc.checkpoint = newest
             raise
-        finally:
+        finally:  # no checkpoint is left completing once the run folder's lock is let go
+            loop.settle_checkpoint()
             accelerator.end_training()  # close the trackers however the run ended
 
 
@@ -491,7 +493,6 @@ class TrainingLoop:
         self.finished = False
         """Exported and marked finished: a later failure (sample, push) leaves nothing to
         resume."""
-        self.last_checkpoint: Path | None = None
         self.last_save = time.monotonic()
         """When the last checkpoint was saved (or the loop made): for `checkpoint.minutes`."""
         self.stateful = recipe.train.stateful
@@ -524,8 +525,25 @@ class TrainingLoop:
             raise
         finally:
             batches.close()  # stop the data workers
+        self.checkpointer.wait()  # a checkpoint completing in the background, first
         if not self._checkpointed():
             self.save_checkpoint()
+
+    @property
+    def last_checkpoint(self) -> Path | None:
+        """The run's newest complete checkpoint (one saved in the background counts once its
+        manifest is written and it is renamed into place)."""
+        return self.checkpointer.latest
+
+    def settle_checkpoint(self) -> Path | None:
+        """Wait for a checkpoint completing in the background; returns the newest complete
+        one. For the paths where another failure is already being reported: a save that
+        failed in the background is a warning here, not a second error."""
+        try:
+            return self.checkpointer.wait()
+        except CheckpointError as exc:
+            print(f"hftrain: warning: {exc}", file=sys.stderr)
+            return self.last_checkpoint
 
     def _checkpointed(self) -> bool:
         last = self.last_checkpoint
@@ -535,6 +553,7 @@ class TrainingLoop:
         """Checkpoint the last completed step after a failure (reading data, evaluating,
         logging) when that is safe and new: not inside an update, not with several processes
         (the others may wait in a collective), not after a failed save or a NaN stop."""
+        self.settle_checkpoint()
         if (self.accelerator.num_processes > 1 or self.step == 0 or self._checkpointed()
                 or self.updating or isinstance(exc, (CheckpointError, TrainingDiverged))):
             return
@@ -574,11 +593,11 @@ class TrainingLoop:
                 bar.write(f"step {self.step}: val_loss {val['loss']:.4f} "
                           f"val_ppl {val['perplexity']:.3f}")
                 window_start, self.window_data_wait = time.perf_counter(), 0.0
-            saved = every and self.step % every == 0 and self.save_checkpoint()
+            saved = every and self.step % every == 0 and self.save_checkpoint(background=True)
             stopping, due = self._agreed(stop.signum, self._checkpoint_due(), log_step
                                          or bool(saved) or self.step % STOP_CHECK_STEPS == 0)
             if (stopping or due) and not saved:
-                self.save_checkpoint()
+                self.save_checkpoint(background=True)
             if stopping:
                 self.interrupted = stop.signum or signal.SIGTERM
                 break
@@ -626,7 +645,7 @@ class TrainingLoop:
                       "to log")
 
     def _diverged(self, first: int, skipped: int, window: int) -> None:
-        newest = self.last_checkpoint
+        newest = self.settle_checkpoint()
         kept = f"the newest checkpoint is {newest}" if newest else "no checkpoint was saved"
         raise TrainingDiverged(
             f"the training loss was not finite at step {first} ({skipped} of the {window} "
@@ -652,13 +671,14 @@ class TrainingLoop:
         stopping, due = self.accelerator.reduce(flags, "max").tolist()
         return bool(stopping), bool(due)
 
-    def save_checkpoint(self, keep: int | None = None) -> Path:
-        """Checkpoint every part of the run's state, with the trajectory a resume must match."""
-        self.last_checkpoint = self.checkpointer.save(
+    def save_checkpoint(self, keep: int | None = None, background: bool = False) -> Path:
+        """Checkpoint every part of the run's state, with the trajectory a resume must match;
+        with `background`, completed while training goes on (`Checkpointer.save`)."""
+        saved = self.checkpointer.save(
             self.step, trajectory(self.recipe, launch_trajectory(self.accelerator)),
-            keep or self.recipe.checkpoint.keep, previous=self.last_checkpoint)
+            keep or self.recipe.checkpoint.keep, background=background)
         self.last_save = time.monotonic()
-        return self.last_checkpoint
+        return saved
 
     def resume(self, path: Path) -> None:
         """Continue from a checkpoint: every part of the run's state as it was (the stream
@@ -666,7 +686,6 @@ class TrainingLoop:
         written after it, by the run that died or the final evaluation of a run being
         continued, are dropped)."""
         self.checkpointer.load(path)
-        self.last_checkpoint = path
 
     def optimizer_step(self, micro_batches: list[dict[str, torch.Tensor]]
                        ) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -5,7 +5,9 @@ own process). Usage:
 
 Every optimizer step appends "step digest" to RECORD_FILE (the digest of the micro-batches it
 trained on; under torchrun, to RECORD_FILE.rankN). KILL_AT_STEP > 0 sends SIGKILL to this
-process at the start of that step; KILL_ON_SAVE > 0 sends it in the middle of that checkpoint
+process at the start of that step, once the checkpoints before it are complete (a checkpoint
+completing in the background takes milliseconds here: a kill *during* that is
+tests/test_checkpoint.py's, in process); KILL_ON_SAVE > 0 sends it in the middle of that checkpoint
 save (after Accelerate's files, before hftrain's completion marker). With the environment
 variable SIGNAL_IN=PHASE:SIGNAL (PHASE `final_eval`, `export` or `sample`; SIGNAL `TERM` or
 `KILL`) the process sends itself that signal when the phase begins; SIGNAL_IN=stepN:TERM (or
@@ -52,6 +54,7 @@ def should_die() -> bool:
 
 def recording_step(self, micro_batches):
     if self.step + 1 == kill_at_step and should_die():
+        self.checkpointer.wait()
         os.kill(os.getpid(), signal.SIGKILL)
     phase, _, name = os.environ.get("SIGNAL_IN", "").partition(":")
     if phase == f"step{self.step + 1}":

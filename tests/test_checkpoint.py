@@ -282,3 +282,82 @@ def test_two_process_kill_9_then_resume_reproduces_the_uninterrupted_run(tmp_pat
     assert got.keys() == whole.keys()
     for step, loss in whole.items():
         assert got[step] == pytest.approx(loss, rel=1e-5), step
+
+
+class Counter:
+    """A Stateful part: what the loop's counters look like to the checkpointer."""
+
+    def __init__(self) -> None:
+        self.step = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = state["step"]
+
+
+def tiny_checkpointer(run_dir: Path):
+    import torch
+    from accelerate import Accelerator
+
+    from hftrain.checkpoint import Checkpointer
+
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(8, 8)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return Checkpointer(accelerator, run_dir, {"loop": Counter()})
+
+
+def test_a_checkpoint_completing_in_the_background_is_not_used_until_complete(tmp_path,
+                                                                             monkeypatch):
+    """Training goes on while a checkpoint's manifest is hashed; until it is renamed into
+    place, a resume (which reads only complete checkpoints) sees the one before, so a crash
+    mid-completion falls back cleanly. `wait()` lets it finish; the older one is pruned."""
+    import threading
+
+    import hftrain.checkpoint as checkpoint
+
+    checkpointer = tiny_checkpointer(tmp_path / "run")
+    first = checkpointer.save(10, {}, keep=1)
+    hashing, release = threading.Event(), threading.Event()
+    real_write = checkpoint._write_state_file
+
+    def slow_write(folder, state):
+        hashing.set()
+        release.wait(timeout=60)
+        real_write(folder, state)
+
+    monkeypatch.setattr(checkpoint, "_write_state_file", slow_write)
+    second = checkpointer.save(20, {}, keep=1, background=True)
+    assert hashing.wait(timeout=60)  # save() returned while the manifest is still pending
+    assert latest_checkpoint(tmp_path / "run") == first == checkpointer.latest
+    assert (second.parent / ".step-00000020.tmp").is_dir() and not second.exists()
+    release.set()
+    assert checkpointer.wait() == second == latest_checkpoint(tmp_path / "run")
+    listed = json.loads((second / STATE_FILE).read_text())["files"]
+    assert "model.safetensors" in listed and not first.exists()
+
+
+def test_a_background_save_that_fails_is_reported_and_keeps_the_previous(tmp_path,
+                                                                        monkeypatch):
+    """A full disk while completing in the background: the next save (or the run's end)
+    raises one line naming the intact checkpoint, and nothing half-written is left."""
+    import errno
+
+    import hftrain.checkpoint as checkpoint
+    from hftrain.checkpoint import CheckpointError
+
+    checkpointer = tiny_checkpointer(tmp_path / "run")
+    first = checkpointer.save(10, {}, keep=2)
+
+    def full_disk(folder, state):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "_write_state_file", full_disk)
+    checkpointer.save(20, {}, keep=2, background=True)
+    with pytest.raises(CheckpointError, match=f"No space left on device.*{first} is intact"):
+        checkpointer.save(30, {}, keep=2)
+    assert latest_checkpoint(tmp_path / "run") == first == checkpointer.latest
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [first.name]
