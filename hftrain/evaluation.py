@@ -12,9 +12,8 @@ import itertools
 from collections.abc import Iterable, Iterator
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import evaluate
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -24,12 +23,20 @@ from hftrain.errors import HftrainError, one_line
 from hftrain.framing import Framing, token_bytes
 from hftrain.models.recurrent.modeling_recurrent import recurrent_cache
 
+if TYPE_CHECKING:
+    import evaluate
+
 METRIC_PATH = Path(__file__).parent / "metrics" / "perplexity"
 
 
 @cache
 def perplexity_metric() -> evaluate.EvaluationModule:
-    """The package's own `evaluate` module, loaded by path (no Hub access needed)."""
+    """The package's own `evaluate` module, loaded by path (no Hub access needed). `evaluate`
+    is imported here, when a score is first computed: its import pulls transformers'
+    pipelines and scipy (~1 s), which `hftrain train` overlaps with training
+    (`hftrain.preload`)."""
+    import evaluate
+
     return evaluate.load(str(METRIC_PATH))
 
 

@@ -179,18 +179,20 @@ def loss_points(records: list[dict[str, Any]]) -> list[tuple[int, float]]:
 
 
 def plot_losses(metrics_path: Path, out_path: Path) -> Path | None:
-    """Train and validation loss against step, as a PNG; None if matplotlib is missing."""
+    """Train and validation loss against step, as a PNG; None if matplotlib is missing.
+    Drawn with matplotlib's object API on the Agg canvas, not pyplot: no global figure state,
+    no backend chosen for the whole process."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
     except ImportError:
         return None
     records = read_metrics(metrics_path)
     train = loss_points(records)
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    fig = Figure(figsize=(7, 4), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
     if train:
         ax.plot(*zip(*train, strict=True), label="train loss", linewidth=1)
     if val:
@@ -202,6 +204,5 @@ def plot_losses(metrics_path: Path, out_path: Path) -> Path | None:
     fig.tight_layout()
     image = io.BytesIO()
     fig.savefig(image, format="png")
-    plt.close(fig)
     atomic_write_bytes(out_path, image.getvalue())  # never through a link planted there
     return out_path

@@ -69,6 +69,7 @@ from hftrain.nodes import (
     on_every_process,
 )
 from hftrain.optim import build_optimizer, build_scheduler
+from hftrain.preload import import_in_background
 from hftrain.recipe import Recipe, dump_recipe
 from hftrain.resume import Plan, plan_run, trajectory
 from hftrain.run_folder import (
@@ -370,6 +371,7 @@ def _run_in_folder(recipe: Recipe, accelerator: Accelerator, plan: Plan, parts: 
 
 def _train_and_finish(loop: TrainingLoop, parts: RunParts, stop: StopRequest) -> TrainResult:
     first_step, started = loop.step, time.perf_counter()
+    import_in_background()  # what the finish needs, imported while the steps run
     loop.run(stop)
     result = TrainResult(None, loop.run_dir, None, {}, "", time.perf_counter() - started,
                          loop.step, loop.interrupted, loop.last_checkpoint,

@@ -144,3 +144,34 @@ def test_bad_sources_name_the_culprit(tmp_path: Path, corpus_file: Path, shakesp
         jsonl.write_text('{"text": "abc"}\n')
         next(DataStreams(DataConfig(train_files=[str(jsonl)], text_column="content"), tok, 0)
              .train_batches(2))
+
+
+@pytest.mark.parametrize("budget", [256 << 20, 0])
+def test_evaluations_tokenize_validation_once_within_the_memory_budget(tmp_path, budget,
+                                                                       monkeypatch):
+    """The second evaluation reads the validation pieces the first tokenized (with offsets,
+    the slow path) and gets the same batches; with no budget left, it tokenizes again."""
+    import torch
+
+    from hftrain.data import KeptTokens
+    from hftrain.data.loader import PieceTokenizer
+
+    text = "".join(f"Line {i}: to be or not to be.\n\n" for i in range(400))
+    (tmp_path / "train.txt").write_text(text)
+    (tmp_path / "val.txt").write_text(text[::-1])
+    config = DataConfig(train_files=[str(tmp_path / "train.txt")],
+                        val_files=[str(tmp_path / "val.txt")], block_size=16, num_workers=0,
+                        sample_by="paragraph")
+    tok = build_tokenizer(TokenizerConfig(kind="char"), [text], 16)
+    streams = DataStreams(config, tok, seed=0)
+    streams.val_kept = KeptTokens(budget=budget)
+    tokenized = []
+    real = PieceTokenizer._tokenized
+    monkeypatch.setattr(PieceTokenizer, "_tokenized",
+                        lambda self, i: tokenized.append(i) or real(self, i))
+    first = list(streams.val_batches(8))
+    pieces = len(tokenized)
+    second = list(streams.val_batches(8))
+    assert pieces > 0 and len(tokenized) == (pieces if budget else 2 * pieces)
+    assert len(first) == len(second) > 1
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(first, second, strict=True) for k in a)

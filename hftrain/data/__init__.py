@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from hftrain.data import cache as token_cache
-from hftrain.data.loader import LaneStream, TrainStream, val_batches
+from hftrain.data.loader import KeptTokens, LaneStream, TrainStream, val_batches
 from hftrain.data.packing import (
     BlockShuffle,
     batched,
@@ -85,6 +85,8 @@ class DataStreams:
         self.fingerprints: dict[str, tuple[int, int]] = {}
         """(size, mtime_ns) of every local file read, taken when its stream is first built."""
         self.cache = token_cache.open_for(config, tokenizer) if config.cache else None
+        self.val_kept = KeptTokens()
+        """The validation pieces tokenized by earlier evaluations (within a memory budget)."""
 
     def pieces(self, split: str) -> SplitPieces:
         if split not in self._pieces:
@@ -109,7 +111,7 @@ class DataStreams:
         if self.cache is not None:
             return self.cache.val_batches(batch_size, self.rank, self.world_size, self.stateful)
         return val_batches(self.pieces("val"), self.tokenizer, self.config, batch_size,
-                           self.rank, self.world_size, self.stateful)
+                           self.rank, self.world_size, self.stateful, self.val_kept)
 
     def check_val(self, batch_size: int) -> None:
         """Pull one validation batch, so empty validation data fails before anything is

@@ -23,7 +23,7 @@ import itertools
 import os
 import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -62,6 +62,24 @@ class Tokenized:
     error: str | None = None
 
 
+@dataclass
+class KeptTokens:
+    """Tokenized validation pieces kept between evaluations, up to `budget` bytes: evaluation
+    re-reads the same split every `eval.interval` steps, and tokenizing it with character
+    offsets is the slow half of reading it. 256 MB holds ~16M tokens with their byte counts;
+    pieces past the budget are tokenized again each time, so memory stays bounded."""
+
+    budget: int = 256 << 20
+    pieces: dict[int, Tokenized] = field(default_factory=dict)
+    used: int = 0
+
+    def keep(self, index: int, item: Tokenized) -> Tokenized:
+        size = item.tokens.nbytes + item.lengths.nbytes
+        if item.error is None and self.used + size <= self.budget:
+            self.pieces[index], self.used = item, self.used + size
+        return item
+
+
 class PieceTokenizer(Dataset):
     """Reads and tokenizes pieces of a split, by index: what the loader's workers run.
 
@@ -71,8 +89,10 @@ class PieceTokenizer(Dataset):
     training process as one line instead of a worker traceback.
     """
 
-    def __init__(self, pieces: SplitPieces, tokenizer: Any, with_bytes: bool = False) -> None:
+    def __init__(self, pieces: SplitPieces, tokenizer: Any, with_bytes: bool = False,
+                 kept: KeptTokens | None = None) -> None:
         self.pieces, self.tokenizer, self.with_bytes = pieces, tokenizer, with_bytes
+        self.kept = kept
         self.framing = Framing.of(tokenizer)
         self.sft = pieces.config.kind == "sft"
         rows = ("ids", "labels", "starts") if self.sft else ("ids",)
@@ -83,6 +103,12 @@ class PieceTokenizer(Dataset):
         return len(self.pieces.pieces)
 
     def __getitem__(self, index: int) -> Tokenized:
+        if self.kept is None:
+            return self._tokenized(index)
+        kept = self.kept.pieces.get(index)
+        return kept if kept is not None else self.kept.keep(index, self._tokenized(index))
+
+    def _tokenized(self, index: int) -> Tokenized:
         piece = self.pieces.pieces[index]
         try:
             return self._records(piece) if self.sft else self._texts(piece)
@@ -498,12 +524,14 @@ class LaneStream(UndoableSteps):
 
 
 def val_batches(pieces: SplitPieces, tokenizer: Any, config: DataConfig, batch_size: int,
-                rank: int, world_size: int, stateful: bool) -> Iterator[dict[str, Any]]:
+                rank: int, world_size: int, stateful: bool,
+                kept: KeptTokens | None = None) -> Iterator[dict[str, Any]]:
     """The validation split once, in order, the tail padded so that every token after the
     first is scored: rank r packs pieces r, r + N, ... (so with N processes the first token of
     each rank's first piece, N tokens in all, has no context and is not scored); stateful
-    evaluation lays all ranks' lanes over the whole split, as `LaneStream` does."""
-    tokenize = PieceTokenizer(pieces, tokenizer, with_bytes=True)
+    evaluation lays all ranks' lanes over the whole split, as `LaneStream` does. Pieces in
+    `kept` are not tokenized again."""
+    tokenize = PieceTokenizer(pieces, tokenizer, with_bytes=True, kept=kept)
     if stateful:
         tokens = read_all(tokenize, list(range(len(pieces.pieces))), 0)
         yield from lane_val_batches(tokens, batch_size, rank, world_size, config.block_size,
