@@ -57,13 +57,14 @@ def models(steps: int) -> list[dict]:
     ]
 
 
-def held_out_texts(work: Path) -> dict[str, Path]:
-    """One file per held-out text, each scored as one document."""
+def held_out_texts(work: Path, chars: int | None = None) -> dict[str, Path]:
+    """One file per held-out text, each scored as one document (Shakespeare's cut to its
+    first `chars` characters if given: the smoke test's)."""
     shakespeare = SHAKESPEARE.read_text(encoding="utf-8")
     cut = int(len(shakespeare) * 0.9)  # the recipes' val_fraction 0.1 (an ASCII file)
     path = work / "texts" / "shakespeare_last10.txt"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(shakespeare[cut:], encoding="utf-8")
+    path.write_text(shakespeare[cut:][:chars], encoding="utf-8")
     return {"shakespeare": path, "ptb": PTB_TEST}
 
 
@@ -147,6 +148,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300, help="training steps of the GPT-2s")
     parser.add_argument("--only", nargs="*", default=None,
                         help="model names to run (gpt2-char gpt2-bpe lstm-word)")
+    parser.add_argument("--text-chars", type=int, default=None,
+                        help="score only this many characters of the Shakespeare text")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -156,7 +159,7 @@ def main() -> None:
         sys.exit("needs lm-eval: pip install -e '.[eval]'")
     started = time.perf_counter()
     work = args.work_dir.resolve()
-    texts = held_out_texts(work)
+    texts = held_out_texts(work, args.text_chars)
     rows = []
     for run in models(args.steps):
         if args.only and run["name"] not in args.only:

@@ -8,7 +8,7 @@ after the first, which holds start-up), and each sharded side's ratio to DDP per
 its median over rounds.
 
     python benchmarks/sharded_step.py --rounds 3
-    python benchmarks/sharded_step.py --rounds 1 --smoke     # seconds: a tiny model
+    python benchmarks/sharded_step.py --rounds 1 --smoke --sides ddp,fsdp2   # a tiny model
 
 On CPU FSDP2 pays for gathering every layer's weights before its forward and backward and
 for reduce-scattering the gradients (gloo, through memory), where DDP only all-reduces the
@@ -66,10 +66,14 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--smoke", action="store_true", help="a tiny model, a few steps")
+    parser.add_argument("--sides", type=lambda s: s.split(","), default=list(LAUNCH),
+                        help="comma-separated, ddp first (default: ddp,fsdp2,zero2)")
     args = parser.parse_args()
+    if args.sides[0] != "ddp" or not set(args.sides) <= set(LAUNCH):
+        parser.error(f"--sides: ddp first, then any of {', '.join(list(LAUNCH)[1:])}")
     overrides = SMOKE if args.smoke else [f"train.max_steps={args.steps}", "eval.interval=100000",
                                           "sample.max_new_tokens=0"]
-    sides = list(LAUNCH)
+    sides = args.sides
     results: dict[str, list[float]] = {side: [] for side in sides}
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.rounds):

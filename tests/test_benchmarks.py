@@ -2,9 +2,9 @@
 sizes, and its report is read back (issue 21: train_step.py and recurrent.py had raised
 TypeError for weeks, unseen, behind RESULTS rows nobody could re-run). The scripts with their
 own smoke test elsewhere: checkpoint.py (test_checkpoint.py), sharded_step.py
-(test_sharded.py), vs_nanogpt.py (test_recipes_slow.py, `pytest -m slow`). launch_configs.py is
-covered here. Not yet covered:
-data_pipeline.py and lm_eval_agreement.py (issue 21)."""
+(test_sharded.py), vs_nanogpt.py (test_recipes_slow.py, `pytest -m slow`). launch_configs.py,
+data_pipeline.py (throughput and the token cache; its `--resume` and `--rss` modes time whole
+CLI runs and are not smoke-tested) and lm_eval_agreement.py are covered here."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import statistics
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO
 
 BENCHMARKS = REPO / "benchmarks"
@@ -66,3 +67,33 @@ def test_the_launch_configs_benchmark_reads_back_what_the_run_logged(tmp_path):
     assert result["tokens_per_s"] == statistics.median(windows[1:]) > 0
     assert result["val_bpb"] == [r for r in logged if "val_bpb" in r][-1]["val_bpb"]
     assert re.search(r"^\| single_gpu \| 0 \| 6 \| [\d,]+ \| - \|", report, re.M), report
+
+
+def test_the_data_pipeline_benchmark_measures_a_worker_and_the_cache(tmp_path):
+    """A 0.2 MB corpus: the raw tokenizer, one streaming worker and the memory-mapped cache
+    each deliver tokens, and the JSON holds what the table shows."""
+    out = tmp_path / "figures.json"
+    report = run_benchmark(
+        str(BENCHMARKS / "data_pipeline.py"), "--work", str(tmp_path), "--mb", "0.2",
+        "--vocab", "300", "--tokenizer-mb", "0.1", "--rounds", "1", "--tokens", "20000",
+        "--warmup-tokens", "2000", "--workers", "1", "--layouts", "txt", "--block-size", "64",
+        "--json", str(out))
+    medians = json.loads(out.read_text())["throughput"]["median"]
+    assert set(medians) == {"raw encode_batch_fast, 1 thread", "txt, 1 worker",
+                            "cache (memory map), txt"}
+    assert all(m["tok_s"] > 0 and m["rounds_ok"] == 1 for m in medians.values())
+    assert medians["txt, 1 worker"]["read_pieces"] > 0  # the worker streamed the corpus
+    assert "| txt, 1 worker |" in report
+
+
+def test_the_lm_eval_agreement_benchmark_agrees_on_a_short_text(tmp_path):
+    """lm-eval and `hftrain eval` score the same 3,000 characters with a 5-step char GPT-2:
+    the benchmark's own comparison (bits per byte within 0.1%) holds at this size too."""
+    pytest.importorskip("lm_eval")
+    report = run_benchmark(str(BENCHMARKS / "lm_eval_agreement.py"), "--work-dir",
+                           str(tmp_path), "--steps", "5", "--only", "gpt2-char",
+                           "--text-chars", "3000")
+    [row] = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert row["bytes_text"] == 3000 and row["bytes_hftrain"] == 3000, row
+    assert abs(row["lm_eval_bpb"] / row["hftrain_bpb"] - 1) < 1e-3, row
+    assert "| gpt2-char | char |" in report
