@@ -444,22 +444,32 @@ class Checkpointer:
 
     def wait(self) -> Path | None:
         """Let a checkpoint still completing in the background finish; returns the newest
-        complete checkpoint, or raises the CheckpointError of a save that failed."""
-        pending, self._pending = self._pending, None
+        complete checkpoint, or raises the CheckpointError of a save that failed. A wait cut
+        short (Ctrl-C) leaves the save pending, for the next wait to finish."""
+        pending = self._pending
         if pending is not None:
-            pending.result()
+            try:
+                pending.result()
+            finally:
+                if pending.done():
+                    self._pending = None
         return self.latest
 
     def _complete(self, tmp: Path, target: Path, state: dict[str, Any], keep: int) -> Path:
         """The main process's last steps of a save: the state file with the manifest, the
-        rename, the pruning of older checkpoints."""
+        rename, the pruning of older checkpoints (whose failure is a warning: the new
+        checkpoint is complete by then)."""
         try:
             _write_state_file(tmp, state)
             replace_directory(target, tmp)  # the same step saved again replaces it
         except WRITE_ERRORS as exc:
             raise self._failed(tmp, target, exc) from None
         self.latest = target
-        _prune(target, keep)
+        try:
+            _prune(target, keep)
+        except OSError as exc:
+            print(f"hftrain: warning: could not prune old checkpoints beside {target}: "
+                  f"{write_error_reason(exc)}", file=sys.stderr)
         return target
 
     def _failed(self, tmp: Path, target: Path, exc: Exception) -> CheckpointError:

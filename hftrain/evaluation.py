@@ -33,8 +33,7 @@ METRIC_PATH = Path(__file__).parent / "metrics" / "perplexity"
 def perplexity_metric() -> evaluate.EvaluationModule:
     """The package's own `evaluate` module, loaded by path (no Hub access needed). `evaluate`
     is imported here, when a score is first computed: its import pulls transformers'
-    pipelines and scipy (~1 s), which `hftrain train` overlaps with training
-    (`hftrain.preload`)."""
+    pipelines and scipy.stats (~0.5-1 s), which a command that scores nothing never pays."""
     import evaluate
 
     return evaluate.load(str(METRIC_PATH))

@@ -69,7 +69,6 @@ from hftrain.nodes import (
     on_every_process,
 )
 from hftrain.optim import build_optimizer, build_scheduler
-from hftrain.preload import import_in_background
 from hftrain.recipe import Recipe, dump_recipe
 from hftrain.resume import Plan, plan_run, trajectory
 from hftrain.run_folder import (
@@ -371,7 +370,6 @@ def _run_in_folder(recipe: Recipe, accelerator: Accelerator, plan: Plan, parts: 
 
 def _train_and_finish(loop: TrainingLoop, parts: RunParts, stop: StopRequest) -> TrainResult:
     first_step, started = loop.step, time.perf_counter()
-    import_in_background()  # what the finish needs, imported while the steps run
     loop.run(stop)
     result = TrainResult(None, loop.run_dir, None, {}, "", time.perf_counter() - started,
                          loop.step, loop.interrupted, loop.last_checkpoint,
@@ -527,7 +525,7 @@ class TrainingLoop:
             raise
         finally:
             batches.close()  # stop the data workers
-        self.checkpointer.wait()  # a checkpoint completing in the background, first
+        self.settle_checkpoint()  # a checkpoint completing in the background, first
         if not self._checkpointed():
             self.save_checkpoint()
 
@@ -540,12 +538,24 @@ class TrainingLoop:
     def settle_checkpoint(self) -> Path | None:
         """Wait for a checkpoint completing in the background; returns the newest complete
         one. For the paths where another failure is already being reported: a save that
-        failed in the background is a warning here, not a second error."""
-        try:
-            return self.checkpointer.wait()
-        except CheckpointError as exc:
-            print(f"hftrain: warning: {exc}", file=sys.stderr)
-            return self.last_checkpoint
+        failed in the background is a warning here, not a second error. A Ctrl-C during the
+        wait (a second or two of hashing) is held until the checkpoint is complete, so the
+        run folder's lock is never let go while it is still being written."""
+        interrupted = None
+        while True:
+            try:
+                newest = self.checkpointer.wait()
+                break
+            except KeyboardInterrupt as exc:
+                interrupted = exc
+                print("hftrain: finishing the checkpoint being written ...", file=sys.stderr)
+            except Exception as exc:  # noqa: BLE001 - reported beside the first failure
+                print(f"hftrain: warning: {one_line(exc)}", file=sys.stderr)
+                newest = self.last_checkpoint
+                break
+        if interrupted is not None:
+            raise interrupted
+        return newest
 
     def _checkpointed(self) -> bool:
         last = self.last_checkpoint

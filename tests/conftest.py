@@ -95,14 +95,25 @@ def communicate_or_dump(proc: subprocess.Popen, timeout: float) -> subprocess.Co
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
-MULTI_PROCESS_FLAGS = ("--nproc_per_node", "--num_processes", "--nnodes")
+def launches_several_processes(args: list[str]) -> bool:
+    """`args` start more than one process: `--nproc_per_node N`, `--nproc-per-node=N`,
+    `--num_processes N` with N > 1, or any `--nnodes`."""
+    args = [str(a) for a in args]
+    for i, arg in enumerate(args):
+        flag, _, value = arg.partition("=")
+        if flag.replace("-", "_") not in ("__nproc_per_node", "__num_processes", "__nnodes"):
+            continue
+        value = value or (args[i + 1] if i + 1 < len(args) else "")
+        if flag.endswith("nnodes") or (value.isdigit() and int(value) > 1):
+            return True
+    return False
 
 
 def on_cpu_if_multi_process(args: list[str], env: dict[str, str] | None) -> dict[str, str] | None:
     """The environment for `args`: a multi-process launch sees no GPU, so it runs as CI runs it,
     on CPU with gloo (on a one-GPU machine every rank past 0 would ask for a GPU that is not
     there, and NCCL refuses two ranks on one GPU). Other commands keep the GPU if there is one."""
-    if not any(flag in map(str, args) for flag in MULTI_PROCESS_FLAGS):
+    if not launches_several_processes(args):
         return env
     return {**(os.environ if env is None else env), "CUDA_VISIBLE_DEVICES": ""}
 

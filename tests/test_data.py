@@ -150,7 +150,8 @@ def test_bad_sources_name_the_culprit(tmp_path: Path, corpus_file: Path, shakesp
 def test_evaluations_tokenize_validation_once_within_the_memory_budget(tmp_path, budget,
                                                                        monkeypatch):
     """The second evaluation reads the validation pieces the first tokenized (with offsets,
-    the slow path) and gets the same batches; with no budget left, it tokenizes again."""
+    the slow path) and gets the same batches; with no budget left, it tokenizes again. A
+    validation file changed since is refused all the same, kept tokens or not."""
     import torch
 
     from hftrain.data import KeptTokens
@@ -175,3 +176,6 @@ def test_evaluations_tokenize_validation_once_within_the_memory_budget(tmp_path,
     assert pieces > 0 and len(tokenized) == (pieces if budget else 2 * pieces)
     assert len(first) == len(second) > 1
     assert all(torch.equal(a[k], b[k]) for a, b in zip(first, second, strict=True) for k in a)
+    (tmp_path / "val.txt").write_text(text[::-1] + "one more line\n")
+    with pytest.raises(DataError, match="val.txt"):
+        next(streams.val_batches(8))

@@ -155,7 +155,7 @@ def test_torchrun_two_processes_with_muon_end_with_equal_weights(files, tmp_path
     path = write(tmp_path / "r.yaml", recipe(files, tmp_path / "run", grad_accum_steps=2))
     proc = subprocess.run([str(torchrun), "--nproc_per_node", "2", str(script), str(tmp_path),
                            "train", str(path)], capture_output=True, text=True, cwd=REPO,
-                          timeout=120, env=on_cpu_if_multi_process(["--nproc_per_node"], None))
+                          timeout=120, env=on_cpu_if_multi_process(["--nproc_per_node", "2"], None))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "2 processes on cpu, MULTI_CPU (gloo)" in proc.stdout
     hashes = [(tmp_path / f"rank{r}").read_text() for r in (0, 1)]

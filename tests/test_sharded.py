@@ -16,7 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, communicate_or_dump, run_or_dump, tiny_recipe_dict
+from conftest import (
+    REPO,
+    communicate_or_dump,
+    on_cpu_if_multi_process,
+    run_or_dump,
+    tiny_recipe_dict,
+)
 from safetensors.torch import load_file
 
 from hftrain.checkpoint import (
@@ -302,6 +308,7 @@ def agents(tmp_path: Path, name: str, data: dict, nodes: list[Path], *args: str,
     env.update({**fsdp_launch_variables(), **RENDEZVOUS_ENV}, OMP_NUM_THREADS="1",
                PYTHONPATH=str(REPO), KILL_ONCE=str(tmp_path / f"{name}.killed-once"))
     port, per_node = free_port(), 2 if len(nodes) == 1 else 1
+    env = on_cpu_if_multi_process(["--nnodes"], env)
     started = [subprocess.Popen(
         [TORCHRUN, "--nnodes", str(len(nodes)), "--nproc_per_node", str(per_node),
          "--node-rank", str(rank), "--max-restarts", str(restarts), "--rdzv-backend", "c10d",

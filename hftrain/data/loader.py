@@ -64,10 +64,13 @@ class Tokenized:
 
 @dataclass
 class KeptTokens:
-    """Tokenized validation pieces kept between evaluations, up to `budget` bytes: evaluation
-    re-reads the same split every `eval.interval` steps, and tokenizing it with character
-    offsets is the slow half of reading it. 256 MB holds ~16M tokens with their byte counts;
-    pieces past the budget are tokenized again each time, so memory stays bounded."""
+    """Tokenized validation pieces kept between evaluations, up to `budget` bytes in each
+    process: evaluation re-reads the same split every `eval.interval` steps, and tokenizing
+    it with character offsets is the slow half of reading it. 256 MB holds ~16M tokens of
+    text with their byte counts (~8M of fine-tuning examples, which carry four rows); pieces
+    past the budget are tokenized again each time, so memory stays bounded. A file changed
+    since it was first read is still refused at the next evaluation (`DataStreams.val_batches`
+    checks every file's size and time before reading)."""
 
     budget: int = 256 << 20
     pieces: dict[int, Tokenized] = field(default_factory=dict)
