@@ -361,3 +361,31 @@ def test_a_background_save_that_fails_is_reported_and_keeps_the_previous(tmp_pat
         checkpointer.save(30, {}, keep=2)
     assert latest_checkpoint(tmp_path / "run") == first == checkpointer.latest
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [first.name]
+
+
+def test_a_ctrl_c_while_waiting_leaves_the_background_save_to_finish(tmp_path, monkeypatch):
+    """Ctrl-C lands while the run waits for a checkpoint completing in the background: the
+    save stays pending, and the next wait still completes it (it is not forgotten)."""
+    import threading
+    from concurrent.futures import Future
+
+    import hftrain.checkpoint as checkpoint
+
+    checkpointer = tiny_checkpointer(tmp_path / "run")
+    release = threading.Event()
+    real_write = checkpoint._write_state_file
+    monkeypatch.setattr(checkpoint, "_write_state_file",
+                        lambda folder, state: release.wait(60) and real_write(folder, state))
+    saved = checkpointer.save(10, {}, keep=1, background=True)
+    real_result = Future.result
+
+    def interrupted(self, timeout=None):
+        monkeypatch.setattr(Future, "result", real_result)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Future, "result", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        checkpointer.wait()
+    assert checkpointer.latest is None and not saved.exists()
+    release.set()
+    assert checkpointer.wait() == saved == latest_checkpoint(tmp_path / "run")
