@@ -479,20 +479,32 @@ def test_a_recipe_mistake_under_torchrun_is_said_once(tmp_path, corpus_file):
 
 
 
+@pytest.fixture(scope="module")
+def ddp_with_accumulation(tmp_path_factory, shakespeare_text):
+    """The DDP run both ZeRO stages are compared with (run once: a 2-process launch is half
+    a minute of CI): its folder, recipe data and result."""
+    tmp = tmp_path_factory.mktemp("ddp-accumulation")
+    corpus = tmp / "corpus.txt"
+    corpus.write_text(shakespeare_text, encoding="utf-8")
+    data = recipe_data(tmp, corpus)
+    data["train"].update(batch_size=2, grad_accum_steps=2, grad_clip=0.05)
+    ddp = launch(tmp, "ddp", data, fsdp=False)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    return tmp / "ddp", data, ddp
+
+
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_zero_equals_ddp_with_accumulation_and_clipping(stage, tmp_path,
-                                                                  corpus_file):
+                                                                  ddp_with_accumulation):
     """Accumulation 2 (one update per two micro-batches) and a clipping norm that bites:
     the micro-batch, accumulation and clipping reach DeepSpeed, the loss is not divided by
     the accumulation twice, the schedule drives the engine's optimizer (ZeRO-3 regroups
     its parameters), and the seeded model is what ZeRO-3 partitions."""
-    data = recipe_data(tmp_path, corpus_file)
-    data["train"].update(batch_size=2, grad_accum_steps=2, grad_clip=0.05)
-    ddp = launch(tmp_path, "ddp", data, fsdp=False)
+    ddp_dir, data, ddp = ddp_with_accumulation
     zero = launch(tmp_path, "zero", data, f"deepspeed_zero{stage}")
-    assert ddp.returncode == 0 and zero.returncode == 0, zero.stderr[-3000:]
+    assert zero.returncode == 0, zero.stderr[-3000:]
     assert f"DEEPSPEED (gloo), mixed precision no, DeepSpeed ZeRO-{stage}" in zero.stdout
-    assert_same_run(tmp_path / "ddp", tmp_path / "zero")
+    assert_same_run(ddp_dir, tmp_path / "zero")
     assert sample_of(zero) == sample_of(ddp)
     checkpoint = complete_checkpoints(tmp_path / "zero")[-1]
     assert any(n.endswith("optim_states.pt") for n in manifest_names(checkpoint))
