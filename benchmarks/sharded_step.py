@@ -8,7 +8,7 @@ after the first, which holds start-up), and each sharded side's ratio to DDP per
 its median over rounds.
 
     python benchmarks/sharded_step.py --rounds 3
-    python benchmarks/sharded_step.py --rounds 1 --smoke --sides ddp,fsdp2   # a tiny model
+    python benchmarks/sharded_step.py --rounds 1 --smoke --sides ddp     # a tiny model
 
 On CPU FSDP2 pays for gathering every layer's weights before its forward and backward and
 for reduce-scattering the gradients (gloo, through memory), where DDP only all-reduces the

@@ -286,6 +286,7 @@ def test_packed_examples_do_not_attend_to_each_other(tmp_path, shakespeare_text,
 
 # --- resume and torchrun (the builder is shared: llama stands for both) ------------------------
 
+@pytest.mark.slow  # the checkpoint code is the arch's too: GPT-2's kill -9 tests run by default
 def test_kill_9_then_resume_reproduces_the_uninterrupted_run(tmp_path, corpus_file):
     from test_checkpoint import losses, run_with_fault, trained_steps, write_recipe
 

@@ -437,18 +437,17 @@ def test_a_refusal_on_one_node_only_is_one_line_and_stops_every_node(fault, tmp_
 
 
 def test_the_sharded_step_benchmark_runs_in_seconds():
-    """benchmarks/sharded_step.py's smoke mode: one round of DDP and FSDP2 on a tiny model
-    (ZeRO-2's side is the same code with other launch variables; DeepSpeed's import alone
-    would add half a minute, and DeepSpeed runs in this file's own tests)."""
+    """benchmarks/sharded_step.py's smoke mode: one round of its DDP side on a tiny model
+    (every side is the same code with other launch variables; the sharded launches
+    themselves are this file's other tests, and each side here is half a minute of CI)."""
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "sharded_step.py"),
-                           "--rounds", "1", "--smoke", "--sides", "ddp,fsdp2"],
+                           "--rounds", "1", "--smoke", "--sides", "ddp"],
                           capture_output=True, text=True, cwd=REPO, timeout=TIME_LIMIT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.splitlines()[-1])
-    assert report["processes"] == 2 and set(report["tokens_per_s"]) == {"ddp", "fsdp2"}
-    assert all(len(v) == 1 and v[0] > 0 for v in report["tokens_per_s"].values())
-    assert report["median_over_ddp"]["fsdp2"] == pytest.approx(
-        report["tokens_per_s"]["fsdp2"][0] / report["tokens_per_s"]["ddp"][0])
+    assert report["processes"] == 2 and set(report["tokens_per_s"]) == {"ddp"}
+    assert len(report["tokens_per_s"]["ddp"]) == 1 and report["tokens_per_s"]["ddp"][0] > 0
+    assert report["median_over_ddp"] == {}
 
 def test_planted_metadata_cannot_patch_a_class_for_the_rest_of_the_process(fsdp_gpt2,
                                                                          tmp_path):
