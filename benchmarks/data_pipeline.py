@@ -43,6 +43,7 @@ import json
 import math
 import os
 import platform
+import re
 import resource
 import shutil
 import statistics
@@ -256,7 +257,8 @@ def measure_pipeline(spec: dict[str, Any]) -> dict[str, Any]:
         n_tokens += next(batches)["input_ids"].numel()
     end, cpu = time.perf_counter(), tree_cpu(me) - cpu_start
     threads, workers = me.num_threads(), len(me.children(recursive=True))
-    batches.close()  # stops (and reaps) the workers, so their peak RSS is counted below
+    worker_peak = descendants_peak_rss_mb(me)  # before close() ends them
+    batches.close()  # stops the workers
     counters = getattr(batches, "counters", {})  # what the stream read and tokenized
     window, seconds = n_tokens - warm, end - window_start
     return {"tokens": window, "first_batch_s": first - start, "tok_s": window / seconds,
@@ -264,7 +266,7 @@ def measure_pipeline(spec: dict[str, Any]) -> dict[str, Any]:
             "tok_per_cpu_s": window / cpu if cpu > 0.1 else None,  # ticks are 10 ms
             "cpu_per_wall": cpu / seconds, "threads": threads, "child_processes": workers,
             "peak_rss_mb": peak_rss_mb(resource.RUSAGE_SELF),
-            "worker_peak_rss_mb": peak_rss_mb(resource.RUSAGE_CHILDREN),
+            "worker_peak_rss_mb": worker_peak,
             **{f"read_{k}": v for k, v in counters.items()}}
 
 
@@ -280,6 +282,21 @@ def tree_cpu(process: Any) -> float:
             continue
         total += times.user + times.system
     return total
+
+
+def descendants_peak_rss_mb(process: Any) -> float:
+    """The largest peak RSS (the kernel's VmHWM) among the live descendants, in MB. The data
+    workers start from a fork server (`hftrain.workers`): they are its children, not this
+    process's, so `RUSAGE_CHILDREN` never counts them (it read 0 since the server came)."""
+    peak_kib = 0
+    for child in process.children(recursive=True):
+        try:
+            status = Path(f"/proc/{child.pid}/status").read_text()
+        except OSError:  # gone already, or not Linux
+            continue
+        found = re.search(r"^VmHWM:\s+(\d+) kB", status, re.M)
+        peak_kib = max(peak_kib, int(found.group(1)) if found else 0)
+    return peak_kib * 1024 / MB
 
 
 def peak_rss_mb(who: int) -> float:

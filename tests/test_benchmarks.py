@@ -83,6 +83,7 @@ def test_the_data_pipeline_benchmark_measures_a_worker_and_the_cache(tmp_path):
                             "cache (memory map), txt"}
     assert all(m["tok_s"] > 0 and m["rounds_ok"] == 1 for m in medians.values())
     assert medians["txt, 1 worker"]["read_pieces"] > 0  # the worker streamed the corpus
+    assert medians["txt, 1 worker"]["worker_peak_rss_mb"] > 0  # fork-server workers counted
     assert "| txt, 1 worker |" in report
 
 
