@@ -227,8 +227,8 @@ def test_metrics_say_how_long_the_loop_waited_for_data(tmp_path, corpus_file, mo
         return real_next(self)
 
     monkeypatch.setattr(TrainStream, "__next__", slow_next)
-    data = tiny_recipe_dict(corpus_file, tmp_path / "run", train={"max_steps": 10,
-                                                                  "log_interval": 2})
+    data = tiny_recipe_dict(corpus_file, tmp_path / "run", train={"max_steps": 15,
+                                                                  "log_interval": 5})
     result = train(recipe_from_dict(data))
     steps = [r for r in read_metrics(result.run_dir / "metrics.jsonl") if "loss" in r][1:]
     assert steps and all(0.5 < r["data_wait"] <= 1.0 for r in steps), steps
