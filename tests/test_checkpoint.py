@@ -204,7 +204,8 @@ def test_nan_loss_can_be_skipped(tmp_path, corpus_file, monkeypatch):
     assert all(r["loss"] == r["loss"] for r in records)  # no NaN reaches the log
 
 
-@pytest.mark.parametrize("name", ["TERM", "HUP"])
+# SIGHUP takes the same path as SIGTERM (`hftrain.signals`); its variant runs with -m slow
+@pytest.mark.parametrize("name", ["TERM", pytest.param("HUP", marks=pytest.mark.slow)])
 def test_sigterm_or_sighup_checkpoints_exits_cleanly_and_resumes(name, uninterrupted, tmp_path):
     """A real process gets SIGTERM (preemption) or SIGHUP (its terminal closed, its SSH
     session dropped) at step 7: it finishes the step, checkpoints, exits 128 + the signal with
@@ -256,6 +257,8 @@ def test_a_run_without_a_checkpoint_interval_survives_kill_9_by_the_clock(uninte
                                        whole_steps)
 
 
+@pytest.mark.slow  # a minute and a half of CI; the default suite kills 2-process runs in
+# test_sharded.py (FSDP2 kill -9, a torchrun restart, a cache run resumed on 1 process)
 def test_two_process_kill_9_then_resume_reproduces_the_uninterrupted_run(tmp_path, corpus_file):
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     data = tiny_recipe_dict(corpus_file, tmp_path / "whole", train={"batch_size": 4})

@@ -129,7 +129,11 @@ def test_every_optimizer_trains_a_tiny_gpt2(optimizer, whole_corpus, whole_root)
     assert got[20] < got[5] - 0.3, got  # ~4.1 at the start (a 65-character vocabulary)
 
 
-@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+# AdamW (tests/test_checkpoint.py too), Adafactor's factored state and Muon's two parts by
+# default; Adam, SGD and RMSprop keep plain per-parameter buffers: `pytest -m slow`
+@pytest.mark.parametrize("optimizer", [pytest.param(name, marks=pytest.mark.slow)
+                                       if name in ("adam", "sgd", "rmsprop") else name
+                                       for name in OPTIMIZERS])
 def test_kill_9_then_resume_reproduces_the_uninterrupted_run(optimizer, whole_corpus,
                                                             whole_root, tmp_path):
     """As tests/test_checkpoint.py does for AdamW: a process killed (SIGKILL) at step 14 and
