@@ -60,7 +60,8 @@ def test_the_launch_configs_benchmark_reads_back_what_the_run_logged(tmp_path):
         str(BENCHMARKS / "launch_configs.py"), "recipes/shakespeare/gpt2-char.yaml",
         "--launch", "single_gpu", "--skip", "1", "--work-dir", str(tmp_path),
         "--json", str(tmp_path / "results.json"), "--set", "train.max_steps=6",
-        "train.mixed_precision=no", "train.log_interval=2", "eval.interval=6", "eval.max_batches=2", "sample.max_new_tokens=4")
+        "train.mixed_precision=no", "train.log_interval=2", "eval.interval=6",
+        "eval.max_batches=2", "sample.max_new_tokens=4")
     [result] = json.loads((tmp_path / "results.json").read_text())
     logged = [json.loads(line) for line in (tmp_path / "single_gpu" / "metrics.jsonl").open()]
     windows = [r["tokens_per_s"] for r in logged if "tokens_per_s" in r]

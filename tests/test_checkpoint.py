@@ -124,6 +124,7 @@ def to_layout_before_parts(folder: Path) -> None:
     (folder / STATE_FILE).write_text(json.dumps(state))
 
 
+@pytest.mark.slow  # the layout before the parts layout (2026-12-03): a minute of CI
 def test_a_checkpoint_written_before_the_parts_layout_resumes(uninterrupted, tmp_path):
     """A run started by the previous hftrain, then resumed by this one, loses nothing."""
     corpus, whole_losses, whole_steps = uninterrupted

@@ -153,7 +153,9 @@ def run_two_processes(tmp_path: Path, data: dict) -> Path:
     return tmp_path / "two"
 
 
-@pytest.mark.parametrize("model", ["gpt2_cache", "stateful_lstm", "gpt2_streaming"])
+# the token cache on 2 processes runs by default in test_sharded.py; here with -m slow
+@pytest.mark.parametrize("model", [pytest.param("gpt2_cache", marks=pytest.mark.slow),
+                                   "stateful_lstm", "gpt2_streaming"])
 def test_torchrun_two_processes_and_one(tmp_path, corpus_file, model):
     """Cached and stateful: 2 processes with batch B/2 train exactly as 1 process with batch B.
     Streaming: the ranks read disjoint pieces, so the batches differ; the run is the same

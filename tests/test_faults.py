@@ -469,7 +469,10 @@ def test_a_bad_record_mid_run_keeps_the_steps_done(tmp_path, capsys, monkeypatch
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("phase,signame", [("final_eval", "TERM"), ("export", "KILL")])
+# kill -9 during the export by default; SIGTERM during the final evaluation with -m slow
+@pytest.mark.parametrize("phase,signame", [pytest.param("final_eval", "TERM",
+                                                        marks=pytest.mark.slow),
+                                           ("export", "KILL")])
 def test_a_signal_after_training_leaves_a_run_that_resume_finishes(phase, signame, tmp_path,
                                                                    corpus_file):
     recipe = recipe_file(tmp_path, corpus_file, tmp_path / "run")

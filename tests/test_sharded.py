@@ -135,7 +135,8 @@ def assert_same_run(a: Path, b: Path, tolerance: float = 1e-4) -> None:
         torch.testing.assert_close(wa[key], wb[key], atol=tolerance, rtol=tolerance)
 
 
-@pytest.mark.parametrize("model", ["gpt2", "llama_lora"])
+# GPT-2 under FSDP2 is also the kill -9 test's model: its variant here runs with -m slow
+@pytest.mark.parametrize("model", [pytest.param("gpt2", marks=pytest.mark.slow), "llama_lora"])
 def test_fsdp2_equals_ddp_with_uneven_validation_sample_and_export(
         model, fsdp_gpt2, tmp_path, corpus_file):
     if model == "gpt2":
@@ -413,7 +414,9 @@ def test_nodes_whose_data_files_differ_are_refused_in_one_line(tmp_path, corpus_
     assert not (tmp_path / "different").exists()  # nothing of the run written
 
 
-@pytest.mark.parametrize("fault", ["foreign_cache", "missing_data"])
+# one refusal reaches every node the same way; the second kind runs with -m slow
+@pytest.mark.parametrize("fault", [pytest.param("foreign_cache", marks=pytest.mark.slow),
+                                   "missing_data"])
 def test_a_refusal_on_one_node_only_is_one_line_and_stops_every_node(fault, tmp_path,
                                                                      corpus_file):
     """Node 1's own disk is wrong (its cache folder holds someone's files; its copy of the
@@ -492,7 +495,8 @@ def ddp_with_accumulation(tmp_path_factory, shakespeare_text):
     return tmp / "ddp", data, ddp
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+# ZeRO-3 (parameters partitioned too) by default; ZeRO-2 with -m slow
+@pytest.mark.parametrize("stage", [pytest.param(2, marks=pytest.mark.slow), 3])
 def test_deepspeed_zero_equals_ddp_with_accumulation_and_clipping(stage, tmp_path,
                                                                   ddp_with_accumulation):
     """Accumulation 2 (one update per two micro-batches) and a clipping norm that bites:
@@ -520,6 +524,7 @@ def test_deepspeed_zero_equals_ddp_with_accumulation_and_clipping(stage, tmp_pat
         assert not marker.exists(), f"the pickle planted in {original.name} ran"
 
 
+@pytest.mark.slow  # a 2-process launch for a refusal hftrain.launch makes before training
 def test_muon_under_deepspeed_is_refused_in_one_line(tmp_path, corpus_file):
     data = recipe_data(tmp_path, corpus_file)
     data["train"]["optimizer"] = "muon"
@@ -553,6 +558,7 @@ def test_a_cache_run_checkpointed_on_two_processes_resumes_on_one(tmp_path, corp
     assert_same_run(tmp_path / "whole", tmp_path / "moved")
 
 
+@pytest.mark.slow  # the cache variant above (resumed on 1 process) runs by default
 def test_a_streamed_run_resumed_on_another_number_of_processes_is_refused(tmp_path,
                                                                          corpus_file):
     data = recipe_data(tmp_path, corpus_file)
@@ -585,6 +591,7 @@ def test_the_others_wait_for_a_token_cache_longer_than_the_collective_timeout(tm
 
 
 
+@pytest.mark.slow  # one check among the nodes' agreements; data files differing runs by default
 def test_two_nodes_started_with_different_recipes_are_refused_in_one_line(fsdp_gpt2,
                                                                          tmp_path):
     """Each node's agent is its own command line: a rank trained at another learning rate
