@@ -116,7 +116,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     from accelerate import PartialState
 
-    from hftrain.errors import RunStopped
+    from hftrain.errors import ResumableError, RunStopped
     from hftrain.train import train
 
     try:
@@ -127,16 +127,13 @@ def cmd_train(args: argparse.Namespace) -> None:
                                      f"{resume_command(args)}")
             print(f"hftrain: stopped during {stop.phase}; {advice}", file=sys.stderr)
         sys.exit(128 + stop.signum)
-    except Exception as exc:
-        checkpoint = getattr(exc, "checkpoint", None)
-        if checkpoint is None:
-            raise
-        if isinstance(exc, HftrainError):
-            raise HftrainError(f"{exc}. The run is saved at {checkpoint}; continue it with: "
-                               f"{resume_command(args)}") from None
-        print(f"hftrain: the run is saved at {checkpoint}; continue it with: "
-              f"{resume_command(args)}", file=sys.stderr)
-        raise
+    except ResumableError as failed:
+        failure, hint = failed.cause, (f"the run is saved at {failed.checkpoint}; continue "
+                                       f"it with: {resume_command(args)}")
+        if isinstance(failure, HftrainError):
+            raise HftrainError(f"{failure}. {hint[0].upper()}{hint[1:]}") from None
+        print(f"hftrain: {hint}", file=sys.stderr)
+        raise failure from failure.__cause__  # its own traceback, not this handler's
     if not PartialState().is_main_process:  # asked only now: Accelerator() set the state up
         return
     if result.already_finished:
@@ -235,11 +232,12 @@ def _eval_data(args: argparse.Namespace) -> dict[str, Any]:
     from hftrain.data import texts
     from hftrain.evaluation import evaluate_texts, export_block_size
     from hftrain.generation import load_export
+    from hftrain.models.base import position_limit
     from hftrain.recipe import DataConfig
 
     model, tokenizer = load_export(args.export, trust_remote_code=args.trust_remote_code)
     block_size = args.block_size or export_block_size(args.export, model)
-    positions = getattr(model.config, "max_position_embeddings", None)  # GPT-2: n_positions
+    positions = position_limit(model)
     if positions is not None and block_size > positions:
         raise HftrainError(f"--block-size {block_size} is more than the {positions} positions "
                            f"of the model in {args.export} (config max_position_embeddings)")

@@ -1,4 +1,12 @@
-"""Errors caused by the user's input. The CLI prints them as one line, without a traceback."""
+"""hftrain's own exceptions. Errors caused by the user's input (HftrainError) print as one line,
+without a traceback; ResumableError and RunStopped carry what the CLI says about resuming."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 
 class HftrainError(Exception):
@@ -27,6 +35,19 @@ class TrainingDiverged(HftrainError):
 class ReportedByMainProcess(HftrainError):
     """On the other processes of a multi-process run: the main process refused (a changed
     recipe, a folder in use) and printed why; this one exits with the same status, quietly."""
+
+
+class ResumableError(Exception):
+    """A run failed after its state was checkpointed: `cause` is the failure (bad data, a full
+    disk, a bug) and `checkpoint` the newest complete checkpoint, from which `--resume`
+    continues once the cause is fixed. Raised by `hftrain.train.train`; the CLI only formats
+    it: a user's mistake (an HftrainError) as one line, anything else as its own traceback,
+    each with the command that resumes."""
+
+    def __init__(self, cause: Exception, checkpoint: Path) -> None:
+        super().__init__(f"{one_line(cause)} (the run is saved at {checkpoint})")
+        self.cause = cause
+        self.checkpoint = checkpoint
 
 
 class RunStopped(BaseException):

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from hftrain.data import IGNORE_INDEX, batched
 from hftrain.errors import HftrainError, one_line
 from hftrain.framing import Framing, token_bytes
+from hftrain.models.base import position_limit
 from hftrain.models.recurrent.modeling_recurrent import recurrent_cache
 
 if TYPE_CHECKING:
@@ -201,7 +202,7 @@ def export_block_size(export: str, model: Any) -> int:
     recorded = recorded_block_size(export)
     if recorded is not None:
         return recorded
-    positions = getattr(model.config, "max_position_embeddings", None)  # GPT-2: n_positions
+    positions = position_limit(model)
     if positions is None:
         raise HftrainError(f"cannot tell the block size of '{export}'; pass --block-size")
-    return int(positions)
+    return positions

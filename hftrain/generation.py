@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from hftrain.errors import HftrainError
 from hftrain.framing import Framing
+from hftrain.models.base import position_limit
 from hftrain.tokenizer import load_tokenizer
 
 
@@ -55,7 +56,7 @@ def generate_text(
     prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
     ids = torch.tensor([[Framing.of(tokenizer).start, *prompt_ids]], device=device)
     n_prompt = ids.size(1)
-    window = getattr(model.config, "max_position_embeddings", None)
+    window = position_limit(model)
     sampling = {"do_sample": temperature > 0}
     if temperature > 0:
         sampling.update(temperature=temperature, top_k=top_k, top_p=top_p)

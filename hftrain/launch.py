@@ -269,7 +269,7 @@ def run_record(accelerator: Any, recipe: Any) -> dict[str, Any]:
     cfg = recipe.train
     return {
         "processes": accelerator.num_processes,
-        "global_batch_blocks": cfg.batch_size * cfg.grad_accum_steps * accelerator.num_processes,
+        "global_batch_blocks": cfg.global_batch(accelerator.num_processes),
         "device": accelerator.device.type,
         "distributed_type": accelerator.distributed_type.value,
         "mixed_precision": precision_that_runs(accelerator),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import glob
 import math
 import os
 import reprlib
@@ -197,6 +198,10 @@ class TrainConfig:
     on_nan: Literal["stop", "skip"] = "stop"
     """A non-finite loss: `stop` the run (the newest checkpoint stays as it was), or `skip`
     the update and go on."""
+
+    def global_batch(self, processes: int) -> int:
+        """Blocks in one optimizer update over `processes` (batch_size is per process)."""
+        return self.batch_size * self.grad_accum_steps * processes
 
     def __post_init__(self) -> None:
         at_least_one(self, "batch_size", "grad_accum_steps", "max_steps", "log_interval")
@@ -498,6 +503,14 @@ def shown(value: Any) -> str:
     """`repr(value)` cut short (three items, 40 characters of a string): an error message
     names a wrong value without printing a whole file pasted into a key."""
     return _SHORT.repr(value)
+
+
+def expand_globs(patterns: list[str]) -> list[str]:
+    """Data-file entries as the paths they name now: a glob as its matches (sorted), anything
+    else as written. Nothing is checked here: `hftrain.data.sources.resolve_files` says which
+    entry names no file when the data is read."""
+    return [path for pattern in patterns
+            for path in (sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern])]
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -14,7 +14,6 @@ where, and what happens after training, not which updates it makes. Raising
 
 from __future__ import annotations
 
-import glob
 import os
 import sys
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ import yaml
 from hftrain.checkpoint import latest_checkpoint, newest_intact_checkpoint, read_state
 from hftrain.data_check import content_sample
 from hftrain.errors import HftrainError
-from hftrain.recipe import Recipe, flatten
+from hftrain.recipe import Recipe, expand_globs, flatten
 from hftrain.run_folder import check_new_run_target, has_run, is_run_folder, read_marker
 from hftrain.yaml_data import load_yaml
 
@@ -45,9 +44,7 @@ def trajectory(recipe: Recipe, launch: dict[str, Any]) -> dict[str, Any]:
     another directory is the same data; a new file matching a glob is not)."""
     flat = flatten(recipe.to_dict())
     for key in ("data.train_files", "data.val_files"):  # globs as the files they match now
-        flat[key] = sorted(os.path.abspath(path) for pattern in flat[key]
-                           for path in (glob.glob(pattern) if glob.has_magic(pattern)
-                                        else [pattern]))
+        flat[key] = sorted(os.path.abspath(path) for path in expand_globs(flat[key]))
     kept = {k: v for k, v in flat.items()
             if not any(k == m or (m.endswith(".") and k.startswith(m))
                        for m in MAY_CHANGE_ON_RESUME)}

@@ -133,8 +133,7 @@ def configure_deepspeed(accelerator: Any, train: Any) -> None:
                                       plugin.hf_ds_config.config)}.values():
         config["train_micro_batch_size_per_gpu"] = train.batch_size
         config["gradient_accumulation_steps"] = train.grad_accum_steps
-        config["train_batch_size"] = (train.batch_size * train.grad_accum_steps
-                                      * accelerator.num_processes)
+        config["train_batch_size"] = train.global_batch(accelerator.num_processes)
         config["gradient_clipping"] = float(train.grad_clip)
         if config.get("bf16", {}).get("enabled") in (True, "auto"):
             config["bf16"]["check_grad_overflow"] = True

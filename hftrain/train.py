@@ -13,7 +13,6 @@ evaluation, export, sample and push, so `--resume` redoes only what is missing.
 
 from __future__ import annotations
 
-import glob
 import os
 import signal
 import sys
@@ -27,10 +26,9 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
-from transformers import GenerationConfig
 
 from hftrain.allocator import keep_freed_heap_memory
-from hftrain.atomic import WRITE_ERRORS, atomic_directory, write_error_reason
+from hftrain.atomic import WRITE_ERRORS, write_error_reason
 from hftrain.checkpoint import Checkpointer, CheckpointError
 from hftrain.data import IGNORE_INDEX, DataStreams
 from hftrain.data import cache as token_cache
@@ -38,11 +36,13 @@ from hftrain.errors import (
     HftrainError,
     RecipeError,
     ReportedByMainProcess,
+    ResumableError,
     RunStopped,
     TrainingDiverged,
     one_line,
 )
 from hftrain.evaluation import evaluate_lm, model_inputs, token_nll
+from hftrain.export import bare_model, export, generation_config
 from hftrain.generation import generate_text
 from hftrain.hub import push
 from hftrain.launch import (
@@ -51,7 +51,6 @@ from hftrain.launch import (
     launch_trajectory,
     precision_that_runs,
     report_setup,
-    write_run_record,
 )
 from hftrain.memory import check_fits, model_sizes
 from hftrain.models import (
@@ -59,7 +58,6 @@ from hftrain.models import (
     check_attention_available,
     check_attention_precision,
 )
-from hftrain.models.base import is_lora
 from hftrain.models.recurrent.modeling_recurrent import recurrent_cache
 from hftrain.nodes import (
     build_once_per_filesystem,
@@ -69,7 +67,7 @@ from hftrain.nodes import (
     on_every_process,
 )
 from hftrain.optim import build_optimizer, build_scheduler
-from hftrain.recipe import Recipe, dump_recipe
+from hftrain.recipe import Recipe, dump_recipe, expand_globs
 from hftrain.resume import Plan, plan_run, trajectory
 from hftrain.run_folder import (
     RunLock,
@@ -79,7 +77,6 @@ from hftrain.run_folder import (
     clear_run_folder,
     contains,
     is_run_folder,
-    record_written,
     write_marker,
 )
 from hftrain.run_tokenizer import prepare_tokenizer, save_run_tokenizer
@@ -87,7 +84,6 @@ from hftrain.sharding import (
     building_the_model,
     configure_deepspeed,
     enable_sharding_on_cpu,
-    gathered_model,
     is_sharded,
     wrap_each_layer_by_default,
 )
@@ -128,9 +124,7 @@ class TrainResult:
 def protected_paths(recipe: Recipe, recipe_path: Path | None) -> list[Path]:
     """The recipe and the local data files: a run folder must never contain them. (A run's
     own recipe.yaml is hftrain's: `hftrain train runs/x/recipe.yaml --resume` is fine.)"""
-    patterns = [*recipe.data.train_files, *recipe.data.val_files]
-    paths = [Path(p) for pattern in patterns
-             for p in (glob.glob(pattern) if glob.has_magic(pattern) else [pattern])]
+    paths = [Path(p) for p in expand_globs([*recipe.data.train_files, *recipe.data.val_files])]
     own_recipe = Path(recipe.run.output_dir) / "recipe.yaml"
     if recipe_path and not (own_recipe.exists() and own_recipe.samefile(recipe_path)):
         paths.append(recipe_path)
@@ -359,9 +353,8 @@ def _run_in_folder(recipe: Recipe, accelerator: Accelerator, plan: Plan, parts: 
             return _train_and_finish(loop, parts, stop)
         except Exception as exc:  # the CLI tells how to resume from the newest checkpoint
             newest = loop.settle_checkpoint()
-            if getattr(exc, "checkpoint", None) is None and newest is not None \
-                    and not loop.finished:  # once exported, there is nothing to resume
-                exc.checkpoint = newest
+            if newest is not None and not loop.finished:  # once exported, nothing to resume
+                raise ResumableError(exc, newest) from exc
             raise
         finally:  # no checkpoint is left completing once the run folder's lock is let go
             loop.settle_checkpoint()
@@ -435,18 +428,12 @@ def _plot(run_dir: Path) -> None:
 
 
 def _print_global_batch(accelerator: Accelerator, recipe: Recipe, batch: dict) -> None:
-    cfg = recipe.train
-    blocks = cfg.batch_size * cfg.grad_accum_steps * accelerator.num_processes
+    cfg, processes = recipe.train, accelerator.num_processes
     accelerator.print(
-        f"global batch: {blocks} blocks x {batch['input_ids'].shape[1]} tokens "
-        f"(batch_size {cfg.batch_size} x grad_accum_steps {cfg.grad_accum_steps} x "
-        f"{accelerator.num_processes} process{'es' if accelerator.num_processes > 1 else ''})"
+        f"global batch: {cfg.global_batch(processes)} blocks x {batch['input_ids'].shape[1]} "
+        f"tokens (batch_size {cfg.batch_size} x grad_accum_steps {cfg.grad_accum_steps} x "
+        f"{processes} process{'es' if processes > 1 else ''})"
     )
-
-
-def bare_model(accelerator: Accelerator, model: Any) -> Any:
-    """The model itself: without DDP/FSDP wrappers and without torch.compile's."""
-    return accelerator.unwrap_model(model, keep_torch_compile=False)
 
 
 def _cpu_data_parallel() -> bool:
@@ -577,8 +564,6 @@ class TrainingLoop:
         except Exception as other:  # noqa: BLE001 - the failure being reported comes first
             print(f"hftrain: warning: could not checkpoint after the failure "
                   f"({one_line(other)})", file=sys.stderr)
-            return
-        exc.checkpoint = self.last_checkpoint  # the CLI prints how to resume from it
 
     def _run(self, batches: Iterator[dict[str, torch.Tensor]], stop: StopRequest,
              bar: Any) -> None:
@@ -793,52 +778,3 @@ def _skips_on_device(optimizer: Any, accelerator: Accelerator) -> bool:
     fused = any(group.get("fused") for group in inner.param_groups)
     return fused and getattr(inner, "_step_supports_amp_scaling", False) \
         and getattr(accelerator, "scaler", None) is None
-
-
-def export(accelerator: Accelerator, model: Any, tokenizer: Any, recipe: Recipe,
-           run_dir: Path) -> tuple[Path, Any]:
-    """Write `final/`: safetensors weights, config, tokenizer, generation config, recipe.
-    Returns the folder and the model saved there (LoRA adapters merged; on the main process
-    only when the model is sharded, None on the others).
-
-    Plain `transformers` loads it with `AutoModelForCausalLM` and `AutoTokenizer`.
-    """
-    final_dir = run_dir / "final"
-    whole = whole_model(accelerator, model)
-    if accelerator.is_main_process:
-        whole.generation_config = generation_config(recipe, tokenizer)
-        check_replaceable(run_dir, final_dir.name)  # checked at start too: a file put since
-        with atomic_directory(final_dir) as tmp:
-            whole.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            dump_recipe(recipe, tmp / "hftrain_recipe.yaml")
-            write_run_record(accelerator, recipe, tmp)  # processes: the recipe cannot say
-        record_written(run_dir, final_dir.name)  # run.overwrite may remove exactly these
-    accelerator.wait_for_everyone()
-    return final_dir, whole
-
-
-def whole_model(accelerator: Accelerator, model: Any) -> Any:
-    """The trained model as one plain `PreTrainedModel`, LoRA adapters merged in: the model
-    itself, unwrapped, or, when it is sharded, a copy gathered onto the main process (None on
-    the others; every process must call this)."""
-    bare = bare_model(accelerator, model)
-    whole = gathered_model(accelerator, model, bare) if is_sharded(accelerator) else bare
-    if whole is not None and is_lora(whole):  # LoRA: fold the adapters in; a plain model
-        whole = whole.merge_and_unload()
-    return whole
-
-
-def generation_config(recipe: Recipe, tokenizer: Any) -> GenerationConfig:
-    sample = recipe.sample
-    sampling = (
-        {"do_sample": True, "temperature": sample.temperature, "top_k": sample.top_k}
-        if sample.temperature > 0 else {"do_sample": False}
-    )
-    return GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        max_new_tokens=sample.max_new_tokens or None,  # 0: no sample, no default length
-        **sampling,
-    )

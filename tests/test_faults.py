@@ -994,6 +994,32 @@ def test_a_damaged_newer_checkpoint_never_pushes_out_the_good_ones(finished, cap
     assert code == 0 and "already finished its 17 steps" in out
 
 
+def test_a_user_error_after_a_checkpoint_is_one_line_with_the_command_that_resumes(
+        tmp_path, corpus_file, capsys, monkeypatch):
+    """A mistake found mid-run (a data file changed under the run, say) is still one line and
+    exit 2, naming the checkpoint kept and the command that continues; that command does."""
+    from hftrain.errors import DataError
+
+    recipe = recipe_file(tmp_path, corpus_file, tmp_path / "run")
+    real_step = hftrain.train.TrainingLoop.optimizer_step
+
+    def fails_at_13(self, micro_batches):
+        if self.step + 1 == 13:
+            raise DataError(f"data file {corpus_file} changed during the run")
+        return real_step(self, micro_batches)
+
+    monkeypatch.setattr(hftrain.train.TrainingLoop, "optimizer_step", fails_at_13)
+    code, _, err = cli(["train", str(recipe), "train.log_interval=5"], capsys)
+    line = one_error_line(err)
+    assert code == 2 and line.startswith(f"hftrain: error: data file {corpus_file} changed")
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-00000010"
+    hint = f"continue it with: hftrain train {recipe} train.log_interval=5 --resume"
+    assert f"The run is saved at {checkpoint}; {hint}" in line
+    monkeypatch.setattr(hftrain.train.TrainingLoop, "optimizer_step", real_step)
+    code, out, err = cli(shlex.split(line.split("continue it with: hftrain ")[1]), capsys)
+    assert code == 0 and "resumed at step 10" in out, err
+
+
 def test_a_failure_inside_an_update_is_not_checkpointed_as_a_step(tmp_path, corpus_file,
                                                                     capsys, monkeypatch):
     recipe = recipe_file(tmp_path, corpus_file, tmp_path / "run")
@@ -1056,6 +1082,7 @@ def test_overwrite_never_deletes_the_model_a_run_starts_from(finished, capsys):
     assert snapshot(run_dir) == before
 
 
+@pytest.mark.slow  # by default test_sharded.py's FSDP2 kill -9 falls back past a damaged shard
 def test_two_processes_fall_back_from_a_damaged_checkpoint_together(tmp_path, corpus_file):
     """Under torchrun, rank 0 decides which checkpoint to resume from (warning once) and both
     ranks load it; the resumed run finishes."""
@@ -1074,6 +1101,7 @@ def test_two_processes_fall_back_from_a_damaged_checkpoint_together(tmp_path, co
     assert "trained steps 11-30 (20 steps this run, resumed at step 10)" in resumed.stdout
 
 
+@pytest.mark.slow  # by default test_sharded.py's refusals under torchrun and on two nodes
 def test_a_refusal_under_torchrun_is_one_line_not_a_traceback_per_rank(tmp_path, corpus_file):
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     recipe = recipe_file(tmp_path, corpus_file, tmp_path / "run", batch_size=4)

@@ -63,13 +63,20 @@ def load_pretrained(fields: Any, block_size: int) -> Any:
             f"model.arch is '{fields.arch}' but model.init_from '{fields.init_from}' holds a "
             f"'{loaded}' model; set model.arch to match it"
         )
-    positions = getattr(model.config, "max_position_embeddings", None)  # GPT-2: n_positions
+    positions = position_limit(model)
     if positions is not None and block_size > positions:
         raise HftrainError(
             f"data.block_size {block_size} is longer than the {positions} positions of "
             f"model.init_from '{fields.init_from}'"
         )
     return model
+
+
+def position_limit(model: Any) -> int | None:
+    """How many positions `model` can attend to: its config's `max_position_embeddings` (GPT-2's
+    `n_positions` answers to that name too); None for models without a limit (recurrent)."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    return None if positions is None else int(positions)
 
 
 def add_lora(model: Any, fields: ModelFields) -> Any:
