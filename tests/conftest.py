@@ -26,6 +26,20 @@ DEPENDENCIES = ("torch", "transformers", "datasets", "tokenizers", "accelerate",
                 "huggingface_hub", "safetensors", "numpy", "peft", "lm_eval", "deepspeed")
 
 
+LONGEST_FILES_FIRST = ("test_sharded.py", "test_checkpoint.py", "test_faults.py",
+                       "test_data_scale.py", "test_archs.py", "test_benchmarks.py",
+                       "test_optimizers.py", "test_lm_eval.py", "test_distributed.py")
+"""The files that take longest in CI (2 cores), longest first. `--dist loadfile` hands whole
+files to the 2 workers in collection order (`--no-loadscope-reorder`; xdist would otherwise
+order them by their number of tests): a long file handed out last runs alone while the other
+worker idles, so the long ones go first and the short ones fill the gaps at the end."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable within a file
+
+
 def pytest_report_header() -> str:
     """The versions the suite runs against, at the top of every run (CI installs the newest
     of each: its log says what was tested)."""

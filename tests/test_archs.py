@@ -306,6 +306,7 @@ def test_kill_9_then_resume_reproduces_the_uninterrupted_run(tmp_path, corpus_fi
         assert got[step] == pytest.approx(loss, rel=1e-5), step
 
 
+@pytest.mark.slow  # by default test_sharded.py's cache run equals across 2 processes and 1
 def test_torchrun_two_processes_train_as_one(tmp_path, corpus_file):
     """With a token cache, 2 processes with batch B/2 train exactly as 1 process with B."""
     if shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists():
