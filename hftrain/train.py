@@ -18,19 +18,19 @@ import signal
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import set_seed
 
 from hftrain.allocator import keep_freed_heap_memory
 from hftrain.atomic import WRITE_ERRORS, write_error_reason
 from hftrain.checkpoint import Checkpointer, CheckpointError
-from hftrain.data import IGNORE_INDEX, DataStreams
+from hftrain.data import DataStreams
 from hftrain.data import cache as token_cache
 from hftrain.errors import (
     HftrainError,
@@ -41,7 +41,7 @@ from hftrain.errors import (
     TrainingDiverged,
     one_line,
 )
-from hftrain.evaluation import evaluate_lm, model_inputs, token_nll
+from hftrain.evaluation import evaluate_lm
 from hftrain.export import bare_model, export, generation_config
 from hftrain.generation import generate_text
 from hftrain.hub import push
@@ -58,7 +58,6 @@ from hftrain.models import (
     check_attention_available,
     check_attention_precision,
 )
-from hftrain.models.recurrent.modeling_recurrent import recurrent_cache
 from hftrain.nodes import (
     build_once_per_filesystem,
     builds_token_cache,
@@ -99,6 +98,7 @@ from hftrain.tracking import (
     progress_bar,
 )
 from hftrain.train_state import DataFiles, TokenizerIdentity, TrainState
+from hftrain.train_step import TrainStep
 from hftrain.workers import check_not_a_worker, start_worker_server, usable_cpus, worker_count
 
 
@@ -483,11 +483,7 @@ class TrainingLoop:
         self.last_save = time.monotonic()
         """When the last checkpoint was saved (or the loop made): for `checkpoint.minutes`."""
         self.stateful = recipe.train.stateful
-        self.skip_on_device = _skips_on_device(optimizer, accelerator)
-        self.deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
-        self.backward_options = {"scale_wrt_gas": False} if self.deepspeed else {}
-        """The loss is already divided by the step's target tokens (all micro-batches):
-        DeepSpeed must not divide it by the accumulation steps again."""
+        self.train_step = TrainStep(accelerator, model, optimizer, scheduler, recipe.train)
 
     @property
     def step(self) -> int:
@@ -686,72 +682,12 @@ class TrainingLoop:
 
     def optimizer_step(self, micro_batches: list[dict[str, torch.Tensor]]
                        ) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """One update from several micro-batches; returns the mean token loss and whether it
-        is finite (device tensors) and the tokens processed.
-
-        The loss of each micro-batch is its summed token NLL divided by the target tokens of
-        the *whole* step (all micro-batches, all processes), so uneven counts (padding, masked
-        labels) weigh every token equally. DDP averages gradients over processes, hence the
-        factor `num_processes`. In stateful training each micro-batch continues the lanes of
-        the one before, starting from its (detached) final state.
-        """
-        acc, state = self.accelerator, self.state
-        labels = [b["labels"].to(acc.device, non_blocking=True) for b in micro_batches]
-        n_targets = sum((y != IGNORE_INDEX).sum() for y in labels)  # on the device: no wait
-        if acc.num_processes > 1:
-            n_targets = acc.reduce(n_targets, "sum")
-        n_targets = n_targets.clamp(min=1)
-        step_loss = torch.zeros((), device=acc.device)
-        for i, (batch, y) in enumerate(zip(micro_batches, labels, strict=True)):
-            last = i == len(micro_batches) - 1
-            if batch.get("reset_state"):
-                state.recurrent = None
-            with self._accumulating(last):
-                out = self.model(**model_inputs(batch, acc.device),
-                                 **self._carried(state.recurrent))
-                if self.stateful:
-                    state.recurrent = tuple(s.detach() for s in recurrent_cache(out))
-                nll = token_nll(out.logits, y).sum() / n_targets
-                acc.backward(nll * acc.num_processes, **self.backward_options)
-            step_loss += nll.detach()
-        n_tokens = sum(b["input_ids"].numel() for b in micro_batches) * acc.num_processes
-        finite = self._finite(step_loss)
-        if self.recipe.train.grad_clip > 0:
-            acc.clip_grad_norm_(self.model.parameters(), self.recipe.train.grad_clip)
-        if self.skip_on_device:  # the fused kernel leaves weights and moments as they are
-            self._inner_optimizer().found_inf = (~finite).float()
-            self.optimizer.step()
-        elif acc.scaler is not None or bool(finite):  # fp16: the GradScaler skips non-finite
-            self.optimizer.step()  # gradients itself; otherwise wait for the check
-        self.scheduler.step()  # every step, skipped or not (a NaN, fp16's loss-scale skip):
-        # the step counter and the schedule advance together, so step N runs at the
-        # schedule's learning rate for step N however many steps before it were skipped
-        self.optimizer.zero_grad(set_to_none=True)
-        return step_loss, finite, n_tokens
-
-    def _carried(self, recurrent: tuple[torch.Tensor, ...] | None) -> dict[str, Any]:
-        """The recurrent state carried into a stateful forward; no cache built otherwise."""
-        return {"cache": recurrent, "use_cache": True} if self.stateful else {"use_cache": False}
-
-    def _accumulating(self, last: bool) -> Any:
-        """The context of one micro-batch's forward and backward. DDP: no gradient sync but
-        for the last. DeepSpeed: Accelerate's `accumulate`, which marks the last micro-batch
-        as the accumulation boundary, where the engine reduces, clips (`train.grad_clip`)
-        and steps, skipping a step whose gradient norm is not finite."""
-        if self.deepspeed:
-            return self.accelerator.accumulate(self.model)
-        return nullcontext() if last else self.accelerator.no_sync(self.model)
-
-    def _inner_optimizer(self) -> torch.optim.Optimizer:
-        return getattr(self.optimizer, "optimizer", self.optimizer)
-
-    def _finite(self, step_loss: torch.Tensor) -> torch.Tensor:
-        """Whether the step's loss is finite on every process (a device tensor). With
-        `on_nan: stop` the run stops at the next log line, having skipped the step."""
-        total = step_loss
-        if self.accelerator.num_processes > 1:  # every rank must take the same decision
-            total = self.accelerator.reduce(total.clone(), "sum")
-        return torch.isfinite(total)
+        """One update (`hftrain.train_step.TrainStep`), carrying the recurrent state from
+        step to step; returns the step's mean token loss, whether it is finite (device
+        tensors) and the tokens processed."""
+        result = self.train_step(micro_batches, self.state.recurrent)
+        self.state.recurrent = result.recurrent
+        return result.loss, result.finite, result.tokens
 
     def evaluate(self, max_batches: int | None) -> dict[str, float]:
         batches = self.streams.val_batches(self.recipe.eval.batch_size)
@@ -769,12 +705,3 @@ class TrainingLoop:
 
 STOP_CHECK_STEPS = 10
 """With several GPU processes, how often (in steps) they agree on a stop request."""
-
-
-def _skips_on_device(optimizer: Any, accelerator: Accelerator) -> bool:
-    """Whether a step can be skipped on the device: a fused torch optimizer reads `found_inf`
-    (as under `GradScaler`), unless a GradScaler (fp16) already drives it."""
-    inner = getattr(optimizer, "optimizer", optimizer)
-    fused = any(group.get("fused") for group in inner.param_groups)
-    return fused and getattr(inner, "_step_supports_amp_scaling", False) \
-        and getattr(accelerator, "scaler", None) is None

@@ -16,7 +16,7 @@ import pytest
 from conftest import REPO, run_or_dump, tiny_recipe_dict
 from safetensors.torch import load_file, save_file
 
-import hftrain.train
+import hftrain.train_step
 from hftrain.checkpoint import (
     STATE_FILE,
     damage,
@@ -170,7 +170,7 @@ def test_kill_while_saving_keeps_the_previous_checkpoint(uninterrupted, tmp_path
 def test_nan_loss_stops_with_one_line_and_keeps_the_checkpoint(tmp_path, corpus_file, capsys,
                                                                monkeypatch):
     recipe = write_recipe(tmp_path, corpus_file, "run")
-    real_nll = hftrain.train.token_nll
+    real_nll = hftrain.train_step.token_nll
     calls = {"n": 0}
 
     def nan_at_step_13(logits, labels):
@@ -178,7 +178,7 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_checkpoint(tmp_path, corpus_
         nll = real_nll(logits, labels)
         return nll * float("nan") if calls["n"] == 13 else nll
 
-    monkeypatch.setattr(hftrain.train, "token_nll", nan_at_step_13)
+    monkeypatch.setattr(hftrain.train_step, "token_nll", nan_at_step_13)
     with pytest.raises(SystemExit) as exit_info:
         main(["train", str(recipe)])
     err = capsys.readouterr().err
@@ -191,14 +191,14 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_checkpoint(tmp_path, corpus_
 
 def test_nan_loss_can_be_skipped(tmp_path, corpus_file, monkeypatch):
     recipe = write_recipe(tmp_path, corpus_file, "run")
-    real_nll = hftrain.train.token_nll
+    real_nll = hftrain.train_step.token_nll
     calls = {"n": 0}
 
     def nan_once(logits, labels):
         calls["n"] += 1
         return real_nll(logits, labels) * (float("nan") if calls["n"] == 13 else 1.0)
 
-    monkeypatch.setattr(hftrain.train, "token_nll", nan_once)
+    monkeypatch.setattr(hftrain.train_step, "token_nll", nan_once)
     main(["train", str(recipe), "train.on_nan=skip"])
     records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
     assert records[-1]["skipped_steps"] == 1

@@ -24,16 +24,16 @@ from conftest import REPO, cli, tiny_recipe_dict
 
 import hftrain.launch
 import hftrain.tracking
-import hftrain.train
+import hftrain.train_step
 from hftrain.errors import HftrainError
 from hftrain.hub import model_card
 from hftrain.launch import check_sharding_set_up, describe_bf16
 from hftrain.models import GPT2Fields, build_gpt2
 from hftrain.optim import build_optimizer, build_scheduler
-from hftrain.recipe import Recipe, TokenizerConfig, TrainConfig
+from hftrain.recipe import TokenizerConfig, TrainConfig
 from hftrain.tokenizer import build_tokenizer
-from hftrain.tracking import MetricsLog, read_metrics
-from hftrain.train import TrainingLoop
+from hftrain.tracking import read_metrics
+from hftrain.train_step import TrainStep
 
 SKIPPED = range(6, 11)
 """Steps whose loss is made NaN: the whole second log window (log_interval 5)."""
@@ -51,14 +51,14 @@ def recipe_file(tmp_path: Path, corpus: Path, **train) -> Path:
 
 def nan_on_steps(monkeypatch, steps: range) -> None:
     """The training loss of `steps` is NaN (one micro-batch per step)."""
-    real_nll = hftrain.train.token_nll
+    real_nll = hftrain.train_step.token_nll
     calls = {"n": 0}
 
     def nll(logits, labels):
         calls["n"] += 1
         return real_nll(logits, labels) * (float("nan") if calls["n"] in steps else 1.0)
 
-    monkeypatch.setattr(hftrain.train, "token_nll", nll)
+    monkeypatch.setattr(hftrain.train_step, "token_nll", nll)
 
 
 def logged_steps(run_dir: Path) -> dict[int, dict]:
@@ -133,12 +133,11 @@ def test_a_step_the_optimizer_skipped_still_advances_the_schedule(shakespeare_te
     accelerator = Accelerator(cpu=True)
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config)
-    loop = TrainingLoop(Recipe(train=config), accelerator, model, optimizer, scheduler, None,
-                        MetricsLog(None, False))
+    step = TrainStep(accelerator, model, optimizer, scheduler, config)
     monkeypatch.setattr(Accelerator, "optimizer_step_was_skipped", property(lambda _: True))
     ids = torch.randint(4, len(tok), (2, 17))
     for _ in range(3):
-        loop.optimizer_step([{"input_ids": ids[:, :-1], "labels": ids[:, 1:]}])
+        step([{"input_ids": ids[:, :-1], "labels": ids[:, 1:]}])
     assert scheduler.last_epoch == 3
     assert scheduler.get_last_lr()[0] == pytest.approx(1e-2 * 3 / 10)
 

@@ -34,8 +34,9 @@ from hftrain.optim import (
 )
 from hftrain.recipe import Recipe, TokenizerConfig, TrainConfig, recipe_from_dict
 from hftrain.tokenizer import build_tokenizer
-from hftrain.tracking import MetricsLog, read_metrics
+from hftrain.tracking import read_metrics
 from hftrain.train import TrainingLoop, train
+from hftrain.train_step import TrainStep
 
 FAULTS = REPO / "tests" / "fault_injection.py"
 OPTIMIZERS = ["adamw", "adam", "sgd", "rmsprop", "adafactor", "muon"]
@@ -175,18 +176,17 @@ def test_a_non_finite_step_never_updates_the_model(optimizer, tok):
     model = build_gpt2(GPT2Fields(n_layer=1, n_head=2, n_embd=16), tok, 16)
     config = TrainConfig(optimizer=optimizer, lr=1e-2, momentum=0.9, warmup_steps=0)
     opt = build_optimizer(model, config)
-    loop = TrainingLoop(Recipe(train=config), Accelerator(cpu=True), model, opt,
-                        build_scheduler(opt, config), None, MetricsLog(None, False), None)
-    assert loop.skip_on_device == (optimizer in ("adamw", "adam"))
+    step = TrainStep(Accelerator(cpu=True), model, opt, build_scheduler(opt, config), config)
+    assert step.skip_on_device == (optimizer in ("adamw", "adam"))
     ids = torch.randint(4, len(tok), (2, 17))
     batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
-    loop.optimizer_step([batch])  # a first finite step: the optimizer has state now
+    step([batch])  # a first finite step: the optimizer has state now
     with torch.no_grad():
         model.transformer.wte.weight[5, 0] = float("nan")  # every loss is NaN now
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     state = copy.deepcopy(opt.state_dict()["state"])
     assert state  # something to compare
-    _, finite, _ = loop.optimizer_step([batch])
+    finite = step([batch]).finite
     assert not bool(finite)
     for name, value in model.state_dict().items():
         assert torch.equal(value.nan_to_num(), weights[name].nan_to_num()), name
@@ -197,7 +197,7 @@ def test_a_non_finite_step_never_updates_the_model(optimizer, tok):
             assert torch.equal(torch.as_tensor(after[key][field]), torch.as_tensor(value)), field
     with torch.no_grad():
         model.transformer.wte.weight[5, 0] = 0.0
-    _, finite, _ = loop.optimizer_step([batch])
+    finite = step([batch]).finite
     hidden = "transformer.h.0.mlp.c_fc.weight"
     assert bool(finite) and not torch.equal(model.state_dict()[hidden], weights[hidden])
 

@@ -21,8 +21,9 @@ from hftrain.optim import build_optimizer, build_scheduler
 from hftrain.recipe import DataConfig, Recipe, TokenizerConfig, TrainConfig, recipe_from_dict
 from hftrain.sft import encode_record
 from hftrain.tokenizer import build_tokenizer
-from hftrain.tracking import MetricsLog, read_metrics
-from hftrain.train import TrainingLoop, train
+from hftrain.tracking import read_metrics
+from hftrain.train import train
+from hftrain.train_step import TrainStep
 
 RECORDS = [
     {"prompt": "Question: who speaks first?\nAnswer: ", "completion": "First Citizen."},
@@ -116,9 +117,9 @@ def test_sft_loss_equals_manual_loss_over_completions_under_uneven_accumulation(
     config = TrainConfig(optimizer="sgd", lr=1.0, grad_clip=0.0, grad_accum_steps=2,
                          warmup_steps=0, scheduler="constant_with_warmup", weight_decay=0.0)
     optimizer = build_optimizer(model, config)
-    loop = TrainingLoop(Recipe(train=config), Accelerator(cpu=True), model, optimizer,
-                        build_scheduler(optimizer, config), None, MetricsLog(None, False), None)
-    loss, _, _ = loop.optimizer_step(micro)
+    step = TrainStep(Accelerator(cpu=True), model, optimizer,
+                     build_scheduler(optimizer, config), config)
+    loss = step(micro).loss
 
     expected = manual_masked_loss(reference, tok)
     expected.backward()

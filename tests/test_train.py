@@ -19,10 +19,11 @@ from hftrain.cli import main
 from hftrain.data import IGNORE_INDEX
 from hftrain.models import GPT2Fields, build_gpt2
 from hftrain.optim import build_optimizer, build_scheduler
-from hftrain.recipe import Recipe, TokenizerConfig, TrainConfig, recipe_from_dict
+from hftrain.recipe import TokenizerConfig, TrainConfig, recipe_from_dict
 from hftrain.tokenizer import build_tokenizer
-from hftrain.tracking import MetricsLog, read_metrics
-from hftrain.train import TrainingLoop, train
+from hftrain.tracking import read_metrics
+from hftrain.train import train
+from hftrain.train_step import TrainStep
 
 
 @pytest.fixture(scope="module")
@@ -94,12 +95,10 @@ def test_accumulation_weighs_every_target_token_equally(shakespeare_text):
 
     config = TrainConfig(optimizer="sgd", lr=1.0, grad_clip=0.0, grad_accum_steps=2,
                          warmup_steps=0, scheduler="constant_with_warmup", weight_decay=0.0)
-    recipe = Recipe(train=config)
-    accelerator = Accelerator(cpu=True)
     optimizer = build_optimizer(model, config)
-    loop = TrainingLoop(recipe, accelerator, model, optimizer,
-                        build_scheduler(optimizer, config), None, MetricsLog(None, False), None)
-    loss, _, _ = loop.optimizer_step(micro)
+    step = TrainStep(Accelerator(cpu=True), model, optimizer,
+                     build_scheduler(optimizer, config), config)
+    loss = step(micro).loss
 
     logits = torch.cat([reference(input_ids=b["input_ids"]).logits for b in micro])
     labels = torch.cat([b["labels"] for b in micro])
