@@ -119,6 +119,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from hftrain.errors import ResumableError, RunStopped
     from hftrain.train import train
 
+    crashed = None
     try:
         result = train(recipe, Path(args.recipe))
     except RunStopped as stop:
@@ -128,12 +129,14 @@ def cmd_train(args: argparse.Namespace) -> None:
             print(f"hftrain: stopped during {stop.phase}; {advice}", file=sys.stderr)
         sys.exit(128 + stop.signum)
     except ResumableError as failed:
-        failure, hint = failed.cause, (f"the run is saved at {failed.checkpoint}; continue "
+        crashed, hint = failed.cause, (f"the run is saved at {failed.checkpoint}; continue "
                                        f"it with: {resume_command(args)}")
-        if isinstance(failure, HftrainError):
-            raise HftrainError(f"{failure}. {hint[0].upper()}{hint[1:]}") from None
+        if isinstance(crashed, HftrainError):  # one line, of its own kind (said once a node)
+            crashed.args = (f"{crashed}. {hint[0].upper()}{hint[1:]}",)
+            raise crashed from None
         print(f"hftrain: {hint}", file=sys.stderr)
-        raise failure from failure.__cause__  # its own traceback, not this handler's
+    if crashed is not None:  # raised outside the handler: its traceback as it was
+        raise crashed
     if not PartialState().is_main_process:  # asked only now: Accelerator() set the state up
         return
     if result.already_finished:

@@ -49,6 +49,9 @@ class ResumableError(Exception):
         self.cause = cause
         self.checkpoint = checkpoint
 
+    def __reduce__(self) -> tuple[type, tuple[Exception, Path]]:
+        return type(self), (self.cause, self.checkpoint)
+
 
 class RunStopped(BaseException):
     """SIGTERM or Ctrl-C after training ended (final evaluation, export, sample, push): the

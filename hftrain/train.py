@@ -254,6 +254,8 @@ def train(recipe: Recipe, recipe_path: Path | None = None) -> TrainResult:
     """Run a recipe end to end: tokenizer, data, model, training, evaluation, export, sample.
 
     `recipe_path` is the file the recipe came from, which the run folder must not contain.
+    Bad input found before the run folder is written raises an HftrainError; a failure after
+    a checkpoint raises a ResumableError holding it and the checkpoint `--resume` starts from.
     """
     check_not_a_worker()
     run_dir = Path(recipe.run.output_dir)
@@ -475,8 +477,8 @@ class TrainingLoop:
         self.peak_tflops = peak_tflops(recipe.train.peak_tflops)
         self.interrupted = 0
         self.updating = False
-        """Inside an optimizer step: weights, optimizer state or the carried recurrent state
-        may be part-way updated, so a failure here is not followed by a checkpoint."""
+        """Inside an optimizer step: weights or optimizer state may be part-way updated, so a
+        failure here is not followed by a checkpoint."""
         self.finished = False
         """Exported and marked finished: a later failure (sample, push) leaves nothing to
         resume."""
