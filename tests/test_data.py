@@ -13,7 +13,7 @@ from hftrain.data import (
     BlockShuffle,
     DataStreams,
     collate,
-    pack_blocks,
+    pack_arrays,
     texts,
 )
 from hftrain.errors import DataError
@@ -32,12 +32,17 @@ def unpack(blocks: list[np.ndarray]) -> list[int]:
     return [t for t in stream if t != IGNORE_INDEX]
 
 
+def with_eos(docs: list[list[int]]) -> list[np.ndarray]:
+    """Documents as the loader hands them to packing: ids with EOS appended."""
+    return [np.append(np.asarray(doc, dtype=np.int64), EOS) for doc in docs]
+
+
 @pytest.mark.parametrize("block_size", [1, 3, 7, 64])
 def test_packing_keeps_every_token_once_in_order_with_eos_between_documents(block_size):
     rng = np.random.default_rng(block_size)
     docs = [list(rng.integers(1, 50, size=n)) for n in (0, 5, 17, 1, 30, 2)]
     expected = [t for doc in docs for t in [*doc, EOS]]
-    blocks = list(pack_blocks(docs, block_size, EOS, pad_tail=True))
+    blocks = list(pack_arrays(with_eos(docs), block_size, pad_tail=True))
     assert all(b.shape == (block_size + 1,) for b in blocks)
     assert unpack(blocks) == expected
     assert expected.count(EOS) == len(docs)
@@ -45,7 +50,7 @@ def test_packing_keeps_every_token_once_in_order_with_eos_between_documents(bloc
 
 def test_packing_without_tail_holds_back_only_the_incomplete_block():
     docs = [list(range(1, 11))]  # 10 tokens + EOS = 11
-    blocks = list(pack_blocks(docs, 4, EOS))
+    blocks = list(pack_arrays(with_eos(docs), 4))
     assert len(blocks) == 2  # 11 tokens hold (11 - 1) // 4 = 2 full blocks of 4 targets
     assert unpack(blocks) == [1, 2, 3, 4, 5, 6, 7, 8, 9]
 

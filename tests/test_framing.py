@@ -491,29 +491,6 @@ def test_unpacked_sft_example_gets_the_logits_it_gets_alone(tmp_path, sft_tok):
                                        rtol=1e-5, atol=1e-5)
 
 
-def test_sft_resume_from_a_checkpoint_without_starts_rows(tmp_path, sft_tok):
-    """A checkpoint saved before examples carried starts (carry of ids and labels only)."""
-    config = sft_config(tmp_path, packing=True, shuffle_tokens=64)
-    pieces = SplitPieces(config, "train")
-    stream = TrainStream(pieces, sft_tok, config, seed=0, batch_size=2)
-    next(stream)
-    state = stream.state_dict()
-    expected = [next(stream) for _ in range(3)]
-    stream.close()
-    old = dict(state)
-    old["data.carry"] = state["data.carry"][:2]
-    old["data.shuffle_buffer"] = state["data.shuffle_buffer"][:, :2]
-    resumed = TrainStream(pieces, sft_tok, config, seed=0, batch_size=2)
-    resumed.load_state_dict(old)
-    got = [next(resumed) for _ in range(3)]
-    resumed.close()
-    for a, b in zip(expected, got, strict=True):
-        assert torch.equal(a["input_ids"], b["input_ids"])
-        assert torch.equal(a["labels"], b["labels"])
-        assert b["position_ids"].shape == b["input_ids"].shape
-        assert int(b["position_ids"].max()) <= 15
-
-
 @pytest.mark.parametrize("arch", ["lstm", "gru"])
 def test_recurrent_sft_refuses_packing_and_accepts_unpacked(tmp_path, arch):
     raw = tiny_recipe_dict(tmp_path / "x.jsonl", tmp_path / "out",

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from hftrain.data import cache as token_cache
+from hftrain.data.batches import TrainBatches
 from hftrain.data.loader import KeptTokens, LaneStream, TrainStream, val_batches
 from hftrain.data.packing import (
     BlockShuffle,
@@ -23,7 +24,6 @@ from hftrain.data.packing import (
     collate,
     lane_windows,
     pack_arrays,
-    pack_blocks,
     pad_examples,
 )
 from hftrain.data.sources import SplitPieces, resolve_files
@@ -32,8 +32,8 @@ from hftrain.errors import DataError
 from hftrain.recipe import DataConfig
 from hftrain.sft import IGNORE_INDEX
 
-__all__ = ["IGNORE_INDEX", "BlockShuffle", "DataStreams", "batched", "collate",
-           "describe_source", "lane_windows", "pack_arrays", "pack_blocks", "pad_examples",
+__all__ = ["IGNORE_INDEX", "BlockShuffle", "DataStreams", "TrainBatches", "batched", "collate",
+           "describe_source", "lane_windows", "pack_arrays", "pad_examples",
            "resolve_files", "texts"]
 
 
@@ -95,7 +95,7 @@ class DataStreams:
                 self.fingerprints.setdefault(path, fp)
         return self._pieces[split]
 
-    def train_batches(self, batch_size: int) -> TrainStream | LaneStream | Any:
+    def train_batches(self, batch_size: int) -> TrainBatches:
         if self.cache is not None:
             return self.cache.train_stream(batch_size, self.seed, self.rank, self.world_size,
                                            self.stateful, self.pin_memory)

@@ -33,10 +33,9 @@ from tqdm.auto import tqdm
 
 from hftrain.atomic import atomic_directory, atomic_write_text, write_error_reason
 from hftrain.checkpoint import file_sha256
+from hftrain.data.batches import TrainBatches
 from hftrain.data.loader import (
     PieceTokenizer,
-    UndoableSteps,
-    _checked,
     lane_val_batches,
     piece_loader,
 )
@@ -241,7 +240,7 @@ def _write_split(config: DataConfig, tokenizer: Any, split: str, folder: Path, d
 
         write(opening)
         for item in loader:
-            item = _checked(item)
+            item = item.checked()
             write(item.tokens)
             ends.append(n_tokens + np.cumsum(item.lengths))
             n_tokens += item.tokens.shape[-1]
@@ -340,7 +339,7 @@ def _padded(tokens: np.ndarray, start: int, width: int) -> np.ndarray:
     return row
 
 
-class CachedStream(UndoableSteps):
+class CachedStream(TrainBatches):
     """Training batches from a token cache: the blocks of each epoch in a seeded permutation
     (stream order without shuffling), every N-th to rank r. Position: (epoch, index).
 
@@ -363,9 +362,6 @@ class CachedStream(UndoableSteps):
         self._order: tuple[int, np.ndarray] | None = None
         self.counters = {"pieces": 0, "documents": 0, "tokens": 0}
 
-    def __iter__(self) -> CachedStream:
-        return self
-
     def _epoch_blocks(self) -> np.ndarray:
         if self._order is None or self._order[0] != self.epoch:
             order = np.arange(self.n_blocks)
@@ -375,7 +371,7 @@ class CachedStream(UndoableSteps):
             self._order = self.epoch, order[:usable][self.rank :: self.world_size]  # wrap together
         return self._order[1]
 
-    def __next__(self) -> dict[str, torch.Tensor]:
+    def _next_batch(self) -> dict[str, torch.Tensor]:
         block, width = self.config.block_size, self.config.block_size + 1
         rows = []
         for _ in range(self.batch_size):
@@ -392,23 +388,17 @@ class CachedStream(UndoableSteps):
             batch = {k: v.pin_memory() for k, v in batch.items()}
         return batch
 
-    def peek(self) -> dict[str, torch.Tensor]:
-        snapshot = self._snapshot()
-        batch = next(self)
-        self._restore(snapshot)
-        return batch
-
     def _snapshot(self) -> tuple:
         return self.epoch, self.index, dict(self.counters)
 
     def _restore(self, snapshot: tuple) -> None:
         self.epoch, self.index, self.counters = snapshot
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
+    def _position(self) -> dict[str, torch.Tensor]:
         position = [self.epoch, self.index, self.n_blocks, self.world_size]
         return {"data.position": torch.tensor(position, dtype=torch.int64)}
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+    def _load_position(self, state: dict[str, torch.Tensor]) -> None:
         """Continue where the checkpoint's ranks stopped, on as many processes as now: the
         N ranks together had read `index x N` entries of the epoch's order, and this rank of
         M continues at its share of them (the global batch is the same, so M divides them)."""

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from hftrain.data.batches import TrainBatches
 from hftrain.data.packing import (
     BlockShuffle,
     batched,
@@ -60,6 +61,13 @@ class Tokenized:
     lengths: np.ndarray
     """Tokens of each document (fine-tuning: each example), start and EOS included."""
     error: str | None = None
+    """Why the piece could not be read (a worker cannot raise across the process boundary)."""
+
+    def checked(self) -> Tokenized:
+        """This piece, or the DataError its worker found (naming the file and line)."""
+        if self.error is not None:
+            raise DataError(self.error)
+        return self
 
 
 @dataclass
@@ -181,15 +189,15 @@ class PieceOrder:
 
 
 class _FromPosition(Sampler):
-    """Piece indices in `order` from (epoch, k) on, forever."""
+    """Piece indices in `order` from (epoch, next_piece) on, forever."""
 
-    def __init__(self, order: PieceOrder, epoch: int, k: int) -> None:
-        self.order, self.start = order, (epoch, k)
+    def __init__(self, order: PieceOrder, epoch: int, next_piece: int) -> None:
+        self.order, self.start = order, (epoch, next_piece)
 
     def __iter__(self) -> Iterator[int]:
-        epoch, k = self.start
+        epoch, next_piece = self.start
         for e in itertools.count(epoch):
-            yield from (int(i) for i in self.order.epoch(e)[k if e == epoch else 0 :])
+            yield from (int(i) for i in self.order.epoch(e)[next_piece if e == epoch else 0 :])
 
 
 def _as_is(item: Tokenized) -> Tokenized:
@@ -214,44 +222,7 @@ def _stop_workers(loader: Iterator[Tokenized]) -> None:
         shutdown()
 
 
-def _checked(item: Tokenized) -> Tokenized:
-    if item.error is not None:
-        raise DataError(item.error)
-    return item
-
-
-class UndoableSteps:
-    """A stream whose position can be put back to where a training step started: a step
-    that fails part-way (a bad record in its third micro-batch, an out-of-memory forward)
-    has drawn batches it never trained on, and the checkpoint written after the failure
-    must not count them as read."""
-
-    _step_start: Any = None
-
-    def begin_step(self) -> None:
-        self._step_start = self._snapshot()
-
-    def end_step(self) -> None:
-        self._step_start = None
-
-    def rollback_step(self) -> None:
-        """Back to the start of the unfinished step (if one is open); workers restart."""
-        if self._step_start is not None:
-            self._restore(self._step_start)
-            self._step_start = None
-            self.close()
-
-    def _snapshot(self) -> Any:
-        raise NotImplementedError
-
-    def _restore(self, snapshot: Any) -> None:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        pass
-
-
-class TrainStream(UndoableSteps):
+class TrainStream(TrainBatches):
     """This rank's endless stream of training batches, with an exact, cheap position.
 
     Pieces are packed (documents joined by EOS, cut into overlapping blocks; fine-tuning
@@ -278,35 +249,20 @@ class TrainStream(UndoableSteps):
         self.shuffle = BlockShuffle(capacity, seed, rank)
         self.sft = config.kind == "sft"
         self.one_example_per_block = self.sft and not config.packing
-        self.epoch = self.k = 0
+        self.epoch = self.next_piece = 0
         self.carry = self.tokenize.opening(int(self.order.epoch(0)[0]))
         self.carry_lengths = np.empty(0, dtype=np.int64)
         self.counters = {"pieces": 0, "documents": 0, "tokens": 0}
         """What this rank has read and tokenized since the run (or the resume) started."""
         self._epoch_tokens = 0
         self._loader: Iterator[Tokenized] | None = None
-        self._pending: tuple[dict, dict] | None = None
 
-    def __iter__(self) -> TrainStream:
-        return self
-
-    def __next__(self) -> dict[str, torch.Tensor]:
-        if self._pending is not None:
-            batch, self._pending = self._pending[0], None
-            return batch
+    def _next_batch(self) -> dict[str, torch.Tensor]:
         blocks = [self._next_block() for _ in range(self.batch_size)]
         batch = collate(blocks, self.batch_size, self.pad_id, self.tokenize.rows)
         if self.pin_memory:  # lets the copy to the GPU run without blocking the host
             batch = {k: v.pin_memory() for k, v in batch.items()}
         return batch
-
-    def peek(self) -> dict[str, torch.Tensor]:
-        """The next batch, which `next` will return again: pulled early to check the data
-        before a run writes anything. The position stays before it."""
-        if self._pending is None:
-            state = self.state_dict()
-            self._pending = (next(self), state)
-        return self._pending[0]
 
     def _next_block(self) -> np.ndarray:
         while True:
@@ -329,12 +285,12 @@ class TrainStream(UndoableSteps):
 
     def _take_piece(self) -> None:
         if self._loader is None:
-            sampler = _FromPosition(self.order, self.epoch, self.k)
+            sampler = _FromPosition(self.order, self.epoch, self.next_piece)
             self._loader = iter(piece_loader(self.tokenize, sampler, self.config.num_workers))
             # Stop the workers when the stream is closed, collected, or left open at exit: a
             # worker blocked writing a piece nobody reads would otherwise hang the exit.
             self._stop_workers = weakref.finalize(self, _stop_workers, self._loader)
-        item = _checked(next(self._loader))
+        item = next(self._loader).checked()
         self.carry = np.concatenate([self.carry, item.tokens], axis=-1)
         if self.one_example_per_block:  # the only case that cuts by document
             self.carry_lengths = np.concatenate([self.carry_lengths, item.lengths])
@@ -342,8 +298,8 @@ class TrainStream(UndoableSteps):
         self.counters["documents"] += len(item.lengths)
         self.counters["tokens"] += item.tokens.shape[-1]
         self._epoch_tokens += item.tokens.shape[-1]
-        self.k += 1
-        if self.k == self.order.per_epoch:
+        self.next_piece += 1
+        if self.next_piece == self.order.per_epoch:
             self._end_epoch()
 
     def _end_epoch(self) -> None:
@@ -351,35 +307,32 @@ class TrainStream(UndoableSteps):
         failure here leaves a valid one): the files are unchanged (a file cut short mid-epoch
         ends it early), and the data fills at least one block."""
         n_tokens, self._epoch_tokens = self._epoch_tokens, 0
-        self.epoch, self.k = self.epoch + 1, 0
+        self.epoch, self.next_piece = self.epoch + 1, 0
         check_unchanged(self.pieces.fingerprints)
         check_length(self.config, self.pieces.source.name, n_tokens, self.order.world_size)
 
     def _snapshot(self) -> tuple:
         return (list(self.shuffle.blocks), self.shuffle.draws, self.carry, self.carry_lengths,
-                self.epoch, self.k, self._epoch_tokens, dict(self.counters), self._pending)
+                self.epoch, self.next_piece, self._epoch_tokens, dict(self.counters))
 
     def _restore(self, snapshot: tuple) -> None:
         (self.shuffle.blocks, self.shuffle.draws, self.carry, self.carry_lengths, self.epoch,
-         self.k, self._epoch_tokens, self.counters, self._pending) = snapshot
+         self.next_piece, self._epoch_tokens, self.counters) = snapshot
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """The position as tensors (saved per rank with the checkpoint)."""
-        if self._pending is not None:
-            return self._pending[1]
+    def _position(self) -> dict[str, torch.Tensor]:
         blocks = self.shuffle.blocks
         buffer = np.stack(blocks) if blocks else np.empty((0, *self.carry.shape[:-1],
                                                             self.width), dtype=np.int64)
-        position = [self.epoch, self.k, self.shuffle.draws, self.order.n_pieces,
+        position = [self.epoch, self.next_piece, self.shuffle.draws, self.order.n_pieces,
                     self._epoch_tokens]
         return {"data.position": torch.tensor(position, dtype=torch.int64),
                 "data.carry": torch.from_numpy(np.ascontiguousarray(self.carry)),
                 "data.carry_lengths": torch.from_numpy(self.carry_lengths.copy()),
                 "data.shuffle_buffer": torch.from_numpy(buffer)}
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Continue from a saved position: the workers restart at its next piece."""
-        epoch, k, draws, n_pieces, epoch_tokens = (
+    def _load_position(self, state: dict[str, torch.Tensor]) -> None:
+        """The workers restart at the saved position's next piece."""
+        epoch, next_piece, draws, n_pieces, epoch_tokens = (
             int(v) for v in state["data.position"].tolist())
         if n_pieces != self.order.n_pieces:
             raise DataError(
@@ -387,33 +340,22 @@ class TrainStream(UndoableSteps):
                 f" pieces now, {n_pieces} when the checkpoint was saved: its files changed "
                 "size, so the saved position no longer points into them")
         self.close()
-        self.epoch, self.k = epoch, k
+        self.epoch, self.next_piece = epoch, next_piece
         self._epoch_tokens = epoch_tokens
         self.carry = state["data.carry"].cpu().numpy().astype(np.int64)
         self.carry_lengths = state["data.carry_lengths"].cpu().numpy().astype(np.int64)
         buffer = state["data.shuffle_buffer"].cpu().numpy().astype(np.int64)
-        if self.sft:
-            self.carry, buffer = _with_starts(self.carry), _with_starts(buffer)
         self.shuffle.blocks = list(buffer)
         self.shuffle.draws = draws
-        self._pending = None
-        if not 0 <= k <= self.order.per_epoch:
-            raise DataError(f"the saved data position (piece {k} of an epoch) does not fit the "
-                            f"{self.order.per_epoch} pieces this process reads per epoch")
+        if not 0 <= next_piece <= self.order.per_epoch:
+            raise DataError(f"the saved data position (piece {next_piece} of an epoch) does not "
+                            f"fit the {self.order.per_epoch} pieces this process reads per epoch")
 
     def close(self) -> None:
         """Stop the workers (also done when the stream is collected, and at exit)."""
         if self._loader is not None:
             self._stop_workers()
             self._loader = None
-
-
-def _with_starts(tokens: np.ndarray) -> np.ndarray:
-    """Fine-tuning tokens saved before examples carried a row of starts (ids, labels), with
-    one of zeros added (the examples held then attend to each other, as they did)."""
-    if tokens.shape[-2] == 2:
-        return np.insert(tokens, 2, 0, axis=-2)
-    return tokens
 
 
 def check_length(config: DataConfig, source: str, n_tokens: int, world_size: int) -> None:
@@ -436,10 +378,10 @@ def read_all(tokenize: PieceTokenizer, indices: list[int], num_workers: int) -> 
     the stream's opening."""
     loader = piece_loader(tokenize, indices, min(num_workers, len(indices)))
     opening = tokenize.opening(indices[0] if indices else len(tokenize))
-    return np.concatenate([opening, *(_checked(item).tokens for item in loader)], axis=-1)
+    return np.concatenate([opening, *(item.checked().tokens for item in loader)], axis=-1)
 
 
-class LaneStream(UndoableSteps):
+class LaneStream(TrainBatches):
     """Stateful (truncated BPTT) training: each pass over the corpus is one token array laid
     out in lanes (`lane_windows`), the same every epoch, so the position is (epoch, window).
 
@@ -457,7 +399,6 @@ class LaneStream(UndoableSteps):
         self.lanes, self.first = batch_size * world_size, rank * batch_size
         self.epoch = self.window = 0
         self._windows: list[list[np.ndarray]] | None = None
-        self._pending: tuple[dict, dict] | None = None
         self.counters = {"pieces": 0, "documents": 0, "tokens": 0}
 
     @classmethod
@@ -469,13 +410,7 @@ class LaneStream(UndoableSteps):
                    pieces.fingerprints, config, batch_size, rank, world_size,
                    tokenizer.pad_token_id)
 
-    def __iter__(self) -> LaneStream:
-        return self
-
-    def __next__(self) -> dict[str, Any]:
-        if self._pending is not None:
-            batch, self._pending = self._pending[0], None
-            return batch
+    def _next_batch(self) -> dict[str, Any]:
         windows = self._epoch_windows()
         if self.window == len(windows):
             check_unchanged(self.fingerprints)
@@ -498,28 +433,19 @@ class LaneStream(UndoableSteps):
             self._windows = list(lane_windows(tokens, self.lanes, self.config.block_size))
         return self._windows
 
-    def peek(self) -> dict[str, Any]:
-        if self._pending is None:
-            state = self.state_dict()
-            self._pending = (next(self), state)
-        return self._pending[0]
-
     def _snapshot(self) -> tuple:
-        return self.epoch, self.window, self._pending
+        return self.epoch, self.window
 
     def _restore(self, snapshot: tuple) -> None:
-        self.epoch, self.window, self._pending = snapshot
+        self.epoch, self.window = snapshot
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        if self._pending is not None:
-            return self._pending[1]
+    def _position(self) -> dict[str, torch.Tensor]:
         n_windows = len(self._epoch_windows())
         return {"data.position": torch.tensor([self.epoch, self.window, n_windows],
                                               dtype=torch.int64)}
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+    def _load_position(self, state: dict[str, torch.Tensor]) -> None:
         self.epoch, self.window, n_windows = (int(v) for v in state["data.position"].tolist())
-        self._pending = None
         if n_windows != len(self._epoch_windows()):
             raise DataError(f"the training data ({self.name}) makes {len(self._epoch_windows())}"
                             f" windows per pass now, {n_windows} when the checkpoint was saved: "
@@ -541,7 +467,7 @@ def val_batches(pieces: SplitPieces, tokenizer: Any, config: DataConfig, batch_s
                                     tokenizer.pad_token_id)
         return
     mine = list(range(rank, len(pieces.pieces), world_size))
-    documents = (_checked(tokenize[i]) for i in mine)
+    documents = (tokenize[i].checked() for i in mine)
     if config.kind == "sft" and not config.packing:
         blocks: Iterator[np.ndarray] = pad_examples(
             (ex for item in documents for ex in np.split(item.tokens, np.cumsum(item.lengths)[:-1],

@@ -17,25 +17,16 @@ import torch
 from hftrain.sft import IGNORE_INDEX
 
 
-def pack_blocks(
-    documents: Iterable[list[int]], block_size: int, eos_id: int, pad_tail: bool = False
-) -> Iterator[np.ndarray]:
-    """Join documents with EOS and cut the token stream into blocks of `block_size + 1`.
-
-    Consecutive blocks share one token (the last target of a block is the first input of the
-    next). With `pad_tail`, the final partial block is padded with IGNORE_INDEX so that every
-    token is scored (evaluation); without, the tail waits for more documents (training, where
-    the stream repeats).
-    """
-    arrays = (np.append(np.asarray(ids, dtype=np.int64), eos_id) for ids in documents)
-    return pack_arrays(arrays, block_size, pad_tail)
-
-
 def pack_arrays(
     arrays: Iterable[np.ndarray], block_size: int, pad_tail: bool = False
 ) -> Iterator[np.ndarray]:
-    """`pack_blocks` for arrays whose last axis is tokens: 1-D ids, or (2, n) ids and labels
-    (fine-tuning examples, which end with their own EOS)."""
+    """Join arrays whose last axis is tokens (1-D ids, or (2, n) ids and labels of
+    fine-tuning examples) and cut them into blocks of `block_size + 1`.
+
+    Documents come with their EOS already appended. Consecutive blocks share one token (the
+    last target of a block is the first input of the next). With `pad_tail`, the final
+    partial block is padded with IGNORE_INDEX so that every token is scored (evaluation);
+    without, the tail waits for more documents (training, where the stream repeats)."""
     width = block_size + 1
     buffer: np.ndarray | None = None
     for array in arrays:

@@ -32,7 +32,7 @@ from typing import Any
 
 from hftrain.data_check import Source, check_unchanged, explain, fingerprint
 from hftrain.errors import DataError, RecordError
-from hftrain.recipe import DataConfig
+from hftrain.recipe import DataConfig, expand_globs
 from hftrain.sft import SFT_COLUMNS, record_problem, value_kind
 
 PIECE_BYTES = 1 << 20
@@ -93,7 +93,7 @@ def resolve_files(patterns: list[str], key: str) -> list[str]:
     files: list[str] = []
     for pattern in patterns:
         if glob.has_magic(pattern):
-            matches = sorted(glob.glob(pattern))
+            matches = expand_globs([pattern])
             if not matches:
                 raise DataError(f"no file matches {key} pattern '{pattern}'")
             files.extend(matches)
