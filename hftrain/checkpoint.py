@@ -27,8 +27,7 @@ checkpoint damaged, and the newest intact one before it is used instead.
 
 The data position is stored, not replayed, so a resume reads at most one piece per process
 however late the step. A token-cache run saved on N processes may be loaded on M (each
-part's `merge_ranks`). Checkpoints written before the parts layout (counters at the top of the
-state file, `scheduler.json`, `rank{N}_loop_state.safetensors`) are read as parts too.
+part's `merge_ranks`).
 """
 
 from __future__ import annotations
@@ -53,10 +52,6 @@ from hftrain.errors import HftrainError, one_line
 
 STATE_FILE = "hftrain_state.json"
 RANK_TENSORS = "state.safetensors"
-SCHEDULER_FILE = "scheduler.json"
-"""Before the parts layout: the schedule's state (now `parts.scheduler` in the state file)."""
-LEGACY_LOOP_TENSORS = "loop_state.safetensors"
-"""Before the parts layout: each rank's tensors, unprefixed (now `rank{N}_state.safetensors`)."""
 _NAME = re.compile(r"^step-(\d{8})$")
 _STALE = re.compile(r"^\.step-\d{8}\.(tmp|old)$")
 
@@ -99,30 +94,9 @@ def newest_intact_checkpoint(run_dir: Path) -> Path | None:
     return None
 
 
-def read_raw_state(path: Path) -> dict[str, Any]:
+def read_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's state file: `step`, `processes`, `trajectory`, `parts`, `files`."""
     return json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
-
-
-def read_state(path: Path, with_schedule: bool = True) -> dict[str, Any]:
-    """A checkpoint's state file in the parts layout (`step`, `processes`, `trajectory`,
-    `parts`, `files`), whichever version of hftrain wrote it. `with_schedule=False`: an
-    older checkpoint's `scheduler.json` is not read (`damage` checks it as a listed file)."""
-    return _in_parts_layout(path, read_raw_state(path), with_schedule)
-
-
-def _in_parts_layout(path: Path, state: Any, with_schedule: bool) -> Any:
-    if not isinstance(state, dict) or "parts" in state:
-        return state
-    # before the parts layout: the loop's counters at the top, the schedule in scheduler.json
-    schedule = json.loads((path / SCHEDULER_FILE).read_text(encoding="utf-8")) \
-        if with_schedule else {}
-    parts = {"loop": {k: state[k] for k in COUNTERS if k in state},
-             "metrics": {"lines": state.get("metrics_lines")},
-             "data_files": {"files": state.get("data_files") or {}}, "scheduler": schedule}
-    files = state.get("files") if isinstance(state.get("files"), dict) else {}
-    trajectory = state.get("trajectory") if isinstance(state.get("trajectory"), dict) else {}
-    listed = sum(1 for name in files if name.endswith(f"_{LEGACY_LOOP_TENSORS}"))
-    return {**state, "processes": trajectory.get("processes", listed), "parts": parts}
 
 
 COUNTERS = ("step", "tokens_seen", "micro_batches", "skipped_steps", "window_tokens")
@@ -140,12 +114,11 @@ def damage(path: Path) -> str | None:
     file parses, matches its own digest and the folder's step, and every file it lists has
     the size and SHA-256 it was written with."""
     try:
-        raw = read_raw_state(path)
+        state = read_state(path)
     except (OSError, ValueError) as exc:
         return f"{STATE_FILE} is unreadable ({type(exc).__name__})"
-    if not isinstance(raw, dict) or raw.get("state_sha256") != state_digest(raw):
+    if not isinstance(state, dict) or state.get("state_sha256") != state_digest(state):
         return f"{STATE_FILE} was altered after it was written"
-    state = _in_parts_layout(path, raw, with_schedule=False)
     problem = _inconsistent(state, path.name)
     if problem:
         return problem
@@ -184,8 +157,7 @@ def _inconsistent(state: dict[str, Any], name: str) -> str | None:
     processes = state.get("processes")
     if type(processes) is not int or processes < 1 \
             or processes != state["trajectory"].get("processes", processes) \
-            or not all(rank_tensors_file(r) in files or f"rank{r}_{LEGACY_LOOP_TENSORS}" in files
-                       for r in range(processes)):
+            or not all(rank_tensors_file(r) in files for r in range(processes)):
         return "its number of processes does not match its files"
     if name != f"step-{loop['step']:08d}" or state.get("step") != loop["step"]:
         return f"it holds step {loop['step']}, not the step its name says"
@@ -493,7 +465,7 @@ class Checkpointer:
 
     def load(self, path: Path) -> dict[str, Any]:
         """Restore every part from `path` (checked with `damage` first); returns its state
-        file (normalised by `read_state`)."""
+        file."""
         acc, state = self.accelerator, read_state(path)
         try:
             acc.load_state(str(path))
@@ -517,8 +489,8 @@ class Checkpointer:
         `merge_ranks` of every saved rank's (or rank 0's)."""
         rank = self.accelerator.process_index
         if saved_processes == self.accelerator.num_processes:
-            return _load_rank_tensors(path, rank)
-        saved = [_load_rank_tensors(path, r) for r in range(saved_processes)]
+            return load_file(path / rank_tensors_file(rank))
+        saved = [load_file(path / rank_tensors_file(r)) for r in range(saved_processes)]
         merged = dict(saved[0])
         for name, part in self.parts.items():
             if hasattr(part, "merge_ranks"):
@@ -543,14 +515,6 @@ def _write_state_file(folder: Path, state: dict[str, Any]) -> None:
     record = {**state, "files": files}
     record["state_sha256"] = state_digest(record)
     (folder / STATE_FILE).write_text(json.dumps(record, indent=2), encoding="utf-8")
-
-
-def _load_rank_tensors(path: Path, rank: int) -> dict[str, torch.Tensor]:
-    new = path / rank_tensors_file(rank)
-    if new.is_file() or not (path / f"rank{rank}_{LEGACY_LOOP_TENSORS}").is_file():
-        return load_file(new)
-    legacy = load_file(path / f"rank{rank}_{LEGACY_LOOP_TENSORS}")  # before the parts layout
-    return {("data/" if k.startswith("data.") else "loop/") + k: v for k, v in legacy.items()}
 
 
 def _prune(saved: Path, keep: int) -> None:

@@ -209,7 +209,7 @@ def foreign_files(folder: Path, names: tuple[str, ...] = (*RECORDED, "hftrain"))
 
 
 def _foreign_checkpoint_files(root: Path) -> list[str]:
-    from hftrain.checkpoint import STATE_FILE, is_checkpoint_name, read_raw_state
+    from hftrain.checkpoint import STATE_FILE, is_checkpoint_name, read_state
 
     if not root.is_dir() or root.is_symlink():
         return []
@@ -220,7 +220,7 @@ def _foreign_checkpoint_files(root: Path) -> list[str]:
         try:
             if not is_checkpoint_name(entry.name):
                 raise ValueError("not a name hftrain gives a checkpoint")
-            listed = set(read_raw_state(entry)["files"]) | {STATE_FILE}
+            listed = set(read_state(entry)["files"]) | {STATE_FILE}
         except (OSError, ValueError, KeyError, TypeError):
             found.append(f"checkpoints/{entry.name}")
             continue

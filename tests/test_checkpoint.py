@@ -4,7 +4,6 @@ stops with one line and touches nothing, SIGTERM checkpoints and exits cleanly."
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -14,15 +13,11 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, run_or_dump, tiny_recipe_dict
-from safetensors.torch import load_file, save_file
 
 import hftrain.train_step
 from hftrain.checkpoint import (
     STATE_FILE,
-    damage,
     latest_checkpoint,
-    manifest_names,
-    state_digest,
 )
 from hftrain.cli import main
 from hftrain.tracking import read_metrics
@@ -100,48 +95,6 @@ def test_kill_9_then_resume_reproduces_the_uninterrupted_run(uninterrupted, tmp_
         assert got[step] == pytest.approx(loss, rel=1e-5), step
     kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert kept == ["step-00000020", "step-00000030"]
-
-
-def to_layout_before_parts(folder: Path) -> None:
-    """Rewrite a checkpoint as hftrain wrote it before the parts layout: the loop's counters
-    at the top of the state file, the schedule in scheduler.json, each rank's tensors
-    unprefixed in rank{N}_loop_state.safetensors."""
-    state = json.loads((folder / STATE_FILE).read_text())
-    parts = state.pop("parts")
-    del state["processes"]
-    (folder / "scheduler.json").write_text(json.dumps(parts["scheduler"]))
-    for file in folder.glob("rank*_state.safetensors"):
-        tensors = {k.split("/", 1)[1]: v for k, v in load_file(file).items()}
-        save_file(tensors, file.with_name(file.name.replace("_state", "_loop_state")))
-        file.unlink()
-    state.update(parts["loop"], window_steps=int(tensors["window_steps"]),
-                 metrics_lines=parts["metrics"]["lines"],
-                 data_files=parts["data_files"]["files"])
-    state["files"] = {name: {"size": (folder / name).stat().st_size,
-                             "sha256": hashlib.sha256((folder / name).read_bytes()).hexdigest()}
-                      for name in manifest_names(folder) if name != STATE_FILE}
-    state["state_sha256"] = state_digest(state)
-    (folder / STATE_FILE).write_text(json.dumps(state))
-
-
-@pytest.mark.slow  # the layout before the parts layout (2026-12-03): a minute of CI
-def test_a_checkpoint_written_before_the_parts_layout_resumes(uninterrupted, tmp_path):
-    """A run started by the previous hftrain, then resumed by this one, loses nothing."""
-    corpus, whole_losses, whole_steps = uninterrupted
-    recipe = write_recipe(tmp_path, corpus, "run")
-    record = tmp_path / "record.txt"
-    assert run_with_fault(record, recipe, kill_at_step=24).returncode == -signal.SIGKILL
-    newest = latest_checkpoint(tmp_path / "run")
-    to_layout_before_parts(newest)
-    assert damage(newest) is None
-    resumed = run_with_fault(record, recipe, extra=["--resume"])
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resumed from" in resumed.stdout and "at step 20" in resumed.stdout
-    assert trained_steps(record) == whole_steps
-    got = losses(tmp_path / "run")
-    assert got.keys() == whole_losses.keys()
-    for step, loss in whole_losses.items():
-        assert got[step] == pytest.approx(loss, rel=1e-5), step
 
 
 def test_the_checkpoint_benchmark_runs_in_seconds(tmp_path):
