@@ -46,10 +46,12 @@ class RunConfig:
     def __post_init__(self) -> None:
         in_range(self, 0, 2**32 - 1, "seed")
         self.output_dir = os.path.expanduser(self.output_dir)  # `key=~/x` escapes the shell
+        if not self.trackers:  # Accelerate imports torch: a second parsing most recipes skip
+            return
         from accelerate.utils import LoggerType
 
         known = [kind.value for kind in LoggerType]
-        for name in self.trackers or []:
+        for name in self.trackers:
             if name not in known:
                 raise ValueError(f"run.trackers: {name!r} is not one of Accelerate's trackers "
                                  f"({', '.join(known)})")
@@ -366,6 +368,20 @@ def recipe_from_dict(raw: dict[str, Any], source: str = "<recipe>") -> Recipe:
         raise RecipeError(f"{source}: model.arch {shown(arch)} is not one of {sorted(MODELS)}")
     field_types = {"model": MODELS[arch].fields}
     recipe = _build(Recipe, raw, prefix="", source=source, field_types=field_types)
+    check(recipe, source)
+    return recipe
+
+
+def check(recipe: Recipe, source: str = "<recipe>") -> None:
+    """The rules between sections of a recipe (those within a section are its dataclass's
+    `__post_init__`), one RecipeError naming the keys and `source`. `recipe_from_dict` runs
+    it; `train` runs it again for recipes built or changed in code.
+
+    Rules that need more than the recipe are checked where that is known, before anything is
+    written: the model's own (`model.init_from`'s family and positions, LoRA targets on tied
+    weights: `hftrain.models.base`; Muon's per-matrix rate: `hftrain.optim.build_muon`) and
+    the launch's (flash-attn present, and a precision it runs in: `hftrain.models`)."""
+    arch = recipe.model.arch
     if recipe.train.stateful and not recipe.model.supports_stateful:
         raise RecipeError(f"{source}: train.stateful needs a recurrent model, not '{arch}'")
     if recipe.train.stateful and recipe.data.kind == "sft":
@@ -375,7 +391,6 @@ def recipe_from_dict(raw: dict[str, Any], source: str = "<recipe>") -> Recipe:
         raise RecipeError(f"{source}: data.packing would carry the recurrent state of a "
                           f"'{arch}' from one fine-tuning example into the next; set "
                           "data.packing: false")
-    return recipe
 
 
 def _apply_override(raw: dict[str, Any], override: str, source: Path) -> None:

@@ -108,3 +108,21 @@ def test_bad_overrides_are_one_line(tmp_path: Path, override: str, expected: str
     with pytest.raises(RecipeError) as refused:
         load_recipe(path, [override])
     assert expected in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_a_recipe_changed_in_code_is_checked_across_sections_before_anything_is_written(
+        tmp_path: Path):
+    """`train()` runs the cross-section rules again: a recipe loaded, then changed in code
+    (as a notebook would), fails in one line naming the key, with nothing written."""
+    from conftest import tiny_recipe_dict
+
+    from hftrain.recipe import recipe_from_dict
+    from hftrain.train import train
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("to be or not to be\n" * 50, encoding="utf-8")
+    recipe = recipe_from_dict(tiny_recipe_dict(corpus, tmp_path / "run"))
+    recipe.train.stateful = True  # GPT-2 has no recurrent state to carry
+    with pytest.raises(RecipeError, match="train.stateful needs a recurrent model, not 'gpt2'"):
+        train(recipe)
+    assert not (tmp_path / "run").exists()
