@@ -22,7 +22,7 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from timing import hftrain_loop, paired_steps, report
+from timing import HftrainSteps, paired_steps, report
 from torch import nn
 
 from hftrain.data import DataStreams, texts
@@ -105,7 +105,7 @@ def throughput(args) -> None:
     batch_iter = streams.train_batches(recipe.train.batch_size)
     batches = [next(batch_iter) for _ in range(args.batches)]
     model = build_model(recipe.model, tokenizer, recipe.data.block_size)
-    loop = hftrain_loop(recipe, model, streams)
+    loop = HftrainSteps(recipe, model)
     fields, ntokens = recipe.model, len(tokenizer)
     plain = ClassicRNNModel(ntokens, fields.embedding_size, fields.hidden_size,
                             fields.num_layers, fields.dropout).train()

@@ -14,20 +14,28 @@ from accelerate import Accelerator
 
 from hftrain.allocator import keep_freed_heap_memory
 from hftrain.optim import build_optimizer, build_scheduler
-from hftrain.tracking import MetricsLog
-from hftrain.train import TrainingLoop
+from hftrain.train_state import TrainState
+from hftrain.train_step import StepResult, TrainStep
 
 
-def hftrain_loop(recipe, model, streams) -> TrainingLoop:
-    """`model` prepared by Accelerate with the recipe's optimizer and schedule, in the loop
-    hftrain trains with (no logging); call `optimizer_step([batch])` to time a step."""
-    accelerator = Accelerator()
-    keep_freed_heap_memory(accelerator.device)  # process-wide: the plain side gets it too
-    optimizer = build_optimizer(model, recipe.train)
-    scheduler = build_scheduler(optimizer, recipe.train)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    return TrainingLoop(recipe, accelerator, model, optimizer, scheduler, streams,
-                        MetricsLog(None, enabled=False))
+class HftrainSteps:
+    """`model` prepared by Accelerate with the recipe's optimizer and schedule, stepped as
+    `hftrain.train.fit` steps it (`TrainStep`, the recurrent state carried from step to
+    step); call `optimizer_step([batch])` to time a step, `state.add_step` to count it."""
+
+    def __init__(self, recipe, model) -> None:
+        self.accelerator = accelerator = Accelerator()
+        keep_freed_heap_memory(accelerator.device)  # process-wide: the plain side gets it too
+        optimizer = build_optimizer(model, recipe.train)
+        scheduler = build_scheduler(optimizer, recipe.train)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        self.train_step = TrainStep(accelerator, model, optimizer, scheduler, recipe.train)
+        self.state = TrainState(None, accelerator.device)
+
+    def optimizer_step(self, micro_batches) -> StepResult:
+        result = self.train_step(micro_batches, self.state.recurrent)
+        self.state.recurrent = result.recurrent
+        return result
 
 
 def paired_steps(sides: dict[str, Callable[[], None]], steps: int, warmup: int,

@@ -19,7 +19,7 @@ import itertools
 
 import torch
 import torch.nn.functional as F
-from timing import hftrain_loop, paired_steps, report
+from timing import HftrainSteps, paired_steps, report
 
 from hftrain.data import DataStreams
 from hftrain.models import build_model
@@ -67,7 +67,7 @@ def main() -> None:
     plain_opt = build_optimizer(plain_model, recipe.train)
     plain_sched = build_scheduler(plain_opt, recipe.train)
 
-    loop = hftrain_loop(recipe, model, streams)
+    loop = HftrainSteps(recipe, model)
     device = loop.accelerator.device
     plain_model.to(device)  # before its optimizer steps: the state is created on first step
     batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
@@ -77,7 +77,7 @@ def main() -> None:
 
     def hftrain_step():
         micro_batches = [next(live)]
-        loss, finite, n_tokens = loop.optimizer_step(micro_batches)
+        loss, finite, n_tokens, _ = loop.optimizer_step(micro_batches)
         loop.state.add_step(loss, finite, n_tokens, len(micro_batches))
 
     def plain_step():

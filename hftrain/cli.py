@@ -53,44 +53,29 @@ def cmd_tokenizer(args: argparse.Namespace) -> None:
 def _build_run_tokenizer(recipe: Any, recipe_path: Path, already: str) -> Any:
     """The recipe's tokenizer, built and saved into <output_dir>/tokenizer if it is not
     there yet (or reused, as `train` would)."""
-    from hftrain.run_folder import (
-        check_ours_or_new,
-        check_writable_target,
-        has_run,
-        run_lock,
-    )
-    from hftrain.run_tokenizer import prepare_tokenizer, save_run_tokenizer
-    from hftrain.train import protected_paths
+    from hftrain.lifecycle import RunFolder
 
-    run_dir = Path(recipe.run.output_dir)
-    check_writable_target(run_dir, protected_paths(recipe, recipe_path), "run.output_dir")
-    check_ours_or_new(run_dir)
-    tokenizer, built = prepare_tokenizer(recipe)
-    folder = run_dir / "tokenizer"
-    if not built:
+    with RunFolder(recipe, recipe_path) as run_folder:
+        tokenizer, folder = run_folder.build_tokenizer()
+    if folder is None:
         print(f"tokenizer already present ({len(tokenizer)} tokens); {already}")
-        return tokenizer
-    with run_lock(run_dir):
-        if has_run(run_dir):
-            raise HftrainError(f"{run_dir} holds a run trained with its tokenizer; build the "
-                               "new one into another run.output_dir")
-        save_run_tokenizer(tokenizer, recipe, folder)
-    print(f"built a {recipe.tokenizer.kind} tokenizer of {len(tokenizer)} tokens: {folder}")
+    else:
+        print(f"built a {recipe.tokenizer.kind} tokenizer of {len(tokenizer)} tokens: {folder}")
     return tokenizer
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
     """The tokenizer (as `hftrain tokenizer`), then the token cache `data.cache` names."""
     from hftrain.data import cache as token_cache
+    from hftrain.lifecycle import RunFolder
     from hftrain.recipe import load_recipe
-    from hftrain.train import check_cache_target
 
     recipe = load_recipe(args.recipe, args.overrides)
     if not recipe.data.cache:
         raise HftrainError(f"{args.recipe} sets no data.cache: add data.cache=FOLDER to say "
                            "where the token cache goes")
     folder = Path(recipe.data.cache)
-    check_cache_target(recipe, Path(args.recipe))
+    RunFolder(recipe, Path(args.recipe)).check_cache_target()
     tokenizer = _build_run_tokenizer(recipe, Path(args.recipe), already="reusing it")
     token_cache.prepare(recipe.data, tokenizer)
     record = token_cache.read_record(folder)

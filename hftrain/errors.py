@@ -3,6 +3,8 @@ without a traceback; ResumableError and RunStopped carry what the CLI says about
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -73,3 +75,17 @@ def one_line(exc: BaseException) -> str:
         return str(exc)
     text = str(exc)
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+@contextmanager
+def naming_the_recipe(recipe_path: Path | None) -> Iterator[None]:
+    """The model's and the optimizer's refusals name recipe keys (`model.init_from`,
+    `train.optimizer`); add the file, as the recipe loader does for its own."""
+    try:
+        yield
+    except RecipeError:
+        raise
+    except HftrainError as exc:
+        if recipe_path is None:
+            raise
+        raise RecipeError(f"{recipe_path}: {exc}") from None

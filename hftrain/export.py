@@ -17,12 +17,7 @@ from hftrain.launch import write_run_record
 from hftrain.models.base import is_lora
 from hftrain.recipe import Recipe, dump_recipe
 from hftrain.run_folder import check_replaceable, record_written
-from hftrain.sharding import gathered_model, is_sharded
-
-
-def bare_model(accelerator: Accelerator, model: Any) -> Any:
-    """The model itself: without DDP/FSDP wrappers and without torch.compile's."""
-    return accelerator.unwrap_model(model, keep_torch_compile=False)
+from hftrain.sharding import bare_model, gathered_model, is_sharded
 
 
 def export(accelerator: Accelerator, model: Any, tokenizer: Any, recipe: Recipe,

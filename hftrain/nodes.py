@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from hftrain.errors import HftrainError, one_line
+from hftrain.errors import HftrainError, ReportedByMainProcess, one_line
 from hftrain.launch import refuse
 
 PROBE_PREFIX = ".hftrain-shared-"
@@ -190,6 +190,44 @@ def on_every_process(accelerator: Any, work: Callable[[], Any]) -> Any:
         error = str(exc)
     _refuse_first_error(accelerator, gather_object([(socket.gethostname(), error)]))
     return result
+
+
+def on_main_process(accelerator: Any, decide: Callable[[], Any]) -> Any:
+    """Run `decide()` on the main process only (it reads or writes the run folder: the lock,
+    the checkpoints to resume from, the folder's first files) and give every process its
+    result, or its refusal: the main process raises the HftrainError with its one line, the
+    others `ReportedByMainProcess`, on which they exit quietly instead of dying in the next
+    collective."""
+    result = error = None
+    if accelerator.is_main_process:
+        try:
+            result = decide()
+        except HftrainError as exc:
+            if accelerator.num_processes == 1:
+                raise
+            error = str(exc)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        result, error = broadcast_object_list([result, error], from_process=0)
+        if error is not None:  # every rank exits: close gloo/NCCL before the peers vanish, or
+            torch.distributed.destroy_process_group()  # its threads may abort the process
+    if error is not None:
+        raise HftrainError(error) if accelerator.is_main_process else ReportedByMainProcess(error)
+    return result
+
+
+def any_process(accelerator: Any, flags: tuple[bool, ...], sync_point: bool) -> tuple[bool, ...]:
+    """Each flag true where it is true on any process, so that all act after the same step
+    (stop, save). With several GPU processes they agree only at `sync_point`s (a collective
+    the host waits for is a synchronisation; elsewhere every flag is False); on CPU, where
+    waiting costs nothing, every time."""
+    if accelerator.num_processes == 1:
+        return flags
+    if not sync_point and accelerator.device.type != "cpu":
+        return tuple(False for _ in flags)
+    values = torch.tensor([float(f) for f in flags], device=accelerator.device)
+    return tuple(bool(v) for v in accelerator.reduce(values, "max").tolist())
 
 
 def _refuse_first_error(accelerator: Any, errors: list[tuple[str, str | None]]) -> None:

@@ -188,6 +188,11 @@ def is_sharded(accelerator: Any) -> bool:
     return False
 
 
+def bare_model(accelerator: Any, model: Any) -> Any:
+    """The model itself: without DDP/FSDP wrappers and without torch.compile's."""
+    return accelerator.unwrap_model(model, keep_torch_compile=False)
+
+
 def plain_class(module: torch.nn.Module) -> type:
     """The model's own class: FSDP2's `fully_shard` swaps a module's class for a subclass
     `FSDP<Name>(FSDPModule, <Name>)`; the first class in its MRO that is not FSDP's is the

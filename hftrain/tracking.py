@@ -11,6 +11,7 @@ import math
 import os
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,66 @@ class MetricsLog:
             return
         kept = [json.dumps(r) + "\n" for r in read_metrics(self.path)[:n_records]]
         atomic_write_text(self.path, "".join(kept))
+
+
+class WindowLog:
+    """The training records of metrics.jsonl: at each log line, the mean loss of the steps
+    since the last one (its window), with the throughput, the share of time spent waiting
+    for data, the peak memory and the model FLOP utilisation.
+
+    Reading the window's sums is the loop's one wait for the device between log lines (the
+    window's time is taken after it, when the window's work is done)."""
+
+    def __init__(self, metrics: MetricsLog, accelerator: Any, flops: float,
+                 peak: float | None) -> None:
+        self.metrics, self.accelerator = metrics, accelerator
+        self.flops_per_token, self.peak_tflops = flops, peak
+        self.data_wait = 0.0
+        """Seconds this process spent waiting for its batches in the window."""
+        self.start = time.perf_counter()
+
+    def restart(self) -> None:
+        """A new window from now (after a log line, or time spent evaluating)."""
+        self.start, self.data_wait = time.perf_counter(), 0.0
+
+    def close(self, state: Any, lr: float) -> tuple[dict[str, Any], tuple[int, int, int]]:
+        """The record of the window `state` (`TrainState`) holds, not yet written, and its
+        skipped steps: (how many, the first, the window's steps). Every process must call it
+        (the loss and the peak memory are reduced over them)."""
+        n_tokens = state.window_tokens
+        window_loss, steps, skipped, first_skipped = state.close_window()
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        tokens_per_s = n_tokens / elapsed
+        peak_gb = peak_memory_gb(self.accelerator.device)
+        if self.accelerator.num_processes > 1:  # each rank holds its share of the mean; the
+            window_loss = self.accelerator.reduce(window_loss, "sum")  # peak is the largest
+            peak = torch.tensor(peak_gb, device=self.accelerator.device)
+            peak_gb = self.accelerator.reduce(peak, "max").item()
+        # a window whose every step was skipped has no loss: null, never a made-up 0.0
+        record = {"step": state.step, "loss": window_loss.item() / steps if steps else None,
+                  "lr": lr, "tokens": state.tokens_seen, "tokens_per_s": tokens_per_s,
+                  # the share of the window this process spent waiting for its batches
+                  "data_wait": min(self.data_wait / elapsed, 1.0), "peak_mem_gb": peak_gb}
+        if self.peak_tflops:  # achieved model FLOP/s per device over the device's peak
+            per_device = tokens_per_s / self.accelerator.num_processes * self.flops_per_token
+            record["mfu"] = per_device / (self.peak_tflops * 1e12)
+        if state.skipped_steps:
+            record["skipped_steps"] = state.skipped_steps
+        return record, (skipped, first_skipped, steps + skipped)
+
+    def write(self, record: dict[str, Any], bar: Any) -> None:
+        """Write the window's record, show its figures on the bar, and start a new window. A
+        window whose every step was skipped has no loss to show: it says so on a line of its
+        own (the bar's postfix may not reach a log file for 30 s), rather than show 0."""
+        self.metrics.write(record)
+        skipped = record["loss"] is None
+        bar.set_postfix(loss="skipped" if skipped else f"{record['loss']:.4f}",
+                        lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:,.0f}")
+        if skipped:
+            bar.write(f"step {record['step']}: every step since the last log line was skipped "
+                      f"(loss not finite; {record['skipped_steps']} skipped in all), no loss "
+                      "to log")
+        self.restart()
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -1,7 +1,9 @@
-"""The training loop's part of the run's resumable state (`checkpoint.Checkpointer`): its
-counters, the current log window and the recurrent state carried across windows; `DataFiles`,
-the data files' fingerprints, which a resume compares with the files as they are; and
-`TokenizerIdentity`, which a resume requires to be the same.
+"""The live run as one object (`Run`: what `train.fit` loops over), and its resumable state as
+parts (`checkpoint.Checkpointer`): the loop's counters, the current log window and the
+recurrent state carried across windows (`TrainState`); the data position (the training
+stream's own); the data files' fingerprints, which a resume compares with the files as they
+are (`DataFiles`); and the tokenizer, which a resume requires to be the same
+(`TokenizerIdentity`).
 
 The log window's sums stay on the device between log lines (`window_loss`,
 `window_steps`, `window_skipped`): adding to them never waits for the device, and reading
@@ -13,13 +15,87 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from hftrain.checkpoint import COUNTERS, CheckpointError
+from hftrain.checkpoint import COUNTERS
+from hftrain.checkpoint_policy import RunCheckpoints
 from hftrain.data_check import content_sample, describe_change
 from hftrain.errors import HftrainError
+from hftrain.evaluation import evaluate_lm
+from hftrain.sharding import bare_model, is_sharded
+from hftrain.tracking import MetricsLog, WindowLog, flops_per_token, peak_tflops
+from hftrain.train_step import StepResult, TrainStep
+
+if TYPE_CHECKING:
+    from hftrain.build import RunParts
+    from hftrain.recipe import Recipe
+
+
+class Run:
+    """The live run: its parts as built (`build.RunParts`), the counters and log window
+    (`state`), the metrics log, the checkpoints and the step (`TrainStep`). Everything a
+    resume must restore is one `Checkpointer` of parts (`checkpoints`); the model, optimizer
+    and RNG states are Accelerate's, which it saves through `save_state`."""
+
+    def __init__(self, recipe: Recipe, accelerator: Any, parts: RunParts,
+                 run_dir: Path | None) -> None:
+        self.recipe, self.accelerator = recipe, accelerator
+        self.model, self.scheduler = parts.model, parts.scheduler
+        self.streams, self.tokenizer = parts.streams, parts.tokenizer
+        self.run_dir = run_dir
+        self.state = TrainState(parts.batches, accelerator.device)
+        self.metrics = MetricsLog(run_dir / "metrics.jsonl" if run_dir else None,
+                                  accelerator.is_main_process, accelerator)
+        self.log = WindowLog(self.metrics, accelerator,
+                             flops_per_token(bare_model(accelerator, self.model),
+                                             recipe.data.block_size),
+                             peak_tflops(recipe.train.peak_tflops))
+        self.checkpoints = RunCheckpoints(accelerator, recipe, run_dir, {
+            "loop": self.state, "data": parts.batches, "scheduler": parts.scheduler,
+            "metrics": self.metrics,
+            "data_files": DataFiles(parts.streams.fingerprints, accelerator.is_main_process),
+            "tokenizer": TokenizerIdentity(parts.tokenizer)})
+        self.train_step = TrainStep(accelerator, self.model, parts.optimizer, self.scheduler,
+                                    recipe.train)
+        self.updating = False
+        """Inside an optimizer step: weights or optimizer state may be part-way updated, so a
+        failure here is not followed by a checkpoint."""
+        self.interrupted = 0
+        """The signal that stopped the run after a checkpoint (0: none)."""
+        self.finished = False
+        """Exported and marked finished: a later failure (sample, push) leaves nothing to
+        resume."""
+
+    @property
+    def step(self) -> int:
+        return self.state.step
+
+    def bare_model(self) -> Any:
+        """The model without Accelerate's wrappers (DDP, FSDP, torch.compile)."""
+        return bare_model(self.accelerator, self.model)
+
+    def optimizer_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> StepResult:
+        """One update (`TrainStep`), carrying the recurrent state from step to step."""
+        result = self.train_step(micro_batches, self.state.recurrent)
+        self.state.recurrent = result.recurrent
+        return result
+
+    def evaluate(self, max_batches: int | None) -> dict[str, float]:
+        """Validation loss, perplexity and bits per byte of the live model, logged."""
+        batches = self.streams.val_batches(self.recipe.eval.batch_size)
+        # Unwrapped: ranks may hold unequal numbers of validation batches, and a DDP-wrapped
+        # forward may wait on the other ranks; the sums are reduced once at the end instead.
+        # A sharded model's forward needs every rank whatever the wrapper: they go in lockstep.
+        val = evaluate_lm(bare_model(self.accelerator, self.model), batches, self.accelerator,
+                          max_batches, stateful=self.recipe.train.stateful,
+                          lockstep=is_sharded(self.accelerator))
+        self.metrics.write({"step": self.step, "val_loss": val["loss"],
+                            "val_ppl": val["perplexity"], "val_bpb": val["bits_per_byte"],
+                            "val_tokens": val["tokens"]})
+        return val
 
 
 class TrainState:
@@ -82,9 +158,6 @@ class TrainState:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if "window_first_skipped" not in state:
-            raise CheckpointError("it was written by an older hftrain, which kept no data "
-                                  "position; it cannot be resumed by this version")
         for name in COUNTERS:
             setattr(self, name, state[name])
         self.window_loss = state["window_loss"]

@@ -26,9 +26,9 @@ import sys
 import accelerate
 
 import hftrain.checkpoint
-import hftrain.train
+import hftrain.finish
 from hftrain.cli import main
-from hftrain.train import TrainingLoop
+from hftrain.train_state import Run
 
 
 def digest(micro_batches) -> str:
@@ -38,7 +38,7 @@ def digest(micro_batches) -> str:
     return h.hexdigest()[:16]
 
 
-original_step = TrainingLoop.optimizer_step
+original_step = Run.optimizer_step
 
 
 def should_die() -> bool:
@@ -54,7 +54,7 @@ def should_die() -> bool:
 
 def recording_step(self, micro_batches):
     if self.step + 1 == kill_at_step and should_die():
-        self.checkpointer.wait()
+        self.checkpoints.checkpointer.wait()
         os.kill(os.getpid(), signal.SIGKILL)
     phase, _, name = os.environ.get("SIGNAL_IN", "").partition(":")
     if phase == f"step{self.step + 1}":
@@ -120,10 +120,10 @@ if __name__ == "__main__":  # the data workers' fork server imports this file to
 
         hftrain.data.cache.prepare = slow_prepare
 
-    TrainingLoop.evaluate = signal_when("final_eval", TrainingLoop.evaluate)
-    hftrain.train.export = signal_when("export", hftrain.train.export)
-    hftrain.train.generate_text = signal_when("sample", hftrain.train.generate_text)
-    TrainingLoop.optimizer_step = recording_step
+    Run.evaluate = signal_when("final_eval", Run.evaluate)
+    hftrain.finish.export = signal_when("export", hftrain.finish.export)
+    hftrain.finish.generate_text = signal_when("sample", hftrain.finish.generate_text)
+    Run.optimizer_step = recording_step
     accelerate.Accelerator.save_state = dying_save_state
     assert hftrain.checkpoint.Accelerator is accelerate.Accelerator
     main(argv)

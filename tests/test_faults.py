@@ -18,8 +18,10 @@ import pytest
 from conftest import REPO, cli, run_or_dump, tiny_recipe_dict
 
 import hftrain.atomic
+import hftrain.finish
+import hftrain.lifecycle
 import hftrain.tracking
-import hftrain.train
+import hftrain.train_state
 from hftrain.checkpoint import STATE_FILE, latest_checkpoint, state_digest
 from hftrain.cli import main
 from hftrain.run_folder import LOCK, MARKER, run_lock
@@ -413,19 +415,19 @@ def test_no_sample_is_fine(tmp_path, corpus_file, capsys):
 def test_a_full_disk_during_export_leaves_a_run_that_resume_finishes(tmp_path, corpus_file,
                                                                      capsys, monkeypatch):
     recipe = recipe_file(tmp_path, corpus_file, tmp_path / "run")
-    real_export = hftrain.train.export
+    real_export = hftrain.finish.export
 
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(hftrain.train, "export", disk_full)
+    monkeypatch.setattr(hftrain.finish, "export", disk_full)
     code, _, err = cli(["train", str(recipe)], capsys)
     line = one_error_line(err)
     assert code == 2 and "No space left" in line and "--resume" in line
     run_dir = tmp_path / "run"
     assert not (run_dir / "final").exists()
     assert latest_checkpoint(run_dir).name == "step-00000020"
-    monkeypatch.setattr(hftrain.train, "export", real_export)
+    monkeypatch.setattr(hftrain.finish, "export", real_export)
     code, out, err = cli(["train", str(recipe), "--resume"], capsys)
     assert code == 0, err
     assert "trained 0 steps (resumed at step 20)" in out
@@ -1001,21 +1003,21 @@ def test_a_user_error_after_a_checkpoint_is_one_line_with_the_command_that_resum
     from hftrain.errors import DataError
 
     recipe = recipe_file(tmp_path, corpus_file, tmp_path / "run")
-    real_step = hftrain.train.TrainingLoop.optimizer_step
+    real_step = hftrain.train_state.Run.optimizer_step
 
     def fails_at_13(self, micro_batches):
         if self.step + 1 == 13:
             raise DataError(f"data file {corpus_file} changed during the run")
         return real_step(self, micro_batches)
 
-    monkeypatch.setattr(hftrain.train.TrainingLoop, "optimizer_step", fails_at_13)
+    monkeypatch.setattr(hftrain.train_state.Run, "optimizer_step", fails_at_13)
     code, _, err = cli(["train", str(recipe), "train.log_interval=5"], capsys)
     line = one_error_line(err)
     assert code == 2 and line.startswith(f"hftrain: error: data file {corpus_file} changed")
     checkpoint = tmp_path / "run" / "checkpoints" / "step-00000010"
     hint = f"continue it with: hftrain train {recipe} train.log_interval=5 --resume"
     assert f"The run is saved at {checkpoint}; {hint}" in line
-    monkeypatch.setattr(hftrain.train.TrainingLoop, "optimizer_step", real_step)
+    monkeypatch.setattr(hftrain.train_state.Run, "optimizer_step", real_step)
     code, out, err = cli(shlex.split(line.split("continue it with: hftrain ")[1]), capsys)
     assert code == 0 and "resumed at step 10" in out, err
 
@@ -1023,14 +1025,14 @@ def test_a_user_error_after_a_checkpoint_is_one_line_with_the_command_that_resum
 def test_a_failure_inside_an_update_is_not_checkpointed_as_a_step(tmp_path, corpus_file,
                                                                     capsys, monkeypatch):
     recipe = recipe_file(tmp_path, corpus_file, tmp_path / "run")
-    real_step = hftrain.train.TrainingLoop.optimizer_step
+    real_step = hftrain.train_state.Run.optimizer_step
 
     def fails_at_13(self, micro_batches):
         if self.step + 1 == 13:
             raise RuntimeError("out of memory")  # weights may be half updated
         return real_step(self, micro_batches)
 
-    monkeypatch.setattr(hftrain.train.TrainingLoop, "optimizer_step", fails_at_13)
+    monkeypatch.setattr(hftrain.train_state.Run, "optimizer_step", fails_at_13)
     with pytest.raises(RuntimeError):
         main(["train", str(recipe)])
     assert "continue it with" in capsys.readouterr().err
@@ -1044,7 +1046,7 @@ def test_a_failed_push_after_export_does_not_advise_resume(tmp_path, corpus_file
     def no_network(*args, **kwargs):
         raise HftrainError("pushing to me/m failed (ConnectError): no route")
 
-    monkeypatch.setattr(hftrain.train, "push", no_network)
+    monkeypatch.setattr(hftrain.finish, "push", no_network)
     recipe = recipe_file(tmp_path, corpus_file, tmp_path / "run")
     code, _, err = cli(["train", str(recipe), "hub.push_to_hub=true", "hub.repo_id=me/m"],
                        capsys)
@@ -1128,7 +1130,7 @@ def test_a_full_disk_before_the_first_step_is_one_line_and_the_folder_stays_usab
         raise OSError(28, "No space left on device")
 
     target = (hftrain.run_folder, "atomic_write_text") if stage == "marker" else \
-        (hftrain.train, "save_run_tokenizer")
+        (hftrain.lifecycle, "save_run_tokenizer")
     monkeypatch.setattr(*target, disk_full)
     recipe = recipe_file(tmp_path, corpus_file, tmp_path / "run")
     code, _, err = cli(["train", str(recipe)], capsys)

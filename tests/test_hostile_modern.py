@@ -22,7 +22,8 @@ from safetensors.torch import load_file
 
 from hftrain.recipe import recipe_from_dict
 from hftrain.tracking import read_metrics
-from hftrain.train import TrainingLoop, train
+from hftrain.train import train
+from hftrain.train_state import Run
 
 LLAMA = {"arch": "llama", "n_layer": 1, "n_head": 4, "n_kv_head": 2, "n_embd": 32}
 
@@ -65,7 +66,7 @@ def llama_export(files) -> Path:
 def run_stopping_at(data: dict, stop_at: int | None = None):
     """`train` in this process; with `stop_at`, SIGTERM arrives during that step (the run
     checkpoints it and stops, as on a preempted machine)."""
-    original = TrainingLoop.optimizer_step
+    original = Run.optimizer_step
 
     def stopping(self, micro_batches):
         if self.step + 1 == stop_at:
@@ -73,7 +74,7 @@ def run_stopping_at(data: dict, stop_at: int | None = None):
         return original(self, micro_batches)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(TrainingLoop, "optimizer_step", stopping)
+        mp.setattr(Run, "optimizer_step", stopping)
         return train(recipe_from_dict(copy.deepcopy(data)))
 
 
@@ -132,16 +133,16 @@ RANK_HASH = """
 import hashlib, os, sys
 import hftrain.train as T
 from hftrain.cli import main
-original = T._train_and_finish
-def recording(loop, parts, stop):
-    result = original(loop, parts, stop)
+original = T.fit
+def recording(run, stop):
+    result = original(run, stop)
     h = hashlib.sha1()
-    for name, value in sorted(T.bare_model(loop.accelerator, loop.model).state_dict().items()):
+    for name, value in sorted(run.bare_model().state_dict().items()):
         h.update(name.encode()); h.update(value.detach().contiguous().numpy().tobytes())
     with open(os.path.join(sys.argv[1], "rank" + os.environ["RANK"]), "w") as f:
         f.write(h.hexdigest())
     return result
-T._train_and_finish = recording
+T.fit = recording
 main(sys.argv[2:])
 """
 

@@ -35,7 +35,8 @@ from hftrain.optim import (
 from hftrain.recipe import Recipe, TokenizerConfig, TrainConfig, recipe_from_dict
 from hftrain.tokenizer import build_tokenizer
 from hftrain.tracking import read_metrics
-from hftrain.train import TrainingLoop, train
+from hftrain.train import train
+from hftrain.train_state import Run
 from hftrain.train_step import TrainStep
 
 FAULTS = REPO / "tests" / "fault_injection.py"
@@ -74,7 +75,7 @@ def digest(micro_batches) -> str:  # as tests/fault_injection.py records a step
 
 def train_recording(recipe: Recipe, record: Path):
     """`train` in this process, appending "step digest" per optimizer step to `record`."""
-    original = TrainingLoop.optimizer_step
+    original = Run.optimizer_step
 
     def recording(self, micro_batches):
         with open(record, "a") as f:
@@ -82,7 +83,7 @@ def train_recording(recipe: Recipe, record: Path):
         return original(self, micro_batches)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(TrainingLoop, "optimizer_step", recording)
+        mp.setattr(Run, "optimizer_step", recording)
         return train(recipe)
 
 
