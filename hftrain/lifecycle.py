@@ -34,7 +34,7 @@ from hftrain.run_tokenizer import prepare_tokenizer, save_run_tokenizer
 class RunFolder:
     """`run.output_dir` of a recipe, from the first check to the finished marker.
 
-    Nothing is written before `start` (or `save_tokenizer`); from `plan` (for a folder that
+    Nothing is written before `start` (or `build_tokenizer`); from `plan` (for a folder that
     already holds a run) or `start` on, this process holds the folder's lock until the
     `with` block ends. Only the main process of a multi-process run locks and writes
     (`main_process`); the others write only their share of a checkpoint.

@@ -46,7 +46,7 @@ def set_up_process(recipe: Recipe, recipe_path: Path | None, trackers: list[str]
         mixed_precision=recipe.train.mixed_precision,
         cpu=cpu,
         log_with=trackers or None,
-        project_dir=recipe.run.output_dir,
+        project_dir=str(Path(recipe.run.output_dir)),
         dynamo_backend="inductor" if recipe.train.compile else None,
     )
     enable_sharding_on_cpu(accelerator)  # Accelerate shards only on GPUs; FSDP2 and ZeRO on CPU

@@ -45,7 +45,6 @@ class Run:
         self.recipe, self.accelerator = recipe, accelerator
         self.model, self.scheduler = parts.model, parts.scheduler
         self.streams, self.tokenizer = parts.streams, parts.tokenizer
-        self.run_dir = run_dir
         self.state = TrainState(parts.batches, accelerator.device)
         self.metrics = MetricsLog(run_dir / "metrics.jsonl" if run_dir else None,
                                   accelerator.is_main_process, accelerator)
