@@ -74,7 +74,8 @@ def build_parts(recipe: Recipe, accelerator: Accelerator, recipe_path: Path | No
     # each node reads its own disk (its copy of the data, its cache): a refusal on one node
     streams, batches, first_batch = on_every_process(accelerator, set_up_data)  # stops all
     with naming_the_recipe(recipe_path), building_the_model(accelerator):
-        model = build_model(recipe.model, tokenizer, recipe.data.block_size)
+        model = build_model(recipe.model, tokenizer, recipe.data.block_size,
+                            recipe.train.gradient_checkpointing)
         if not is_sharded(accelerator):  # sharded: `prepare` puts each rank's shard there
             model.to(accelerator.device)
         optimizer = build_optimizer(model, recipe.train, accelerator.device)

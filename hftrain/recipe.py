@@ -191,6 +191,13 @@ class TrainConfig:
     """Leave unset to use what `accelerate launch`/`accelerate config` chose."""
     log_interval: int = 10
     """Write a training line to metrics.jsonl every this many steps."""
+    gradient_checkpointing: bool = False
+    """Activation checkpointing (transformers' `activation_checkpointing_enable`, the
+    non-reentrant form): keep only each layer's input during the forward pass and recompute
+    the rest in the backward, trading about a third more compute for much less memory.
+    The same updates as without it, so `--resume` may switch it (e.g. after running out of
+    memory). GPT-2, Llama and Qwen3; recurrent models keep one block's activations per layer
+    anyway (lower data.block_size to use less)."""
     compile: bool = False
     """`torch.compile` the model (inductor). Pays off on GPUs; on CPU compiling takes longer
     than it saves for small models."""
@@ -387,6 +394,10 @@ def check(recipe: Recipe, source: str = "<recipe>") -> None:
     if recipe.train.stateful and recipe.data.kind == "sft":
         raise RecipeError(f"{source}: train.stateful reads a continuous text stream; "
                           "it does not combine with data.kind: sft")
+    if recipe.train.gradient_checkpointing and recipe.model.supports_stateful:
+        raise RecipeError(f"{source}: train.gradient_checkpointing applies to transformer "
+                          f"models, not '{arch}': a recurrent model holds one block's "
+                          "activations per layer; lower data.block_size to use less memory")
     if recipe.model.supports_stateful and recipe.data.kind == "sft" and recipe.data.packing:
         raise RecipeError(f"{source}: data.packing would carry the recurrent state of a "
                           f"'{arch}' from one fine-tuning example into the next; set "

@@ -32,7 +32,7 @@ from hftrain.yaml_data import load_yaml
 MAY_CHANGE_ON_RESUME = (
     "run.output_dir", "run.overwrite", "run.trackers",
     "train.max_steps", "train.log_interval", "train.on_nan", "train.peak_tflops",
-    "train.compile", "data.num_workers",
+    "train.compile", "train.gradient_checkpointing", "data.num_workers",
     "checkpoint.", "eval.", "sample.", "hub.",
 )
 

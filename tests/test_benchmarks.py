@@ -4,7 +4,8 @@ TypeError for weeks, unseen, behind RESULTS rows nobody could re-run). The scrip
 own smoke test elsewhere: checkpoint.py (test_checkpoint.py), sharded_step.py
 (test_sharded.py), vs_nanogpt.py (test_recipes_slow.py, `pytest -m slow`). launch_configs.py,
 data_pipeline.py (throughput and the token cache; its `--resume` and `--rss` modes time whole
-CLI runs and are not smoke-tested) and lm_eval_agreement.py are covered here."""
+CLI runs and are not smoke-tested), lm_eval_agreement.py and activation_checkpointing.py are
+covered here."""
 
 from __future__ import annotations
 
@@ -50,6 +51,19 @@ def test_the_recurrent_benchmark_runs_throughput_and_generation():
     per_token = [float(v) for v in re.findall(r"context +\d+: ([\d.]+) ms per new token", report)]
     assert len(per_token) == 2 and all(v > 0 for v in per_token), report
     assert re.search(r"^ratio 1024/64: [\d.]+$", report, re.M), report
+
+
+def test_the_activation_checkpointing_benchmark_reports_both_sides_and_their_ratios():
+    report = run_benchmark(str(BENCHMARKS / "activation_checkpointing.py"), "--n-layer", "2",
+                           "--n-embd", "32", "--n-head", "2", "--block", "64", "--vocab", "100",
+                           "--steps", "1", "--rounds", "1")
+    sides = re.findall(r"^(plain|checkpointed) *: +([\d.]+) s/step median, peak memory +"
+                       r"([\d.]+) GB$", report, re.M)
+    assert sorted(name for name, _, _ in sides) == ["checkpointed", "plain"], report
+    assert all(float(step) > 0 and float(peak) > 0.1 for _, step, peak in sides), report
+    ratios = re.search(r"^ratio checkpointed/plain: peak memory ([\d.]+), step time ([\d.]+)$",
+                       report, re.M)
+    assert ratios and all(0 < float(r) < 10 for r in ratios.groups()), report
 
 
 def test_the_launch_configs_benchmark_reads_back_what_the_run_logged(tmp_path):

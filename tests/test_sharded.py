@@ -142,9 +142,11 @@ def test_fsdp2_equals_ddp_with_uneven_validation_sample_and_export(
     if model == "gpt2":
         tmp, data, fsdp = fsdp_gpt2
         fsdp_run = tmp / "whole"
-    else:
+    else:  # and with activation checkpointing on the FSDP side only (issue 23): same run
         tmp, data = tmp_path, recipe_data(tmp_path, corpus_file, LLAMA_LORA)
-        fsdp = launch(tmp, "fsdp", data, fsdp=True)
+        checkpointed = json.loads(json.dumps(data))
+        checkpointed["train"]["gradient_checkpointing"] = True
+        fsdp = launch(tmp, "fsdp", checkpointed, fsdp=True)
         assert fsdp.returncode == 0, fsdp.stderr[-3000:]
         fsdp_run = tmp / "fsdp"
     ddp = launch(tmp, f"ddp_{model}", data, fsdp=False)

@@ -34,15 +34,25 @@ MODELS: dict[str, ModelSpec] = {
 }
 
 
-def build_model(fields: Any, tokenizer: Any, block_size: int) -> Any:
+def build_model(fields: Any, tokenizer: Any, block_size: int,
+                checkpoint_activations: bool = False) -> Any:
     """The model a recipe's `model:` section describes: freshly initialised, or loaded from
-    `init_from` (the family `arch` names must match), with LoRA adapters if asked for."""
+    `init_from` (the family `arch` names must match), with LoRA adapters if asked for, and
+    activation checkpointing (`train.gradient_checkpointing`)."""
     if fields.init_from:
         model = load_pretrained(fields, block_size)
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:
             model.resize_token_embeddings(len(tokenizer))
     else:
         model = MODELS[fields.arch].build(fields, tokenizer, block_size)
+    if checkpoint_activations:
+        # transformers checkpoints each decoder layer's `forward` (its hooks, FSDP2's, stay
+        # outside). Non-reentrant: torch's recommended form, which needs no input that
+        # requires grad (LoRA over frozen embeddings works as is) and composes with FSDP2 and
+        # torch.compile. The RNG state is replayed in the recompute, so dropout masks, and
+        # therefore the losses, are those of a run without it.
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False})
     return add_lora(model, fields) if fields.lora_r else model
 
 
