@@ -142,7 +142,11 @@ class TrainConfig:
     """Micro-batches per optimizer step.
     Global batch = batch_size x grad_accum_steps x number of processes."""
     max_steps: int = 2000
-    """Optimizer steps to train for."""
+    """Optimizer steps to train for (derived from `max_tokens` when that is set)."""
+    max_tokens: int | None = None
+    """Train on this many token positions instead of counting steps: `max_steps` becomes
+    the fewest steps of (global batch x data.block_size) positions that reach it, on the
+    number of processes launched, and the learning-rate schedule follows. >= 1 when set."""
     optimizer: Literal["adamw", "adam", "sgd", "rmsprop", "adafactor", "muon"] = "adamw"
     """The torch optimizer: `adamw`, `adam`, `sgd`, `rmsprop`, `adafactor`, or `muon`: Muon
     for the 2-D hidden weight matrices (attention, MLP and recurrent weights) at `muon_lr`,
@@ -212,8 +216,14 @@ class TrainConfig:
         """Blocks in one optimizer update over `processes` (batch_size is per process)."""
         return self.batch_size * self.grad_accum_steps * processes
 
+    def steps_for_tokens(self, processes: int, block_size: int) -> int:
+        """The steps `max_tokens` asks for: the fewest whose positions reach it."""
+        per_step = self.global_batch(processes) * block_size
+        return -(-self.max_tokens // per_step)
+
     def __post_init__(self) -> None:
-        at_least_one(self, "batch_size", "grad_accum_steps", "max_steps", "log_interval")
+        at_least_one(self, "batch_size", "grad_accum_steps", "max_steps", "log_interval",
+                     "max_tokens")
         positive(self, "lr", "peak_tflops", "muon_lr")
         non_negative(self, "min_lr", "warmup_steps", "weight_decay", "grad_clip",
                      "muon_weight_decay")

@@ -31,8 +31,8 @@ from hftrain.yaml_data import load_yaml
 
 MAY_CHANGE_ON_RESUME = (
     "run.output_dir", "run.overwrite", "run.trackers",
-    "train.max_steps", "train.log_interval", "train.on_nan", "train.peak_tflops",
-    "train.compile", "train.gradient_checkpointing", "data.num_workers",
+    "train.max_steps", "train.max_tokens", "train.log_interval", "train.on_nan",
+    "train.peak_tflops", "train.compile", "train.gradient_checkpointing", "data.num_workers",
     "checkpoint.", "eval.", "sample.", "hub.",
 )
 

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+from accelerate import Accelerator
 
 from hftrain.build import RunParts, build_parts, print_global_batch
 from hftrain.errors import ResumableError, TrainingDiverged
@@ -70,6 +72,7 @@ def train(recipe: Recipe, recipe_path: Path | None = None) -> TrainResult:
     check(recipe, str(recipe_path or "<recipe>"))
     trackers = default_trackers() if recipe.run.trackers is None else recipe.run.trackers
     accelerator = set_up_process(recipe, recipe_path, trackers)
+    recipe = with_token_budget(recipe, accelerator)
     with RunFolder(recipe, recipe_path, accelerator.is_main_process) as folder:
         folder.check_target()
         check_same_recipe(accelerator, recipe.to_dict())  # each node's agent has its own command
@@ -89,6 +92,18 @@ def train(recipe: Recipe, recipe_path: Path | None = None) -> TrainResult:
             accelerator.init_trackers("hftrain", config=flat_config(recipe.to_dict()))
         return train_in_folder(Run(recipe, accelerator, parts, folder.path), folder, plan,
                                parts)
+
+
+def with_token_budget(recipe: Recipe, accelerator: Accelerator) -> Recipe:
+    """The recipe with `train.max_steps` derived from `train.max_tokens` (if set) for this
+    launch's number of processes: the schedule, the loop, resume and the export use it."""
+    cfg, processes = recipe.train, accelerator.num_processes
+    if cfg.max_tokens is None:
+        return recipe
+    steps = cfg.steps_for_tokens(processes, recipe.data.block_size)
+    accelerator.print(f"train.max_tokens {cfg.max_tokens:,}: {steps:,} steps of "
+                      f"{cfg.global_batch(processes) * recipe.data.block_size:,} token positions")
+    return replace(recipe, train=replace(cfg, max_steps=steps))
 
 
 def train_in_folder(run: Run, folder: RunFolder, plan: Plan, parts: RunParts) -> TrainResult:
