@@ -404,6 +404,11 @@ def check(recipe: Recipe, source: str = "<recipe>") -> None:
     if recipe.train.stateful and recipe.data.kind == "sft":
         raise RecipeError(f"{source}: train.stateful reads a continuous text stream; "
                           "it does not combine with data.kind: sft")
+    positions = getattr(recipe.model, "max_position_embeddings", None)
+    if positions is not None and positions < recipe.data.block_size:
+        raise RecipeError(f"{source}: model.max_position_embeddings ({positions}) is less than "
+                          f"data.block_size ({recipe.data.block_size}): the model could not "
+                          "attend over one block")
     if recipe.train.gradient_checkpointing and recipe.model.supports_stateful:
         raise RecipeError(f"{source}: train.gradient_checkpointing applies to transformer "
                           f"models, not '{arch}': a recurrent model holds one block's "
@@ -462,8 +467,9 @@ def _build(cls: type, raw: Any, prefix: str, source: str, field_types: dict[str,
     kwargs = {}
     for name, value in raw.items():
         annotation = field_types.get(name, hints[name]) if not prefix else hints[name]
-        if dataclasses.is_dataclass(annotation):
-            kwargs[name] = _build(annotation, value, f"{prefix}{name}.", source, {})
+        section = _section_type(annotation)
+        if section is not None and (value is not None or annotation is section):
+            kwargs[name] = _build(section, value, f"{prefix}{name}.", source, {})
         else:
             kwargs[name] = _coerce(value, annotation, f"{prefix}{name}", source)
     try:
@@ -474,6 +480,17 @@ def _build(cls: type, raw: Any, prefix: str, source: str, field_types: dict[str,
         if message.split(" ", 1)[0] in names:
             raise RecipeError(f"{source}: {prefix}{message}") from None
         raise RecipeError(f"{source}: {where}: {message}") from None
+
+
+def _section_type(annotation: Any) -> type | None:
+    """The dataclass a field holds (`RopeScaling` or `RopeScaling | None`), else None."""
+    if dataclasses.is_dataclass(annotation):
+        return annotation
+    options = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (Union, types.UnionType) and len(options) == 1 \
+            and dataclasses.is_dataclass(options[0]):
+        return options[0]
+    return None
 
 
 _YAML11_BOOLS = {False: ("no", "off", "false"), True: ("yes", "on", "true")}

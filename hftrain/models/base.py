@@ -35,6 +35,10 @@ class ModelFields:
     """Module names to adapt; unset: PEFT's default for the model type (GPT-2: c_attn;
     Llama, Qwen3: q_proj, v_proj)."""
 
+    def extend_positions(self, config: Any) -> None:
+        """For `init_from`: change the loaded config's positions as the section asks (the
+        Llama-style decoders may stretch them; other architectures keep theirs)."""
+
     def __post_init__(self) -> None:
         non_negative(self, "lora_r")
         positive(self, "lora_alpha")
@@ -44,13 +48,16 @@ class ModelFields:
 def load_pretrained(fields: Any, block_size: int) -> Any:
     """The `init_from` model, checked against the recipe: the family `arch` names (GPT-2's
     model_type, or a recurrent model's cell), and a long enough context."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     attention = getattr(fields, "attn_implementation", None)  # recurrent models have none
     check_local_folder(fields.init_from, "model.init_from")
     try:
+        config = AutoConfig.from_pretrained(fields.init_from,
+                                            trust_remote_code=fields.trust_remote_code)
+        fields.extend_positions(config)
         model = AutoModelForCausalLM.from_pretrained(
-            fields.init_from, trust_remote_code=fields.trust_remote_code,
+            fields.init_from, config=config, trust_remote_code=fields.trust_remote_code,
             **({"attn_implementation": attention} if attention else {}),
         )
     except (OSError, ValueError) as exc:

@@ -22,6 +22,48 @@ if TYPE_CHECKING:  # the model classes import torch.nn and more: seconds a data 
 
 
 @dataclass
+class RopeScaling:
+    """`model.rope_scaling`: rotary positions stretched past the length a model learned, with
+    transformers' own rope types: `linear` (position interpolation), `yarn` and `llama3`
+    (each frequency band scaled by how many turns it makes within the learned length).
+    transformers' `dynamic` type reads the learned length from `max_position_embeddings`
+    itself, which hftrain uses as the model's position limit: not offered."""
+
+    type: Literal["linear", "yarn", "llama3"] = "yarn"
+    factor: float = 4.0
+    """How many times the learned length the positions stretch to; >= 1."""
+    original_max_position_embeddings: int | None = None
+    """The length the model learned; unset: `init_from`'s positions (a fresh model:
+    data.block_size). yarn and llama3 read it."""
+    low_freq_factor: float = 1.0
+    """llama3 only: wavelengths longer than original / low_freq_factor are fully scaled."""
+    high_freq_factor: float = 4.0
+    """llama3 only: wavelengths shorter than original / high_freq_factor are kept."""
+
+    def __post_init__(self) -> None:
+        if not self.factor >= 1:
+            raise ValueError(f"factor must be >= 1 (a stretch, not a squeeze), got {self.factor}")
+        at_least_one(self, "original_max_position_embeddings")
+        positive(self, "low_freq_factor", "high_freq_factor")
+        if not self.high_freq_factor > self.low_freq_factor:
+            raise ValueError(f"high_freq_factor ({self.high_freq_factor}) must be greater than "
+                             f"low_freq_factor ({self.low_freq_factor})")
+
+    def rope_parameters(self, theta: float, learned: int) -> dict[str, Any]:
+        """transformers' `rope_parameters` for this scaling; `learned` is the default for
+        `original_max_position_embeddings`."""
+        params: dict[str, Any] = {"rope_type": self.type, "rope_theta": theta,
+                                  "factor": float(self.factor)}
+        if self.type in ("yarn", "llama3"):
+            params["original_max_position_embeddings"] = \
+                self.original_max_position_embeddings or learned
+        if self.type == "llama3":
+            params.update(low_freq_factor=float(self.low_freq_factor),
+                          high_freq_factor=float(self.high_freq_factor))
+        return params
+
+
+@dataclass
 class DecoderFields(ModelFields):
     """What the `model:` sections of the Llama-style architectures share."""
 
@@ -57,11 +99,18 @@ class DecoderFields(ModelFields):
     tie_embeddings: bool = True
     """Share the input embedding with the output projection (as GPT-2 and the small Llama 3.2
     and Qwen3 models do)."""
+    max_position_embeddings: int | None = None
+    """Positions the model may attend over (its export's limit for `hftrain eval` and
+    `generate`); unset: data.block_size for a fresh model, `init_from`'s own for a loaded one.
+    At least data.block_size. Raising it for a loaded model is what `rope_scaling` is for."""
+    rope_scaling: RopeScaling | None = None
+    """Stretch the rotary positions (see `RopeScaling`), e.g. to fine-tune a model learned at
+    64 tokens on 256: `{type: yarn, factor: 4}` with `max_position_embeddings: 256`."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         at_least_one(self, "n_layer", "n_head", "n_kv_head", "n_embd", "head_dim",
-                     "intermediate_size")
+                     "intermediate_size", "max_position_embeddings")
         positive(self, "rms_norm_eps")
         if not self.rope_theta >= 1:
             raise ValueError(f"rope_theta must be >= 1, got {self.rope_theta}")
@@ -80,6 +129,16 @@ class DecoderFields(ModelFields):
             raise ValueError(f"n_embd / n_head ({self.n_embd // self.n_head}) is the head "
                              "width, which must be even (rotary positions rotate pairs); "
                              "change n_head or set head_dim")
+
+    def extend_positions(self, config: Any) -> None:
+        """For `init_from`: the loaded config with this section's positions and rope scaling
+        (the loaded model's own rope_theta kept; its positions are the learned length)."""
+        learned = config.max_position_embeddings
+        if self.max_position_embeddings:
+            config.max_position_embeddings = self.max_position_embeddings
+        if self.rope_scaling is not None:
+            theta = (config.rope_parameters or {}).get("rope_theta", self.rope_theta)
+            config.rope_parameters = self.rope_scaling.rope_parameters(theta, learned)
 
     def config_kwargs(self) -> dict[str, Any]:
         """The transformers config arguments these fields set (vocabulary and block apart)."""
@@ -121,16 +180,21 @@ def build_decoder(
     fields: DecoderFields, tokenizer: PreTrainedTokenizerBase, block_size: int
 ) -> PreTrainedModel:
     """A freshly initialised model of the transformers config `fields.config_class` names,
-    sized for the tokenizer's vocabulary, with `max_position_embeddings` = the recipe's block."""
+    sized for the tokenizer's vocabulary, with `max_position_embeddings` = the recipe's block
+    unless the section sets it."""
     import transformers
 
+    kwargs = fields.config_kwargs()
+    if fields.rope_scaling is not None:
+        kwargs["rope_parameters"] = fields.rope_scaling.rope_parameters(
+            float(fields.rope_theta), block_size)
     config = getattr(transformers, fields.config_class)(
         vocab_size=len(tokenizer),
-        max_position_embeddings=block_size,
+        max_position_embeddings=fields.max_position_embeddings or block_size,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        **fields.config_kwargs(),
+        **kwargs,
     )
     return transformers.AutoModelForCausalLM.from_config(
         config, attn_implementation=fields.attn_implementation)
