@@ -50,8 +50,9 @@ RECIPE = "recipes/shakespeare/gpt2-char.yaml"
 CORPUS = "recipes/data/tinyshakespeare.txt"
 
 
-def reference_run(out_dir: Path) -> None:
-    """A nanoGPT-style shakespeare-char CPU run, end to end, in this process."""
+def reference_run(out_dir: Path, max_iters: int = 2000) -> None:
+    """A nanoGPT-style shakespeare-char CPU run, end to end, in this process (`max_iters`
+    shorter than nanoGPT's 2000 only for the smoke test: warmup and decay shrink with it)."""
     import numpy as np
     import torch
     import torch.nn as nn
@@ -66,7 +67,7 @@ def reference_run(out_dir: Path) -> None:
     ids[cut:].tofile(out_dir / "val.bin")
 
     vocab, block, width, heads, layers, batch = len(chars), 64, 128, 4, 4, 12
-    max_iters, warmup, lr, min_lr = 2000, 100, 1e-3, 1e-4
+    warmup, lr, min_lr = min(100, max_iters // 2), 1e-3, 1e-4
 
     class LayerNorm(nn.Module):  # nanoGPT's: F.layer_norm with an optional bias
         def __init__(self) -> None:
@@ -228,7 +229,9 @@ REFERENCE = "nanoGPT-style reference"
 
 
 def hftrain_command(recipe: str, overrides: list[str], run_dir: str) -> list[str]:
-    return ["hftrain", "train", recipe, *overrides, f"run.output_dir={run_dir}"]
+    """`hftrain train` with this interpreter (its environment, whatever is on PATH)."""
+    return [sys.executable, "-m", "hftrain", "train", recipe, *overrides,
+            f"run.output_dir={run_dir}"]
 
 
 def run_rounds(jobs: dict[str, list[str]], rounds: int, scratch: str
@@ -272,6 +275,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--reference", metavar="DIR", help="run the reference job into DIR")
+    parser.add_argument("--reference-iters", type=int, default=2000,
+                        help="the reference's max_iters: nanoGPT's 2000 (fewer: smoke test)")
     parser.add_argument("--recipe", default=RECIPE, help="the hftrain recipe to time")
     parser.add_argument("--ablation", action="store_true",
                         help="time the fast recipe and its ablation variants (ABLATION)")
@@ -280,13 +285,14 @@ def main() -> None:
     if args.ablation and (args.recipe != RECIPE or args.overrides):
         parser.error("--ablation times its own jobs (ABLATION): drop --recipe and overrides")
     if args.reference:
-        reference_run(Path(args.reference))
+        reference_run(Path(args.reference), args.reference_iters)
         return
     variants = ABLATION if args.ablation else [("hftrain", args.recipe, args.overrides)]
     with tempfile.TemporaryDirectory() as scratch:
         jobs = {name: hftrain_command(recipe, overrides, f"{scratch}/run")
                 for name, recipe, overrides in variants}
-        jobs[REFERENCE] = [sys.executable, __file__, "--reference", scratch]
+        jobs[REFERENCE] = [sys.executable, __file__, "--reference", scratch,
+                           "--reference-iters", str(args.reference_iters)]
         times, losses = run_rounds(jobs, args.rounds, scratch)
     report(times, losses)
 

@@ -2,10 +2,9 @@
 sizes, and its report is read back (issue 21: train_step.py and recurrent.py had raised
 TypeError for weeks, unseen, behind RESULTS rows nobody could re-run). The scripts with their
 own smoke test elsewhere: checkpoint.py (test_checkpoint.py), sharded_step.py
-(test_sharded.py), vs_nanogpt.py (test_recipes_slow.py, `pytest -m slow`). launch_configs.py,
-data_pipeline.py (throughput and the token cache; its `--resume` and `--rss` modes time whole
-CLI runs and are not smoke-tested), lm_eval_agreement.py and activation_checkpointing.py are
-covered here."""
+(test_sharded.py). launch_configs.py, vs_nanogpt.py (both sides shortened to a few steps),
+data_pipeline.py (throughput and the token cache; resume and peak RSS through the CLI),
+lm_eval_agreement.py and activation_checkpointing.py are covered here."""
 
 from __future__ import annotations
 
@@ -51,6 +50,20 @@ def test_the_recurrent_benchmark_runs_throughput_and_generation():
     per_token = [float(v) for v in re.findall(r"context +\d+: ([\d.]+) ms per new token", report)]
     assert len(per_token) == 2 and all(v > 0 for v in per_token), report
     assert re.search(r"^ratio 1024/64: [\d.]+$", report, re.M), report
+
+
+def test_the_vs_nanogpt_benchmark_times_both_whole_jobs_and_reports_the_ratio():
+    """One round of both jobs, each a few steps (the reference's max_iters and hftrain's
+    max_steps shortened): the table has both rows, their times and hftrain's loss."""
+    report = run_benchmark(str(BENCHMARKS / "vs_nanogpt.py"), "--rounds", "1",
+                           "--reference-iters", "4", "train.max_steps=4", "eval.interval=100",
+                           "eval.max_batches=2", "sample.max_new_tokens=0")
+    rows = {m.group(1): m.groups()[1:] for m in re.finditer(
+        r"^\| (hftrain|nanoGPT-style reference) \| ([\d.]+) s \([\d., ]+\) \| ([\d.]+)x \| "
+        r"([\d.]+)x \| ([\d.]+|-) \|$", report, re.M)}
+    assert set(rows) == {"hftrain", "nanoGPT-style reference"}, report
+    assert float(rows["hftrain"][0]) > 0 and float(rows["nanoGPT-style reference"][1]) == 1.0
+    assert float(rows["hftrain"][3]) > 0 and rows["nanoGPT-style reference"][3] == "-", report
 
 
 def test_the_activation_checkpointing_benchmark_reports_both_sides_and_their_ratios():
@@ -101,6 +114,26 @@ def test_the_data_pipeline_benchmark_measures_a_worker_and_the_cache(tmp_path):
     assert medians["txt, 1 worker"]["read_pieces"] > 0  # the worker streamed the corpus
     assert medians["txt, 1 worker"]["worker_peak_rss_mb"] > 0  # fork-server workers counted
     assert "| txt, 1 worker |" in report
+
+
+def test_the_data_pipeline_benchmark_times_resumes_and_reads_peak_memory(tmp_path):
+    """Its `--resume` mode (runs trained to micro-batches 2 and 4, each resumed and timed to
+    its next logged step) and its `--rss` mode (a 0.3 MB one-document file, 2 steps), tiny:
+    both resumes are timed and the peak RSS is read."""
+    out = tmp_path / "figures.json"
+    report = run_benchmark(
+        str(BENCHMARKS / "data_pipeline.py"), "--work", str(tmp_path), "--mb", "0.2",
+        "--vocab", "300", "--tokenizer-mb", "0.1", "--rounds", "1", "--block-size", "64",
+        "--resume", "--resume-steps", "2,4", "--rss", "--rss-mb", "0.3", "--rss-steps", "2",
+        "--json", str(out), timeout=600)
+    figures = json.loads(out.read_text())
+    resumed = figures["resume"]["median"]
+    assert set(resumed) == {"2", "4"}, report
+    assert all(m.get("first_step_s", 0) > 0 for m in resumed.values()), report
+    assert figures["resume"]["ratio"] > 0
+    rss = figures["rss"]
+    assert rss["stopped"] and rss["peak_rss_mb"] > 100, report  # torch alone is more
+    assert "target 4 / 2 <= 1.2x" in report and "peak RSS of one process" in report
 
 
 def test_the_lm_eval_agreement_benchmark_agrees_on_a_short_text(tmp_path):
