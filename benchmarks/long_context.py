@@ -20,6 +20,7 @@ length, every token scored once) on the validation split the recipes hold out (t
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 from pathlib import Path
 
@@ -36,12 +37,12 @@ from hftrain.tokenizer import load_tokenizer
 
 def variants(base: Path, long: Path) -> dict[str, tuple[AutoModelForCausalLM, int]]:
     """Each row's model and the longest length it is scored at."""
-    learned = AutoConfig.from_pretrained(base).max_position_embeddings
+    config = AutoConfig.from_pretrained(base)
+    learned = config.max_position_embeddings
     long_config = json.loads((long / "config.json").read_text())
-    stretched = AutoConfig.from_pretrained(base)
+    stretched = copy.deepcopy(config)
     stretched.max_position_embeddings = long_config["max_position_embeddings"]
-    scaled = AutoConfig.from_pretrained(base)
-    scaled.max_position_embeddings = long_config["max_position_embeddings"]
+    scaled = copy.deepcopy(stretched)
     scaled.rope_parameters = long_config["rope_parameters"]
     return {
         "base": (AutoModelForCausalLM.from_pretrained(base), learned),

@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
@@ -320,11 +320,3 @@ class RunLock:
             with contextlib.suppress(OSError):
                 self._handle.close()
             self._handle = None
-
-
-@contextlib.contextmanager
-def run_lock(folder: Path, enabled: bool = True) -> Iterator[None]:
-    """Hold the run folder's lock for the block (see RunLock)."""
-    with RunLock(folder, enabled) as lock:
-        lock.acquire()
-        yield

@@ -24,7 +24,7 @@ import hftrain.tracking
 import hftrain.train_state
 from hftrain.checkpoint import STATE_FILE, latest_checkpoint, state_digest
 from hftrain.cli import main
-from hftrain.run_folder import LOCK, MARKER, run_lock
+from hftrain.run_folder import LOCK, MARKER, RunLock
 from hftrain.tracking import read_metrics
 
 FAULTS = REPO / "tests" / "fault_injection.py"
@@ -505,7 +505,8 @@ def test_a_signal_after_training_leaves_a_run_that_resume_finishes(phase, signam
 
 def test_a_second_process_on_a_run_folder_refuses(tmp_path, corpus_file):
     recipe = recipe_file(tmp_path, corpus_file, tmp_path / "run")
-    with run_lock(tmp_path / "run"):  # this test process is the first writer
+    with RunLock(tmp_path / "run") as lock:  # this test process is the first writer
+        lock.acquire()
         second = subprocess.run([sys.executable, "-m", "hftrain", "train", str(recipe)],
                                 capture_output=True, text=True, cwd=REPO)
     assert second.returncode == 2
@@ -837,7 +838,8 @@ def test_a_tokenizer_built_from_other_data_or_without_its_record_is_refused(tmp_
 
 def test_resume_waits_for_no_one_the_lock_comes_before_the_checkpoints_are_read(finished):
     recipe, run_dir = finished
-    with run_lock(run_dir):
+    with RunLock(run_dir) as lock:
+        lock.acquire()
         second = subprocess.run([sys.executable, "-m", "hftrain", "train", str(recipe),
                                  "--resume"], capture_output=True, text=True, cwd=REPO)
     assert second.returncode == 2 and "in use by PID" in one_error_line(second.stderr)
