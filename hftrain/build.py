@@ -55,9 +55,12 @@ def build_parts(recipe: Recipe, accelerator: Accelerator, recipe_path: Path | No
     check_resources(recipe, accelerator, tokenizer, recipe_path)
     if recipe.data.cache:  # tokenized once per filesystem, before any rank reads it
 
-        def prepare_cache() -> dict[str, Any] | None:
-            folder = token_cache.prepare(recipe.data, tokenizer)
-            return token_cache.split_digests(folder) if accelerator.num_processes > 1 else None
+        def prepare_cache() -> dict[str, dict[str, Any]] | None:
+            folders = [token_cache.prepare(alone, tokenizer)  # a mixture: each source's
+                       for alone in recipe.data.by_source()]
+            if accelerator.num_processes == 1:
+                return None
+            return {str(folder): token_cache.split_digests(folder) for folder in folders}
 
         build_once_per_filesystem(accelerator, builds_cache, prepare_cache)
 

@@ -74,13 +74,14 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     if not recipe.data.cache:
         raise HftrainError(f"{args.recipe} sets no data.cache: add data.cache=FOLDER to say "
                            "where the token cache goes")
-    folder = Path(recipe.data.cache)
     RunFolder(recipe, Path(args.recipe)).check_cache_target()
     tokenizer = _build_run_tokenizer(recipe, Path(args.recipe), already="reusing it")
-    token_cache.prepare(recipe.data, tokenizer)
-    record = token_cache.read_record(folder)
-    counts = ", ".join(f"{split} {n['tokens']:,} tokens" for split, n in record["splits"].items())
-    print(f"token cache {folder}: {counts}")
+    for alone in recipe.data.by_source():  # a mixture: one cache per source, in FOLDER/NAME
+        folder = token_cache.prepare(alone, tokenizer)
+        record = token_cache.read_record(folder)
+        counts = ", ".join(f"{split} {n['tokens']:,} tokens"
+                           for split, n in record["splits"].items())
+        print(f"token cache {folder}: {counts}")
 
 
 def resume_command(args: argparse.Namespace) -> str:
@@ -102,6 +103,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from accelerate import PartialState
 
     from hftrain.errors import ResumableError, RunStopped
+    from hftrain.evaluation import by_source
     from hftrain.train import train
 
     crashed = None
@@ -134,7 +136,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         sys.exit(128 + result.interrupted)
     val = result.val
     print(f"validation: loss {val['loss']:.4f} | perplexity {val['perplexity']:.3f} | "
-          f"bits/byte {val['bits_per_byte']:.4f} | {val['tokens']:,} tokens")
+          f"bits/byte {val['bits_per_byte']:.4f} | {val['tokens']:,} tokens{by_source(val)}")
     print(f"{trained_steps(result.step - result.steps_run, result.step)} in "
           f"{result.train_seconds:.1f} s; model exported to {result.final_dir}")
     if result.sample:

@@ -222,16 +222,17 @@ def model_card(folder: Path, repo_id: str, val: dict[str, Any] | None) -> ModelC
     data, model, train = recipe["data"], recipe["model"], recipe["train"]
     recurrent = config.get("model_type") == "hftrain_recurrent"
     arch = config.get("cell", config.get("model_type", "causal-lm"))
-    dataset_name = data.get("dataset") or ", ".join(public_name(str(f)) for f in data.get(
-        "val_files") or data.get("train_files") or []) or "custom"
+    dataset_name = _data_named(data, "val_files") or "custom"
+    hub_datasets = [s["dataset"] for s in _sources(data) if s.get("dataset")]
     card_data = ModelCardData(
         library_name="transformers",
         pipeline_tag="text-generation",
         tags=["hftrain", "causal-lm", arch, *(["custom_code"] if recurrent else [])],
-        datasets=[data["dataset"]] if data.get("dataset") else None,
+        datasets=hub_datasets or None,
         model_name=repo_id,
         eval_results=[
-            EvalResult(task_type="text-generation", dataset_type=data.get("dataset") or "custom",
+            EvalResult(task_type="text-generation",
+                       dataset_type=hub_datasets[0] if len(hub_datasets) == 1 else "custom",
                        dataset_name=dataset_name, metric_type="perplexity",
                        metric_value=round(val["val_ppl"], 4), dataset_split="validation"),
         ] if val else None,
@@ -249,8 +250,7 @@ def model_card(folder: Path, repo_id: str, val: dict[str, Any] | None) -> ModelC
         architecture=_architecture(config),
         parameters=f"{n_params / 1e6:.2f} M" if n_params else "unknown",
         tokenizer=_tokenizer_origin(recipe),
-        train_data=data.get("dataset") or ", ".join(public_name(str(f)) for f in
-                                                    data.get("train_files") or []) or "unknown",
+        train_data=_data_named(data, "train_files") or "unknown",
         val_data=dataset_name,
         steps=train.get("max_steps", "?"),
         global_batch=global_batch(train, data.get("block_size", "?"), _run_record(folder)),
@@ -261,6 +261,25 @@ def model_card(folder: Path, repo_id: str, val: dict[str, Any] | None) -> ModelC
         remote=", trust_remote_code=True" if recurrent else "",
         prompt=recipe.get("sample", {}).get("prompt", "") or "",
     )
+
+
+def _sources(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """The data section's sources (a mixture's `sources`, or the section itself)."""
+    sources = data.get("sources") if isinstance(data.get("sources"), list) else None
+    return [s for s in sources if isinstance(s, dict)] if sources else [data]
+
+
+def _data_named(data: dict[str, Any], files_key: str) -> str:
+    """The data as the card names it: a Hub dataset's id or the files' names (`files_key`,
+    else the training files); a mixture's sources each by name and weight."""
+    named = []
+    for source in _sources(data):
+        files = source.get(files_key) or source.get("train_files") or []
+        what = source.get("dataset") or ", ".join(public_name(str(f)) for f in files)
+        if source is not data and what:
+            what = f"{source.get('name')} (weight {source.get('weight')}): {what}"
+        named.append(what)
+    return "; ".join(n for n in named if n)
 
 
 def _sections(recipe: Any) -> dict[str, dict[str, Any]]:

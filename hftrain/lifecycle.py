@@ -57,7 +57,7 @@ class RunFolder:
         run's own recipe.yaml is hftrain's: `hftrain train runs/x/recipe.yaml --resume` is
         fine.)"""
         data = self.recipe.data
-        paths = [Path(p) for p in expand_globs([*data.train_files, *data.val_files])]
+        paths = [Path(p) for p in expand_globs(data.local_files())]
         own_recipe = self.path / "recipe.yaml"
         if self.recipe_path and not (own_recipe.exists()
                                      and own_recipe.samefile(self.recipe_path)):
@@ -78,7 +78,8 @@ class RunFolder:
         if contains(self.path, cache) or contains(cache, self.path):
             raise HftrainError(f"data.cache '{cache}' and run.output_dir '{self.path}' overlap;"
                                " give the token cache a folder of its own (e.g. cache/NAME)")
-        token_cache.check_target(self.recipe.data)
+        for alone in self.recipe.data.by_source():
+            token_cache.check_target(alone)
 
     def plan(self, accelerator: Any) -> Plan:
         """Start, resume or nothing to do (`resume.plan_run`, for this launch); a folder that

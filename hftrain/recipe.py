@@ -13,6 +13,7 @@ import difflib
 import glob
 import math
 import os
+import re
 import reprlib
 import types
 import typing
@@ -79,7 +80,10 @@ class TokenizerConfig:
 
 
 @dataclass
-class DataConfig:
+class SourceFields:
+    """Where a corpus comes from and how it is read: the data section's own source, or one of
+    its `sources` (a weighted mixture)."""
+
     train_files: list[str] = field(default_factory=list)
     """Local text (.txt), JSON Lines (.jsonl/.json) or Parquet files; globs allowed."""
     val_files: list[str] = field(default_factory=list)
@@ -95,6 +99,39 @@ class DataConfig:
     """Split of the Hub dataset to train on."""
     val_split: str | None = None
     """Split of the Hub dataset to validate on; when unset, `val_fraction` is held out."""
+    format: Literal["auto", "text", "json", "parquet"] = "auto"
+    """File format; `auto` picks it from the file extension."""
+    text_column: str = "text"
+    """Column holding the text in JSON Lines, Parquet and Hub datasets."""
+    sample_by: Literal["document", "paragraph", "line"] = "document"
+    """For .txt files, what one document is: the whole file, a paragraph or a line.
+    Each document follows the start token and ends with EOS (`hftrain.framing`)."""
+
+
+@dataclass
+class SourceConfig(SourceFields):
+    """One source of a weighted mixture (`data.sources`): its files or Hub dataset, read as
+    its own settings say, and its share of the training blocks."""
+
+    name: str = ""
+    """Names the source in metrics.jsonl (`tokens/NAME`, `val_loss/NAME`, ...) and its token
+    cache folder (`data.cache/NAME`): letters, digits, `-` and `_`; unique."""
+    weight: float = 1.0
+    """Its share of the training blocks: weight / the sum of the weights (> 0)."""
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", self.name):
+            raise ValueError(f"name must be letters, digits, '-' or '_', got {shown(self.name)}")
+        positive(self, "weight")
+        in_unit_interval(self, "val_fraction")
+        if not self.train_files and not self.dataset:
+            raise ValueError("needs train_files or dataset")
+        if self.train_files and self.dataset:
+            raise ValueError("reads train_files or a dataset, not both")
+
+
+@dataclass
+class DataConfig(SourceFields):
     kind: Literal["text", "sft"] = "text"
     """`text`: language modelling on documents, every token scored. `sft`: supervised
     fine-tuning on records `{"prompt", "completion"}` or `{"messages": [...]}` (rendered with
@@ -103,13 +140,6 @@ class DataConfig:
     """`sft`: pack examples (each ending with EOS) into full blocks, as text is packed, each
     attending only to itself (its own position ids); false: one example per block, padded
     (never scored) or cut to block_size + 1 tokens. Recurrent models need false."""
-    format: Literal["auto", "text", "json", "parquet"] = "auto"
-    """File format; `auto` picks it from the file extension."""
-    text_column: str = "text"
-    """Column holding the text in JSON Lines, Parquet and Hub datasets."""
-    sample_by: Literal["document", "paragraph", "line"] = "document"
-    """For .txt files, what one document is: the whole file, a paragraph or a line.
-    Each document follows the start token and ends with EOS (`hftrain.framing`)."""
     block_size: int = 64
     """Tokens of context per training example (the model's maximum positions for GPT-2)."""
     shuffle_tokens: int = 1_000_000
@@ -124,7 +154,13 @@ class DataConfig:
     cache: str | None = None
     """A folder for a token cache: the corpus tokenized once into memory-mapped files
     (`hftrain prepare RECIPE`, or the first run), then read with no tokenization at all.
-    For local corpora read more than once; unset: stream and tokenize on every pass."""
+    For local corpora read more than once; unset: stream and tokenize on every pass.
+    With `sources`: one cache per source, in `cache/NAME`."""
+    sources: list[SourceConfig] = field(default_factory=list)
+    """A weighted mixture instead of one corpus: each source's files or dataset (and how to
+    read them), its `name` and `weight`. Training blocks are drawn from the sources in
+    proportion to their weights; validation scores each source and all of them together.
+    The settings above a source (`train_files` ... `sample_by`) are then each source's own."""
 
     def __post_init__(self) -> None:
         at_least_one(self, "block_size")
@@ -132,6 +168,34 @@ class DataConfig:
         non_negative(self, "shuffle_tokens", "num_workers")
         if self.cache is not None:
             self.cache = str(Path(self.cache).expanduser())
+        if not self.sources:
+            return
+        if self.train_files or self.val_files or self.dataset:
+            raise ValueError("sources replaces train_files, val_files and dataset: "
+                             "move them into a source")
+        names = [source.name for source in self.sources]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"sources names {repeated[0]!r} twice; each source needs a "
+                             "name of its own")
+
+    def mixture(self) -> list[tuple[SourceConfig, DataConfig]]:
+        """Each source with the data section for it alone: the shared settings, the
+        source's own, and for a cache the source's folder in it (none without `sources`)."""
+        own = [f.name for f in dataclasses.fields(SourceFields)]
+        return [(source, dataclasses.replace(
+            self, sources=[], **{name: getattr(source, name) for name in own},
+            cache=str(Path(self.cache) / source.name) if self.cache else None))
+            for source in self.sources]
+
+    def by_source(self) -> list[DataConfig]:
+        """The data section for each source alone; without `sources`, itself."""
+        return [alone for _, alone in self.mixture()] or [self]
+
+    def local_files(self) -> list[str]:
+        """Every training and validation file entry of every source, as written."""
+        return [f for config in self.by_source() for f in (*config.train_files,
+                                                            *config.val_files)]
 
 
 @dataclass
@@ -404,6 +468,9 @@ def check(recipe: Recipe, source: str = "<recipe>") -> None:
     if recipe.train.stateful and recipe.data.kind == "sft":
         raise RecipeError(f"{source}: train.stateful reads a continuous text stream; "
                           "it does not combine with data.kind: sft")
+    if recipe.train.stateful and recipe.data.sources:
+        raise RecipeError(f"{source}: train.stateful reads one continuous text stream in lanes;"
+                          " it does not combine with data.sources (a mixture of blocks)")
     positions = getattr(recipe.model, "max_position_embeddings", None)
     if positions is not None and positions < recipe.data.block_size:
         raise RecipeError(f"{source}: model.max_position_embeddings ({positions}) is less than "
@@ -468,8 +535,15 @@ def _build(cls: type, raw: Any, prefix: str, source: str, field_types: dict[str,
     for name, value in raw.items():
         annotation = field_types.get(name, hints[name]) if not prefix else hints[name]
         section = _section_type(annotation)
+        listed = _listed_section_type(annotation)
         if section is not None and (value is not None or annotation is section):
             kwargs[name] = _build(section, value, f"{prefix}{name}.", source, {})
+        elif listed is not None:
+            if not isinstance(value, list):
+                raise RecipeError(f"{source}: {prefix}{name} expects a list of mappings, got "
+                                  f"{shown(value)}")
+            kwargs[name] = [_build(listed, item, f"{prefix}{name}[{i}].", source, {})
+                            for i, item in enumerate(value)]
         else:
             kwargs[name] = _coerce(value, annotation, f"{prefix}{name}", source)
     try:
@@ -490,6 +564,14 @@ def _section_type(annotation: Any) -> type | None:
     if typing.get_origin(annotation) in (Union, types.UnionType) and len(options) == 1 \
             and dataclasses.is_dataclass(options[0]):
         return options[0]
+    return None
+
+
+def _listed_section_type(annotation: Any) -> type | None:
+    """The dataclass of a list of sections (`list[SourceConfig]`), else None."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is list and args and dataclasses.is_dataclass(args[0]):
+        return args[0]
     return None
 
 

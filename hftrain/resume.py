@@ -44,11 +44,18 @@ def trajectory(recipe: Recipe, launch: dict[str, Any]) -> dict[str, Any]:
     another directory is the same data; a new file matching a glob is not)."""
     flat = flatten(recipe.to_dict())
     for key in ("data.train_files", "data.val_files"):  # globs as the files they match now
-        flat[key] = sorted(os.path.abspath(path) for path in expand_globs(flat[key]))
+        flat[key] = _absolute(flat[key])
+    flat["data.sources"] = [{**source, "train_files": _absolute(source["train_files"]),
+                             "val_files": _absolute(source["val_files"])}
+                            for source in flat["data.sources"]]
     kept = {k: v for k, v in flat.items()
             if not any(k == m or (m.endswith(".") and k.startswith(m))
                        for m in MAY_CHANGE_ON_RESUME)}
     return {**kept, **launch}
+
+
+def _absolute(files: list[str]) -> list[str]:
+    return sorted(os.path.abspath(path) for path in expand_globs(files))
 
 
 def changed_keys(saved: dict[str, Any], current: dict[str, Any],
@@ -169,6 +176,10 @@ def _regroupable(saved: dict[str, Any], current: dict[str, Any],
         raise HftrainError(f"the run of {where} trained on {before} processes and this launch "
                            f"has {now}: DeepSpeed's ZeRO checkpoints load only on the number "
                            "of processes that saved them")
+    if current.get("data.sources"):
+        raise HftrainError(f"the run of {where} trained on {before} processes and this launch "
+                           f"has {now}: a mixture resumes only on the processes it started "
+                           "with (each rank draws its own blocks from the sources)")
     if not current.get("data.cache") or current.get("train.stateful"):
         what, other = (("a stateful run", "its recurrent lanes are split over them")
                        if current.get("train.stateful") else

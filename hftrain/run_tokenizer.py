@@ -49,9 +49,10 @@ def prepare_tokenizer(recipe: Recipe) -> tuple[Any, bool]:
 
 def tokenizer_record(recipe: Recipe) -> dict[str, Any]:
     """What a built tokenizer depends on: the tokenizer section and the text it learned from."""
-    data = recipe.data
-    origin = ([data.dataset, data.dataset_config, data.train_split] if data.dataset
-              else [os.path.abspath(f) for f in data.train_files])
+    origins = [[data.dataset, data.dataset_config, data.train_split] if data.dataset
+               else [os.path.abspath(f) for f in data.train_files]
+               for data in recipe.data.by_source()]
+    origin = origins if recipe.data.sources else origins[0]  # a mixture: each source's
     return {**{f"tokenizer.{k}": v for k, v in recipe.to_dict()["tokenizer"].items()},
             "data.train_files": origin}
 
@@ -62,10 +63,12 @@ learned from files since moved elsewhere with the same bytes is still the recipe
 
 
 def _train_samples(recipe: Recipe) -> list[str] | None:
-    if recipe.data.dataset:
+    sources = recipe.data.by_source()
+    if any(data.dataset for data in sources):
         return None
     try:
-        files = resolve_files(recipe.data.train_files, "data.train_files")
+        files = [path for data in sources
+                 for path in resolve_files(data.train_files, "data.train_files")]
         return [content_sample(path) for path in files]
     except (OSError, HftrainError):
         return None

@@ -129,7 +129,19 @@ class WindowLog:
             record["mfu"] = per_device / (self.peak_tflops * 1e12)
         if state.skipped_steps:
             record["skipped_steps"] = state.skipped_steps
+        if hasattr(state.data, "report"):  # a mixture: what each source gave
+            record.update(self._sources(*state.data.report()))
         return record, (skipped, first_skipped, steps + skipped)
+
+    def _sources(self, tokens: dict[str, int], epochs: dict[str, float]) -> dict[str, Any]:
+        """`tokens/NAME`: token positions drawn from each source by all processes;
+        `epochs/NAME`: the epochs of it this process has read (each reads its own share)."""
+        counts = torch.tensor(list(tokens.values()), dtype=torch.int64)
+        if self.accelerator.num_processes > 1:
+            counts = self.accelerator.reduce(counts.to(self.accelerator.device), "sum").cpu()
+        record = {f"tokens/{name}": int(n) for name, n in zip(tokens, counts.tolist(),
+                                                               strict=True)}
+        return {**record, **{f"epochs/{name}": round(e, 4) for name, e in epochs.items()}}
 
     def write(self, record: dict[str, Any], bar: Any) -> None:
         """Write the window's record, show its figures on the bar, and start a new window. A

@@ -25,6 +25,7 @@ from accelerate import Accelerator
 
 from hftrain.build import RunParts, build_parts, print_global_batch
 from hftrain.errors import ResumableError, TrainingDiverged
+from hftrain.evaluation import by_source
 from hftrain.finish import finish
 from hftrain.lifecycle import RunFolder
 from hftrain.nodes import (
@@ -174,7 +175,7 @@ def fit(run: Run, stop: StopRequest) -> None:
                 if state.step % run.recipe.eval.interval == 0 and state.step < cfg.max_steps:
                     val = run.evaluate(run.recipe.eval.max_batches)
                     bar.write(f"step {state.step}: val_loss {val['loss']:.4f} "
-                              f"val_ppl {val['perplexity']:.3f}")
+                              f"val_ppl {val['perplexity']:.3f}{by_source(val)}")
                     run.log.restart()
                 if run.checkpoints.after_step(state.step, stop.signum, log_step):
                     run.interrupted = stop.signum or signal.SIGTERM

@@ -24,7 +24,7 @@ from hftrain.checkpoint import COUNTERS
 from hftrain.checkpoint_policy import RunCheckpoints
 from hftrain.data_check import content_sample, describe_change
 from hftrain.errors import HftrainError
-from hftrain.evaluation import evaluate_lm
+from hftrain.evaluation import evaluate_lm, perplexity_metric
 from hftrain.sharding import bare_model, is_sharded
 from hftrain.tracking import MetricsLog, WindowLog, flops_per_token, peak_tflops
 from hftrain.train_step import StepResult, TrainStep
@@ -82,18 +82,32 @@ class Run:
         self.state.recurrent = result.recurrent
         return result
 
-    def evaluate(self, max_batches: int | None) -> dict[str, float]:
-        """Validation loss, perplexity and bits per byte of the live model, logged."""
-        batches = self.streams.val_batches(self.recipe.eval.batch_size)
+    def evaluate(self, max_batches: int | None) -> dict[str, Any]:
+        """Validation loss, perplexity and bits per byte of the live model, logged; for a
+        mixture, of each source (`val_loss/NAME`, up to `max_batches` each; returned as
+        `by_source`) and of all their tokens together (`val_loss`)."""
         # Unwrapped: ranks may hold unequal numbers of validation batches, and a DDP-wrapped
         # forward may wait on the other ranks; the sums are reduced once at the end instead.
         # A sharded model's forward needs every rank whatever the wrapper: they go in lockstep.
-        val = evaluate_lm(bare_model(self.accelerator, self.model), batches, self.accelerator,
-                          max_batches, stateful=self.recipe.train.stateful,
-                          lockstep=is_sharded(self.accelerator))
-        self.metrics.write({"step": self.step, "val_loss": val["loss"],
-                            "val_ppl": val["perplexity"], "val_bpb": val["bits_per_byte"],
-                            "val_tokens": val["tokens"]})
+        scores = {name: evaluate_lm(bare_model(self.accelerator, self.model), batches,
+                                    self.accelerator, max_batches,
+                                    stateful=self.recipe.train.stateful,
+                                    lockstep=is_sharded(self.accelerator))
+                  for name, batches in self.streams.val_sources(
+                      self.recipe.eval.batch_size).items()}
+        val = scores[""] if "" in scores else perplexity_metric().compute(
+            nll_sum=[s["nll"] for s in scores.values()],
+            token_count=[s["tokens"] for s in scores.values()],
+            byte_count=[s["bytes"] for s in scores.values()])
+        record = {"step": self.step, "val_loss": val["loss"], "val_ppl": val["perplexity"],
+                  "val_bpb": val["bits_per_byte"], "val_tokens": val["tokens"]}
+        if "" not in scores:
+            val["by_source"] = scores
+            for name, score in scores.items():
+                record.update({f"val_loss/{name}": score["loss"],
+                               f"val_bpb/{name}": score["bits_per_byte"],
+                               f"val_tokens/{name}": score["tokens"]})
+        self.metrics.write(record)
         return val
 
 

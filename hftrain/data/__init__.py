@@ -15,9 +15,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
+
 from hftrain.data import cache as token_cache
 from hftrain.data.batches import TrainBatches
 from hftrain.data.loader import KeptTokens, LaneStream, TrainStream, val_batches
+from hftrain.data.mixture import MixtureStream
 from hftrain.data.packing import (
     BlockShuffle,
     batched,
@@ -39,6 +42,9 @@ __all__ = ["IGNORE_INDEX", "BlockShuffle", "DataStreams", "TrainBatches", "batch
 
 def describe_source(config: DataConfig, split: str) -> str:
     """Where a split comes from, for messages."""
+    if config.sources:
+        return "; ".join(f"{source.name}: {describe_source(alone, split)}"
+                         for source, alone in config.mixture())
     if config.dataset:
         return f"dataset {config.dataset}"
     files = config.val_files if split == "val" and config.val_files else config.train_files
@@ -50,7 +56,12 @@ def texts(config: DataConfig, split: str = "train", whole: bool = False) -> Iter
     record's prompt, completion and message contents (what a tokenizer learns from).
 
     A document read in several pieces (a large one-document .txt) comes as its pieces, in
-    order, unless `whole` asks for it joined (what evaluation scores)."""
+    order, unless `whole` asks for it joined (what evaluation scores). A mixture's sources
+    come one after the other, each whole (a tokenizer learns from all of their text)."""
+    if config.sources:
+        for alone in config.by_source():
+            yield from texts(alone, split, whole)
+        return
     pieces = SplitPieces(config, split)
     fragments: list[str] = []
     for piece in pieces.pieces:
@@ -64,6 +75,14 @@ def texts(config: DataConfig, split: str = "train", whole: bool = False) -> Iter
                 parts = [document.get("prompt"), document.get("completion")]
                 parts += [m.get("content") for m in document.get("messages") or []]
                 yield "\n".join(p for p in parts if isinstance(p, str))
+
+
+def source_seed(seed: int, index: int) -> int:
+    """The shuffle seed of a mixture's source `index`: the run's for the first (so that one
+    source reads as the data section alone would), a seed of its own for each other."""
+    if index == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
 class DataStreams:
@@ -84,7 +103,15 @@ class DataStreams:
         self._pieces: dict[str, SplitPieces] = {}
         self.fingerprints: dict[str, tuple[int, int]] = {}
         """(size, mtime_ns) of every local file read, taken when its stream is first built."""
-        self.cache = token_cache.open_for(config, tokenizer) if config.cache else None
+        self.sources = {source.name: DataStreams(alone, tokenizer, source_seed(seed, i),
+                                                 stateful, rank, world_size)
+                        for i, (source, alone) in enumerate(config.mixture())}
+        """With `data.sources`: each source's own streams (they share `fingerprints`)."""
+        for streams in self.sources.values():
+            streams.fingerprints = self.fingerprints
+        mixture = bool(config.sources)
+        self.cache = token_cache.open_for(config, tokenizer) if config.cache and not mixture \
+            else None
         self.val_kept = KeptTokens()
         """The validation pieces tokenized by earlier evaluations (within a memory budget)."""
 
@@ -96,6 +123,12 @@ class DataStreams:
         return self._pieces[split]
 
     def train_batches(self, batch_size: int) -> TrainBatches:
+        if self.sources:
+            return MixtureStream({name: streams.train_batches(batch_size)
+                                  for name, streams in self.sources.items()},
+                                 [source.weight for source in self.config.sources], self.seed,
+                                 self.rank, batch_size, self.config.block_size,
+                                 self.tokenizer.pad_token_id, self.pin_memory)
         if self.cache is not None:
             return self.cache.train_stream(batch_size, self.seed, self.rank, self.world_size,
                                            self.stateful, self.pin_memory)
@@ -106,7 +139,15 @@ class DataStreams:
         return TrainStream(pieces, self.tokenizer, self.config, self.seed, batch_size,
                            self.rank, self.world_size, self.pin_memory)
 
+    def val_sources(self, batch_size: int) -> dict[str, Iterator[dict[str, Any]]]:
+        """The validation batches of each source by name (without `sources`: of the one
+        corpus, named "")."""
+        if not self.sources:
+            return {"": self.val_batches(batch_size)}
+        return {name: streams.val_batches(batch_size) for name, streams in self.sources.items()}
+
     def val_batches(self, batch_size: int) -> Iterator[dict[str, Any]]:
+        """The validation split's batches (of one source: `val_sources` for a mixture)."""
         check_unchanged(self.fingerprints)  # every file read so far, training files included
         if self.cache is not None:
             return self.cache.val_batches(batch_size, self.rank, self.world_size, self.stateful)
@@ -116,5 +157,9 @@ class DataStreams:
     def check_val(self, batch_size: int) -> None:
         """Pull one validation batch, so empty validation data fails before anything is
         written. Rank 0 always holds the first piece; another rank may rightly hold none."""
+        for streams in self.sources.values():
+            streams.check_val(batch_size)
+        if self.sources:
+            return
         if self.rank == 0 and next(self.val_batches(batch_size), None) is None:
             raise DataError(f"the validation data is empty: {describe_source(self.config, 'val')}")

@@ -371,18 +371,26 @@ class CachedStream(TrainBatches):
             self._order = self.epoch, order[:usable][self.rank :: self.world_size]  # wrap together
         return self._order[1]
 
-    def _next_batch(self) -> dict[str, torch.Tensor]:
-        block, width = self.config.block_size, self.config.block_size + 1
-        rows = []
-        for _ in range(self.batch_size):
+    rows = ("ids",)
+
+    def next_block(self) -> np.ndarray:
+        """The next block of this rank's share of the epoch's order."""
+        blocks = self._epoch_blocks()
+        if self.index >= len(blocks):  # (>: resumed on fewer processes at an epoch's end)
+            self.epoch, self.index = self.epoch + 1, 0
             blocks = self._epoch_blocks()
-            if self.index >= len(blocks):  # (>: resumed on fewer processes at an epoch's end)
-                self.epoch, self.index = self.epoch + 1, 0
-                blocks = self._epoch_blocks()
-            start = int(blocks[self.index]) * block
-            rows.append(np.asarray(self.tokens[start : start + width], dtype=np.int64))
-            self.index += 1
-        self.counters["tokens"] += self.batch_size * width
+        start = int(blocks[self.index]) * self.config.block_size
+        width = self.config.block_size + 1
+        self.index += 1
+        self.counters["tokens"] += width
+        return np.asarray(self.tokens[start : start + width], dtype=np.int64)
+
+    def epoch_tokens(self) -> int:
+        """Token positions in this rank's share of an epoch."""
+        return len(self._epoch_blocks()) * self.config.block_size
+
+    def _next_batch(self) -> dict[str, torch.Tensor]:
+        rows = [self.next_block() for _ in range(self.batch_size)]
         batch = collate(rows, self.batch_size, self.pad_id)
         if self.pin_memory:
             batch = {k: v.pin_memory() for k, v in batch.items()}

@@ -255,16 +255,30 @@ class TrainStream(TrainBatches):
         self.counters = {"pieces": 0, "documents": 0, "tokens": 0}
         """What this rank has read and tokenized since the run (or the resume) started."""
         self._epoch_tokens = 0
+        self.last_epoch_tokens = 0
         self._loader: Iterator[Tokenized] | None = None
 
+    @property
+    def rows(self) -> tuple[str, ...]:
+        return self.tokenize.rows
+
     def _next_batch(self) -> dict[str, torch.Tensor]:
-        blocks = [self._next_block() for _ in range(self.batch_size)]
-        batch = collate(blocks, self.batch_size, self.pad_id, self.tokenize.rows)
+        blocks = [self.next_block() for _ in range(self.batch_size)]
+        batch = collate(blocks, self.batch_size, self.pad_id, self.rows)
         if self.pin_memory:  # lets the copy to the GPU run without blocking the host
             batch = {k: v.pin_memory() for k, v in batch.items()}
         return batch
 
-    def _next_block(self) -> np.ndarray:
+    def epoch_tokens(self) -> float | None:
+        """Tokens in this rank's last whole epoch; in the first, estimated from the pieces
+        read so far (None before the first)."""
+        if self.last_epoch_tokens:
+            return self.last_epoch_tokens
+        return self._epoch_tokens * self.order.per_epoch / self.next_piece \
+            if self.next_piece else None
+
+    def next_block(self) -> np.ndarray:
+        """The next block of the shuffled stream (a batch is `batch_size` of them)."""
         while True:
             out = self.shuffle.push(self._packed_block())
             if out is not None:
@@ -307,24 +321,26 @@ class TrainStream(TrainBatches):
         failure here leaves a valid one): the files are unchanged (a file cut short mid-epoch
         ends it early), and the data fills at least one block."""
         n_tokens, self._epoch_tokens = self._epoch_tokens, 0
+        self.last_epoch_tokens = n_tokens
         self.epoch, self.next_piece = self.epoch + 1, 0
         check_unchanged(self.pieces.fingerprints)
         check_length(self.config, self.pieces.source.name, n_tokens, self.order.world_size)
 
     def _snapshot(self) -> tuple:
         return (list(self.shuffle.blocks), self.shuffle.draws, self.carry, self.carry_lengths,
-                self.epoch, self.next_piece, self._epoch_tokens, dict(self.counters))
+                self.epoch, self.next_piece, self._epoch_tokens, self.last_epoch_tokens,
+                dict(self.counters))
 
     def _restore(self, snapshot: tuple) -> None:
         (self.shuffle.blocks, self.shuffle.draws, self.carry, self.carry_lengths, self.epoch,
-         self.next_piece, self._epoch_tokens, self.counters) = snapshot
+         self.next_piece, self._epoch_tokens, self.last_epoch_tokens, self.counters) = snapshot
 
     def _position(self) -> dict[str, torch.Tensor]:
         blocks = self.shuffle.blocks
         buffer = np.stack(blocks) if blocks else np.empty((0, *self.carry.shape[:-1],
                                                             self.width), dtype=np.int64)
         position = [self.epoch, self.next_piece, self.shuffle.draws, self.order.n_pieces,
-                    self._epoch_tokens]
+                    self._epoch_tokens, self.last_epoch_tokens]
         return {"data.position": torch.tensor(position, dtype=torch.int64),
                 "data.carry": torch.from_numpy(np.ascontiguousarray(self.carry)),
                 "data.carry_lengths": torch.from_numpy(self.carry_lengths.copy()),
@@ -332,8 +348,8 @@ class TrainStream(TrainBatches):
 
     def _load_position(self, state: dict[str, torch.Tensor]) -> None:
         """The workers restart at the saved position's next piece."""
-        epoch, next_piece, draws, n_pieces, epoch_tokens = (
-            int(v) for v in state["data.position"].tolist())
+        epoch, next_piece, draws, n_pieces, epoch_tokens, *last = (
+            int(v) for v in state["data.position"].tolist())  # (no last: before mixtures)
         if n_pieces != self.order.n_pieces:
             raise DataError(
                 f"the training data ({self.pieces.source.name}) is cut into {self.order.n_pieces}"
@@ -341,7 +357,7 @@ class TrainStream(TrainBatches):
                 "size, so the saved position no longer points into them")
         self.close()
         self.epoch, self.next_piece = epoch, next_piece
-        self._epoch_tokens = epoch_tokens
+        self._epoch_tokens, self.last_epoch_tokens = epoch_tokens, (last or [0])[0]
         self.carry = state["data.carry"].cpu().numpy().astype(np.int64)
         self.carry_lengths = state["data.carry_lengths"].cpu().numpy().astype(np.int64)
         buffer = state["data.shuffle_buffer"].cpu().numpy().astype(np.int64)

@@ -1,0 +1,119 @@
+"""A weighted mixture of training sources (`data.sources`): each block is drawn from one
+source, chosen at random in proportion to the weights.
+
+Why by hand: torchdata's `MultiNodeWeightedSampler` and `datasets.interleave_datasets` mix
+whole iterables and keep their random generator's state (or replay from the start) to resume;
+litgpt's `CombinedStreamingDataset` and Megatron's `BlendedDataset` are tied to their own
+loaders. hftrain's streams already resume exactly in O(1), so the mixture needs only a
+choice per block that is itself exact to resume: the source of draw k comes from a
+counter-keyed generator (seed, rank, k // 4096), as `packing.BlockShuffle`'s draws do, and
+the whole mixture position is k plus each source's own position. Each source is a stream of
+its own (pieces and workers, or a token cache) with its own shuffle, read only when drawn;
+draws on N processes are keyed by rank, so together they keep the proportions.
+
+One source is the plain stream: every draw picks it, so its batches are the ones the data
+section would give without `sources`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from hftrain.data.batches import TrainBatches
+from hftrain.data.packing import collate
+from hftrain.errors import DataError
+
+
+class MixtureStream(TrainBatches):
+    """Batches of blocks drawn from `sources` (block streams: `next_block()`, `rows`,
+    `epoch_tokens()`) in proportion to `weights`; `blocks_drawn[i]` counts source i's."""
+
+    CHUNK = 4096
+
+    def __init__(self, sources: dict[str, Any], weights: list[float], seed: int, rank: int,
+                 batch_size: int, block_size: int, pad_id: int,
+                 pin_memory: bool = False) -> None:
+        self.sources, self.names = list(sources.values()), list(sources)
+        self.block_size = block_size
+        self.seed, self.rank, self.batch_size = seed, rank, batch_size
+        self.pad_id, self.pin_memory = pad_id, pin_memory
+        self.bounds = np.cumsum(np.asarray(weights, dtype=np.float64) / sum(weights))
+        self.bounds[-1] = 1.0  # a draw just below 1 never falls past the last source
+        self.draws = 0
+        self.blocks_drawn = [0] * len(self.sources)
+        self._chunk: tuple[int, list[int]] | None = None
+
+    def source_of(self, draw: int) -> int:
+        """Which source draw number `draw` reads: the same on every run and every resume."""
+        number = draw // self.CHUNK
+        if self._chunk is None or self._chunk[0] != number:
+            key = np.random.SeedSequence([self.seed, self.rank, number, len(self.sources)])
+            uniform = np.random.Generator(np.random.PCG64(key)).random(self.CHUNK)
+            self._chunk = number, np.searchsorted(self.bounds, uniform, side="right").tolist()
+        return self._chunk[1][draw % self.CHUNK]
+
+    def _next_batch(self) -> dict[str, torch.Tensor]:
+        blocks = []
+        for _ in range(self.batch_size):
+            i = self.source_of(self.draws) if len(self.sources) > 1 else 0
+            blocks.append(self.sources[i].next_block())
+            self.draws += 1
+            self.blocks_drawn[i] += 1
+        batch = collate(blocks, self.batch_size, self.pad_id, self.sources[0].rows)
+        if self.pin_memory:  # lets the copy to the GPU run without blocking the host
+            batch = {k: v.pin_memory() for k, v in batch.items()}
+        return batch
+
+    def report(self) -> tuple[dict[str, int], dict[str, float]]:
+        """Per source, on this process: the token positions drawn from it (blocks x
+        block_size), and the epochs of it trained on (those positions over the tokens of
+        one epoch of this process's share; a streamed source's once it has read one)."""
+        tokens = {name: drawn * self.block_size
+                  for name, drawn in zip(self.names, self.blocks_drawn, strict=True)}
+        epochs = {name: tokens[name] / source.epoch_tokens()
+                  for name, source in zip(self.names, self.sources, strict=True)
+                  if source.epoch_tokens()}
+        return tokens, epochs
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """What the sources have read and tokenized, summed."""
+        total: dict[str, int] = {}
+        for source in self.sources:
+            for key, value in source.counters.items():
+                total[key] = total.get(key, 0) + value
+        return total
+
+    def _snapshot(self) -> tuple:
+        return self.draws, list(self.blocks_drawn), [s._snapshot() for s in self.sources]
+
+    def _restore(self, snapshot: tuple) -> None:
+        self.draws, self.blocks_drawn, each = snapshot
+        for source, state in zip(self.sources, each, strict=True):
+            source._restore(state)
+
+    def _position(self) -> dict[str, torch.Tensor]:
+        position = {"data.mixture": torch.tensor([self.draws, *self.blocks_drawn],
+                                                 dtype=torch.int64)}
+        for name, source in zip(self.names, self.sources, strict=True):
+            position.update({f"{name}/{k}": v for k, v in source._position().items()})
+        return position
+
+    def _load_position(self, state: dict[str, torch.Tensor]) -> None:
+        saved = state.get("data.mixture")
+        names = {key.split("/", 1)[0] for key in state if "/" in key}
+        if saved is None or len(saved) != len(self.sources) + 1 or names != set(self.names):
+            raise DataError(f"the checkpoint's data position is not of a mixture of the "
+                            f"sources {', '.join(self.names)}")
+        self.draws, *self.blocks_drawn = (int(v) for v in saved.tolist())
+        for name, source in zip(self.names, self.sources, strict=True):
+            prefix = f"{name}/"
+            source.load_state_dict({k[len(prefix):]: v for k, v in state.items()
+                                    if k.startswith(prefix)})
+
+    def close(self) -> None:
+        for source in self.sources:
+            source.close()
