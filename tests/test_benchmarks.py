@@ -4,7 +4,7 @@ TypeError for weeks, unseen, behind RESULTS rows nobody could re-run). The scrip
 own smoke test elsewhere: checkpoint.py (test_checkpoint.py), sharded_step.py
 (test_sharded.py). launch_configs.py, vs_nanogpt.py (both sides shortened to a few steps),
 data_pipeline.py (throughput and the token cache; resume and peak RSS through the CLI),
-lm_eval_agreement.py and activation_checkpointing.py are covered here."""
+lm_eval_agreement.py, activation_checkpointing.py and mixture.py are covered here."""
 
 from __future__ import annotations
 
@@ -147,3 +147,14 @@ def test_the_lm_eval_agreement_benchmark_agrees_on_a_short_text(tmp_path):
     assert row["bytes_text"] == 3000 and row["bytes_hftrain"] == 3000, row
     assert abs(row["lm_eval_bpb"] / row["hftrain_bpb"] - 1) < 1e-3, row
     assert "| gpt2-char | char |" in report
+
+
+def test_the_mixture_benchmark_times_both_sides_of_the_pipeline_and_training():
+    """benchmarks/mixture.py at 4 steps and a 4k-token shuffle: the first batch, the pipeline
+    alone and training steps, each for the mixture and one source of the same files."""
+    report = run_benchmark(str(BENCHMARKS / "mixture.py"), "--steps", "4", "--warmup", "1",
+                           "--shuffle-tokens", "4096")
+    latency = re.search(r"first batch \(s\): mixture ([\d.]+), single ([\d.]+)", report)
+    assert latency and all(float(v) > 0 for v in latency.groups()), report
+    assert re.search(r"pipeline alone, batches/s .*ratio \d+\.\d{3}", report), report
+    assert re.search(r"ratio mixture/single: \d+\.\d{3}", report), report

@@ -46,21 +46,27 @@ class MixtureStream(TrainBatches):
         self.blocks_drawn = [0] * len(self.sources)
         self._chunk: tuple[int, list[int]] | None = None
 
-    def source_of(self, draw: int) -> int:
-        """Which source draw number `draw` reads: the same on every run and every resume."""
-        number = draw // self.CHUNK
-        if self._chunk is None or self._chunk[0] != number:
-            key = np.random.SeedSequence([self.seed, self.rank, number, len(self.sources)])
-            uniform = np.random.Generator(np.random.PCG64(key)).random(self.CHUNK)
-            self._chunk = number, np.searchsorted(self.bounds, uniform, side="right").tolist()
-        return self._chunk[1][draw % self.CHUNK]
+    def sources_of(self, first: int, n: int) -> list[int]:
+        """Which source draws first, ..., first + n - 1 read: the same on every run and
+        every resume."""
+        if len(self.sources) == 1:
+            return [0] * n
+        chosen: list[int] = []
+        while len(chosen) < n:
+            draw = first + len(chosen)
+            number, offset = divmod(draw, self.CHUNK)
+            if self._chunk is None or self._chunk[0] != number:
+                key = np.random.SeedSequence([self.seed, self.rank, number, len(self.sources)])
+                uniform = np.random.Generator(np.random.PCG64(key)).random(self.CHUNK)
+                self._chunk = number, np.searchsorted(self.bounds, uniform, "right").tolist()
+            chosen += self._chunk[1][offset : offset + n - len(chosen)]
+        return chosen
 
     def _next_batch(self) -> dict[str, torch.Tensor]:
-        blocks = []
-        for _ in range(self.batch_size):
-            i = self.source_of(self.draws) if len(self.sources) > 1 else 0
-            blocks.append(self.sources[i].next_block())
-            self.draws += 1
+        chosen = self.sources_of(self.draws, self.batch_size)
+        blocks = [self.sources[i].next_block() for i in chosen]
+        self.draws += len(chosen)  # after every block is read: a failure leaves the position
+        for i in chosen:
             self.blocks_drawn[i] += 1
         batch = collate(blocks, self.batch_size, self.pad_id, self.sources[0].rows)
         if self.pin_memory:  # lets the copy to the GPU run without blocking the host
