@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO, cli, tiny_recipe_dict
+from conftest import REPO, cli, run_or_dump, tiny_recipe_dict
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
@@ -293,3 +293,28 @@ def test_a_run_folder_holding_a_sources_data_is_refused(tmp_path, corpora, capsy
     code, out, err = cli(["train", str(path)], capsys)
     assert code == 2 and "run.output_dir" in err, err
     assert all(p.is_file() for paths in corpora.values() for p in paths)
+
+
+@pytest.mark.slow  # two torchrun launches and a resume: a minute; the 2-rank position test
+# above runs in the default suite
+def test_two_process_kill_9_then_resume_trains_on_the_blocks_of_the_uninterrupted_mixture(
+        tmp_path, corpora):
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+
+    def launch(name: str, kill_at_step: int, *extra: str) -> subprocess.CompletedProcess:
+        recipe = recipe_file(tmp_path, corpora, name)
+        return run_or_dump([torchrun, "--nproc_per_node", "2", str(FAULTS),
+                            str(tmp_path / f"{name}.txt"), str(kill_at_step), "0", "--",
+                            "train", str(recipe), *extra], 600, cwd=REPO)
+
+    assert launch("whole", 0).returncode == 0
+    assert launch("killed", 19).returncode != 0
+    assert latest_checkpoint(tmp_path / "killed").name == "step-00000016"
+    resumed = launch("killed", 0, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    for rank in range(2):
+        assert trained(tmp_path / f"killed.txt.rank{rank}") == \
+            trained(tmp_path / f"whole.txt.rank{rank}")
+    records = [r for r in read_metrics(tmp_path / "killed" / "metrics.jsonl") if "loss" in r]
+    for record in records:  # both ranks' blocks, counted once
+        assert record["tokens/upper"] + record["tokens/lower"] == record["tokens"]
