@@ -103,7 +103,6 @@ def cmd_train(args: argparse.Namespace) -> None:
     from accelerate import PartialState
 
     from hftrain.errors import ResumableError, RunStopped
-    from hftrain.evaluation import by_source
     from hftrain.train import train
 
     crashed = None
@@ -134,9 +133,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         print(f"hftrain: stopped at step {result.step}; checkpoint saved to "
               f"{result.checkpoint}. Continue with: {resume_command(args)}", file=sys.stderr)
         sys.exit(128 + result.interrupted)
-    val = result.val
-    print(f"validation: loss {val['loss']:.4f} | perplexity {val['perplexity']:.3f} | "
-          f"bits/byte {val['bits_per_byte']:.4f} | {val['tokens']:,} tokens{by_source(val)}")
+    print(result.validation_line())
     print(f"{trained_steps(result.step - result.steps_run, result.step)} in "
           f"{result.train_seconds:.1f} s; model exported to {result.final_dir}")
     if result.sample:

@@ -107,12 +107,6 @@ def evaluate_lm(
     )
 
 
-def by_source(val: dict[str, Any]) -> str:
-    """A mixture's validation loss per source, for a progress line (empty for one corpus)."""
-    scores = val.get("by_source") or {}
-    return "".join(f" | {name} {score['loss']:.4f}" for name, score in scores.items())
-
-
 def in_lockstep(batches: Iterable[dict[str, torch.Tensor]],
                 accelerator: Any) -> Iterator[dict[str, torch.Tensor]]:
     """The batches, then empty ones until every process has run out: the processes may hold

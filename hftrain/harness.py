@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -91,16 +92,12 @@ def _device() -> str:
     return "cpu"
 
 
-def run_tasks(
-    export: str,
-    tasks: list[str],
-    include_path: str | None = None,
-    limit: float | None = None,
-    batch_size: int = 16,
-    max_length: int | None = None,
-    trust_remote_code: bool = False,
-) -> dict[str, dict[str, float]]:
-    """Run lm-eval `tasks` on the model in `export`; returns {task: {metric: value}}.
+class TaskScorer:
+    """lm-eval `tasks`, checked once (lm-eval importable, `include_path` a folder, no task
+    code unless trusted, every task known: lm-eval's index of its own tasks takes seconds to
+    build, so tasks that are all in `include_path` are looked up there alone), then
+    run on any model: an export folder (`hftrain eval --tasks`) or the live model of a
+    training run (`eval.tasks`), which is scored as it is, without writing an export.
 
     Metric names are lm-eval's, with its filter appended when it is not the default one
     ("exact_match,strict-match"); standard errors come as "<metric>_stderr" where lm-eval
@@ -108,43 +105,136 @@ def run_tasks(
     lm-eval marks such figures as not for reporting. `max_length`: the window of rolling
     log-likelihoods and the longest context (None: lm-eval reads it from the model config).
     """
-    require_lm_eval()
-    from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
-    from hftrain.generation import check_export_exists
+    def __init__(self, tasks: list[str], include_path: str | None = None,
+                 limit: float | None = None, batch_size: int = 16,
+                 max_length: int | None = None, trust_remote_code: bool = False) -> None:
+        require_lm_eval()
+        from lm_eval.tasks import TaskManager
 
-    if include_path is not None and not Path(include_path).is_dir():
-        raise HftrainError(f"--include-path: no such folder: {include_path}")
-    if not trust_remote_code:
-        refuse_task_code(include_path, tasks)
-    check_export_exists(export)
-    manager = TaskManager(include_path=include_path)
-    known = set(manager.match_tasks(tasks))
-    unknown = [t for t in tasks if t not in known and "*" not in t and not Path(t).is_file()]
-    if unknown:
-        where = f" or in {include_path}" if include_path else " (local task YAMLs: --include-path)"
-        raise HftrainError(f"unknown lm-eval task {', '.join(map(repr, unknown))}: not one of "
-                           f"lm-eval's tasks{where}; `lm-eval ls tasks` lists them")
+        if include_path is not None and not Path(include_path).is_dir():
+            raise HftrainError(f"--include-path: no such folder: {include_path}")
+        if not trust_remote_code:
+            refuse_task_code(include_path, tasks)
+        self.manager = TaskManager(include_path=include_path, include_defaults=False) \
+            if include_path else None
+        if self.manager is None or set(self.manager.match_tasks(tasks)) != set(tasks):
+            self.manager = TaskManager(include_path=include_path)  # lm-eval's own: seconds
+        known = set(self.manager.match_tasks(tasks))
+        unknown = [t for t in tasks if t not in known and "*" not in t and not Path(t).is_file()]
+        if unknown:
+            where = (f" or in {include_path}" if include_path
+                     else " (local task YAMLs: --include-path)")
+            raise HftrainError(f"unknown lm-eval task {', '.join(map(repr, unknown))}: not one "
+                               f"of lm-eval's tasks{where}; `lm-eval ls tasks` lists them")
+        self.tasks, self.limit, self.batch_size = tasks, limit, batch_size
+        self.max_length, self.trust_remote_code = max_length, trust_remote_code
+
+    def score_export(self, export: str) -> dict[str, dict[str, float]]:
+        """The tasks' metrics of the model in the export folder `export`, loaded as any
+        transformers client would load it."""
+        from lm_eval.models.huggingface import HFLM
+
+        from hftrain.generation import check_export_exists
+
+        check_export_exists(export)
+        try:
+            lm = HFLM(pretrained=export, trust_remote_code=self.trust_remote_code,
+                      max_length=self.max_length, batch_size=self.batch_size, device=_device())
+        except (OSError, ValueError) as exc:
+            raise HftrainError(f"lm-eval cannot load '{export}': {exc}".split("\n")[0]) from None
+        return self._evaluate(lm)
+
+    def score_model(self, model: Any, tokenizer: Any) -> dict[str, dict[str, float]]:
+        """The tasks' metrics of a live `transformers` model (on its device, in eval mode for
+        the time of the scoring), in this process alone."""
+        import torch
+        from lm_eval.models.huggingface import HFLM
+
+        was_training = model.training
+        model.eval()
+        try:
+            with _quiet_lm_eval():
+                lm = HFLM(pretrained=model, tokenizer=tokenizer, max_length=self.max_length,
+                          batch_size=self.batch_size)
+            with torch.no_grad():
+                return self._evaluate(lm)
+        finally:
+            model.train(was_training)
+
+    def _evaluate(self, lm: Any) -> dict[str, dict[str, float]]:
+        from jinja2.exceptions import SecurityError
+        from lm_eval import simple_evaluate
+
+        try:
+            with nullcontext() if self.trust_remote_code else sandboxed_templates():
+                output = simple_evaluate(model=lm, tasks=self.tasks, task_manager=self.manager,
+                                         limit=self.limit, log_samples=False)
+        except SecurityError as exc:
+            raise HftrainError(f"an lm-eval task template reaches for Python ({one_line(exc)}); "
+                               "hftrain runs no code it did not ship unless asked: pass "
+                               "--trust-remote-code if you trust the task") from None
+        if output is None:  # only on processes other than the main one
+            return {}
+        return {task: _metrics(values) for task, values in output["results"].items()}
+
+
+@contextmanager
+def _quiet_lm_eval() -> Iterator[None]:
+    """lm-eval warns, each time a live model is handed to it, that it will not distribute
+    the work: hftrain means exactly that (the main process scores, the others wait)."""
+    import logging
+
+    logger = logging.getLogger("lm_eval.models.huggingface")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
     try:
-        lm = HFLM(pretrained=export, trust_remote_code=trust_remote_code, max_length=max_length,
-                  batch_size=batch_size, device=_device())
-    except (OSError, ValueError) as exc:
-        raise HftrainError(f"lm-eval cannot load '{export}': {exc}".split("\n")[0]) from None
-    from jinja2.exceptions import SecurityError
+        yield
+    finally:
+        logger.setLevel(level)
 
-    try:
-        with nullcontext() if trust_remote_code else sandboxed_templates():
-            output = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,
-                                     log_samples=False)
-    except SecurityError as exc:
-        raise HftrainError(f"an lm-eval task template reaches for Python ({one_line(exc)}); "
-                           "hftrain runs no code it did not ship unless asked: pass "
-                           "--trust-remote-code if you trust the task") from None
-    if output is None:  # only on processes other than the main one
-        return {}
-    return {task: _metrics(values) for task, values in output["results"].items()}
+
+TASK_WAIT = timedelta(hours=2)
+"""How long the other processes of a run wait while the main process scores `eval.tasks`."""
+
+
+def task_scorer(recipe: Any, accelerator: Any) -> TaskScorer | None:
+    """The scorer of the recipe's `eval.tasks` on the main process (None elsewhere, and
+    without tasks), checked there before the run writes anything; a refusal stops every
+    process in one line."""
+    from hftrain.nodes import on_main_process
+    from hftrain.sharding import is_sharded
+
+    cfg = recipe.eval
+    if not cfg.tasks:
+        return None
+    if is_sharded(accelerator):
+        raise HftrainError("eval.tasks scores the main process's whole model, and this launch "
+                           "shards it over the processes (FSDP, DeepSpeed): score the "
+                           "checkpoints' exports with hftrain eval --tasks instead")
+    made: list[TaskScorer] = []
+
+    def make() -> None:
+        try:
+            made.append(TaskScorer(cfg.tasks, cfg.task_include_path, cfg.task_limit,
+                                   cfg.batch_size, recipe.data.block_size))
+        except HftrainError as exc:
+            message = str(exc).replace("--include-path", "eval.task_include_path").replace(
+                "pass --trust-remote-code if you trust it",
+                "score it on an export with hftrain eval --tasks --trust-remote-code")
+            raise HftrainError(f"eval.tasks: {message}") from None
+
+    on_main_process(accelerator, make)
+    return made[0] if made else None
+
+
+def run_tasks(export: str, tasks: list[str], include_path: str | None = None,
+              limit: float | None = None, batch_size: int = 16, max_length: int | None = None,
+              trust_remote_code: bool = False) -> dict[str, dict[str, float]]:
+    """Run lm-eval `tasks` on the model in `export`; returns {task: {metric: value}}
+    (`TaskScorer`)."""
+    return TaskScorer(tasks, include_path, limit, batch_size, max_length,
+                      trust_remote_code).score_export(export)
 
 
 @contextmanager

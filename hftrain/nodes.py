@@ -217,6 +217,35 @@ def on_main_process(accelerator: Any, decide: Callable[[], Any]) -> Any:
     return result
 
 
+def on_main_process_within(accelerator: Any, work: Callable[[], Any],
+                           timeout: timedelta) -> Any:
+    """`work()` on the main process while the others wait for it, up to `timeout` (on a gloo
+    group of its own: the run's process group times out sooner, 10 min on NCCL); every
+    process gets its result. A failure is raised on the main process as it was and as
+    `ReportedByMainProcess` (its one line) on the others; a wait past `timeout` fails the
+    waiting processes with the process group's timeout error."""
+    if accelerator.num_processes == 1:
+        return work()
+    result = error = failure = None
+    if accelerator.is_main_process:
+        try:
+            result = work()
+        except Exception as exc:  # noqa: BLE001 - the others learn of it, then it is raised
+            failure, error = exc, one_line(exc)
+    group = torch.distributed.new_group(backend="gloo", timeout=timeout)
+    shared = [result, error]
+    try:
+        torch.distributed.broadcast_object_list(shared, src=0, group=group)
+    finally:
+        torch.distributed.destroy_process_group(group)
+    result, error = shared
+    if failure is not None:
+        raise failure
+    if error is not None:
+        raise ReportedByMainProcess(error)
+    return result
+
+
 def any_process(accelerator: Any, flags: tuple[bool, ...], sync_point: bool) -> tuple[bool, ...]:
     """Each flag true where it is true on any process, so that all act after the same step
     (stop, save). With several GPU processes they agree only at `sync_point`s (a collective

@@ -352,9 +352,25 @@ class EvalConfig:
     """Cap on evaluation batches during training (each process reads this many of its own,
     which together make this many global batches); the final evaluation reads everything.
     >= 1 when set."""
+    tasks: list[str] = field(default_factory=list)
+    """lm-eval tasks scored at every evaluation, on the live model (as `hftrain eval
+    --tasks` scores an export; needs `pip install 'hftrain[eval]'`), by the main process while
+    the others wait. Logged as `task/TASK/METRIC` in metrics.jsonl and the trackers."""
+    task_limit: float | None = None
+    """Documents per task (a fraction of them when below 1): lm-eval's `--limit`, > 0."""
+    task_include_path: str | None = None
+    """A folder of local lm-eval task YAMLs (lm-eval's `--include-path`). Task files that
+    would run Python (`!function`) are refused: score those with `hftrain eval --tasks
+    --trust-remote-code` on an export."""
 
     def __post_init__(self) -> None:
         at_least_one(self, "interval", "batch_size", "max_batches")
+        positive(self, "task_limit")
+        if any(not task.strip() for task in self.tasks):
+            raise ValueError("tasks names an empty task")
+        if (self.task_limit is not None or self.task_include_path) and not self.tasks:
+            raise ValueError("task_limit and task_include_path apply to lm-eval tasks: "
+                             "set eval.tasks")
 
 
 @dataclass

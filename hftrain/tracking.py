@@ -251,10 +251,26 @@ def loss_points(records: list[dict[str, Any]]) -> list[tuple[int, float]]:
             for r in records if "loss" in r]
 
 
+def _points(records: list[dict[str, Any]], key: str) -> list[tuple[int, float]]:
+    return [(r["step"], r[key]) for r in records
+            if isinstance(r.get(key), int | float) and math.isfinite(r[key])]
+
+
+def val_summary(val: dict[str, Any]) -> str:
+    """A mixture's validation loss per source and the lm-eval task metrics, for a progress
+    line (empty when there are none)."""
+    scores = val.get("by_source") or {}
+    parts = [f"{name} {score['loss']:.4f}" for name, score in scores.items()]
+    parts += [f"{task} {metric} {value:.4f}" for task, metrics in (val.get("tasks") or {}).items()
+              for metric, value in metrics.items() if "_stderr" not in metric]
+    return "".join(f" | {part}" for part in parts)
+
+
 def plot_losses(metrics_path: Path, out_path: Path) -> Path | None:
-    """Train and validation loss against step, as a PNG; None if matplotlib is missing.
-    Drawn with matplotlib's object API on the Agg canvas, not pyplot: no global figure state,
-    no backend chosen for the whole process."""
+    """Train and validation loss against step (a mixture's sources' validation losses too),
+    and below them the lm-eval task metrics scored during training (`eval.tasks`), as a PNG;
+    None if matplotlib is missing. Drawn with matplotlib's object API on the Agg canvas, not
+    pyplot: no global figure state, no backend chosen for the whole process."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -262,18 +278,31 @@ def plot_losses(metrics_path: Path, out_path: Path) -> Path | None:
         return None
     records = read_metrics(metrics_path)
     train = loss_points(records)
-    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    fig = Figure(figsize=(7, 4), dpi=110)
+    keys = sorted({k for r in records for k in r})
+    sources = [k for k in keys if k.startswith("val_loss/")]
+    tasks = [k for k in keys if k.startswith("task/") and "_stderr" not in k]
+    fig = Figure(figsize=(7, 7 if tasks else 4), dpi=110)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    ax = fig.add_subplot(2 if tasks else 1, 1, 1)
     if train:
         ax.plot(*zip(*train, strict=True), label="train loss", linewidth=1)
-    if val:
-        ax.plot(*zip(*val, strict=True), "o-", label="validation loss")
+    for key, style, label in [("val_loss", "o-", "validation loss"),
+                              *((k, ".--", f"validation loss: {k[9:]}") for k in sources)]:
+        points = _points(records, key)
+        if points:
+            ax.plot(*zip(*points, strict=True), style, label=label)
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats per token)")
     ax.grid(alpha=0.3)
     ax.legend()
+    if tasks:
+        below = fig.add_subplot(2, 1, 2, sharex=ax)
+        for key in tasks:
+            below.plot(*zip(*_points(records, key), strict=True), "o-", label=key[5:])
+        below.set_xlabel("step")
+        below.set_ylabel("lm-eval task metric")
+        below.grid(alpha=0.3)
+        below.legend()
     fig.tight_layout()
     image = io.BytesIO()
     fig.savefig(image, format="png")

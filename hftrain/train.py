@@ -25,8 +25,8 @@ from accelerate import Accelerator
 
 from hftrain.build import RunParts, build_parts, print_global_batch
 from hftrain.errors import ResumableError, TrainingDiverged
-from hftrain.evaluation import by_source
 from hftrain.finish import finish
+from hftrain.harness import task_scorer
 from hftrain.lifecycle import RunFolder
 from hftrain.nodes import (
     builds_token_cache,
@@ -39,7 +39,7 @@ from hftrain.process import set_up_process
 from hftrain.recipe import Recipe, check
 from hftrain.resume import Plan
 from hftrain.signals import StopRequest
-from hftrain.tracking import default_trackers, flat_config, progress_bar
+from hftrain.tracking import default_trackers, flat_config, progress_bar, val_summary
 from hftrain.train_state import Run
 
 
@@ -49,7 +49,7 @@ class TrainResult:
     model: Any = None
     """The trained model, unwrapped from Accelerate, in eval mode (None if nothing ran)."""
     final_dir: Path | None = None
-    val: dict[str, float] = field(default_factory=dict)
+    val: dict[str, Any] = field(default_factory=dict)
     """The final evaluation's figures (empty if it did not run)."""
     sample: str = ""
     train_seconds: float = 0.0
@@ -61,6 +61,14 @@ class TrainResult:
     checkpoint: Path | None = None
     already_finished: bool = False
     """`--resume` found the run finished at its max_steps: nothing was done."""
+
+    def validation_line(self) -> str:
+        """The final evaluation in one line (each source's loss and each task's metrics
+        too)."""
+        val = self.val
+        return (f"validation: loss {val['loss']:.4f} | perplexity {val['perplexity']:.3f} | "
+                f"bits/byte {val['bits_per_byte']:.4f} | {val['tokens']:,} tokens"
+                f"{val_summary(val)}")
 
 
 def train(recipe: Recipe, recipe_path: Path | None = None) -> TrainResult:
@@ -87,12 +95,13 @@ def train(recipe: Recipe, recipe_path: Path | None = None) -> TrainResult:
             return TrainResult(run_dir=folder.path, final_dir=folder.path / "final",
                                step=recipe.train.max_steps, already_finished=True)
         parts = build_parts(recipe, accelerator, recipe_path, builds_cache)
+        tasks = task_scorer(recipe, accelerator)  # lm-eval's tasks checked before any write
         on_main_process(accelerator, lambda: folder.start(plan, parts.tokenizer,
                                                           parts.tokenizer_built))
         if trackers:
             accelerator.init_trackers("hftrain", config=flat_config(recipe.to_dict()))
-        return train_in_folder(Run(recipe, accelerator, parts, folder.path), folder, plan,
-                               parts)
+        return train_in_folder(Run(recipe, accelerator, parts, folder.path, tasks), folder,
+                               plan, parts)
 
 
 def with_token_budget(recipe: Recipe, accelerator: Accelerator) -> Recipe:
@@ -175,7 +184,7 @@ def fit(run: Run, stop: StopRequest) -> None:
                 if state.step % run.recipe.eval.interval == 0 and state.step < cfg.max_steps:
                     val = run.evaluate(run.recipe.eval.max_batches)
                     bar.write(f"step {state.step}: val_loss {val['loss']:.4f} "
-                              f"val_ppl {val['perplexity']:.3f}{by_source(val)}")
+                              f"val_ppl {val['perplexity']:.3f}{val_summary(val)}")
                     run.log.restart()
                 if run.checkpoints.after_step(state.step, stop.signum, log_step):
                     run.interrupted = stop.signum or signal.SIGTERM

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +26,8 @@ from hftrain.checkpoint_policy import RunCheckpoints
 from hftrain.data_check import content_sample, describe_change
 from hftrain.errors import HftrainError
 from hftrain.evaluation import evaluate_lm, perplexity_metric
+from hftrain.harness import TASK_WAIT, TaskScorer
+from hftrain.nodes import on_main_process_within
 from hftrain.sharding import bare_model, is_sharded
 from hftrain.tracking import MetricsLog, WindowLog, flops_per_token, peak_tflops
 from hftrain.train_step import StepResult, TrainStep
@@ -41,8 +44,10 @@ class Run:
     and RNG states are Accelerate's, which it saves through `save_state`."""
 
     def __init__(self, recipe: Recipe, accelerator: Any, parts: RunParts,
-                 run_dir: Path | None) -> None:
+                 run_dir: Path | None, tasks: TaskScorer | None = None) -> None:
         self.recipe, self.accelerator = recipe, accelerator
+        self.tasks = tasks
+        """`eval.tasks`' scorer, on the main process (`harness.task_scorer`)."""
         self.model, self.scheduler = parts.model, parts.scheduler
         self.streams, self.tokenizer = parts.streams, parts.tokenizer
         self.state = TrainState(parts.batches, accelerator.device)
@@ -107,8 +112,22 @@ class Run:
                 record.update({f"val_loss/{name}": score["loss"],
                                f"val_bpb/{name}": score["bits_per_byte"],
                                f"val_tokens/{name}": score["tokens"]})
+        if self.recipe.eval.tasks:
+            started = time.perf_counter()
+            val["tasks"] = self.score_tasks()
+            record.update({f"task/{task}/{metric}": value
+                           for task, metrics in val["tasks"].items()
+                           for metric, value in metrics.items()})
+            record["task_seconds"] = round(time.perf_counter() - started, 3)
         self.metrics.write(record)
         return val
+
+    def score_tasks(self) -> dict[str, dict[str, float]]:
+        """`eval.tasks` on the live model, scored by the main process (the others wait up
+        to `harness.TASK_WAIT`): lm-eval's {task: {metric: value}}."""
+        return on_main_process_within(
+            self.accelerator, lambda: self.tasks.score_model(self.bare_model(), self.tokenizer),
+            TASK_WAIT)
 
 
 class TrainState:
