@@ -4,7 +4,8 @@ TypeError for weeks, unseen, behind RESULTS rows nobody could re-run). The scrip
 own smoke test elsewhere: checkpoint.py (test_checkpoint.py), sharded_step.py
 (test_sharded.py). launch_configs.py, vs_nanogpt.py (both sides shortened to a few steps),
 data_pipeline.py (throughput and the token cache; resume and peak RSS through the CLI),
-lm_eval_agreement.py, activation_checkpointing.py and mixture.py are covered here."""
+lm_eval_agreement.py, activation_checkpointing.py, mixture.py and tasks_in_training.py are
+covered here."""
 
 from __future__ import annotations
 
@@ -158,3 +159,14 @@ def test_the_mixture_benchmark_times_both_sides_of_the_pipeline_and_training():
     assert latency and all(float(v) > 0 for v in latency.groups()), report
     assert re.search(r"pipeline alone, batches/s .*ratio \d+\.\d{3}", report), report
     assert re.search(r"ratio mixture/single: \d+\.\d{3}", report), report
+
+
+def test_the_tasks_in_training_benchmark_reports_the_cost_of_scoring_during_training():
+    """benchmarks/tasks_in_training.py at 4 steps and a 2,000-character task: both runs, the
+    per-evaluation task time and the export scored afterwards (needs lm-eval)."""
+    pytest.importorskip("lm_eval")
+    report = run_benchmark(str(BENCHMARKS / "tasks_in_training.py"), "--steps", "4",
+                           "--interval", "2", "--task-chars", "2000", timeout=600)
+    assert re.search(r"with eval.tasks: [\d.]+ s \(ratio \d+\.\d{3}\)", report), report
+    assert re.search(r"task scoring at 2 evaluations: median [\d.]+ s", report), report
+    assert re.search(r"final bits_per_byte: \d+\.\d{4}", report), report
