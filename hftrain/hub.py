@@ -256,11 +256,19 @@ def model_card(folder: Path, repo_id: str, val: dict[str, Any] | None) -> ModelC
         global_batch=global_batch(train, data.get("block_size", "?"), _run_record(folder)),
         optimizer=_optimizer(train),
         validation=(f"loss {val['val_loss']:.4f}, perplexity {val['val_ppl']:.3f}, bits per "
-                    f"byte {val['val_bpb']:.4f} over {val['val_tokens']:,} tokens") if val else "",
+                    f"byte {val['val_bpb']:.4f} over {val['val_tokens']:,} tokens"
+                    f"{_by_source(val)}") if val else "",
         plot=(folder / "loss.png").is_file(),
         remote=", trust_remote_code=True" if recurrent else "",
         prompt=recipe.get("sample", {}).get("prompt", "") or "",
     )
+
+
+def _by_source(val: dict[str, Any]) -> str:
+    """A mixture's validation figures per source, for the card's validation line."""
+    names = [key.split("/", 1)[1] for key in val if key.startswith("val_loss/")]
+    return "".join(f"; {name}: loss {val[f'val_loss/{name}']:.4f}, bits per byte "
+                   f"{val.get(f'val_bpb/{name}', float('nan')):.4f}" for name in names)
 
 
 def _sources(data: dict[str, Any]) -> list[dict[str, Any]]:

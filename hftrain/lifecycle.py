@@ -80,6 +80,28 @@ class RunFolder:
                                " give the token cache a folder of its own (e.g. cache/NAME)")
         for alone in self.recipe.data.by_source():
             token_cache.check_target(alone)
+        if self.recipe.data.sources:
+            self._check_mixture_cache(cache)
+
+    def _check_mixture_cache(self, cache: Path) -> None:
+        """A mixture's `data.cache` holds token caches (`NAME/`, one per source, and each
+        one's `.NAME.lock`; those of sources since dropped may stay) and nothing else: a
+        folder holding anything more is someone else's."""
+        if cache.exists() and not cache.is_dir():
+            raise HftrainError(f"data.cache '{cache}' is a file, not a folder")
+
+        def is_cache(name: str) -> bool:
+            return (cache / name / token_cache.CACHE_RECORD).is_file()
+
+        names = {s.name for s in self.recipe.data.sources}
+        foreign = sorted(e.name for e in cache.iterdir()
+                         if not (e.name in names or is_cache(e.name)
+                                 or e.name.startswith(".") and e.name.endswith(".lock"))
+                         ) if cache.is_dir() else []
+        if foreign:
+            raise HftrainError(f"data.cache '{cache}' holds {foreign[0]}, which is not a "
+                               "token cache of this mixture's sources; give the mixture's "
+                               "caches a folder of their own (hftrain writes one per source)")
 
     def plan(self, accelerator: Any) -> Plan:
         """Start, resume or nothing to do (`resume.plan_run`, for this launch); a folder that

@@ -170,14 +170,17 @@ class DataConfig(SourceFields):
             self.cache = str(Path(self.cache).expanduser())
         if not self.sources:
             return
-        if self.train_files or self.val_files or self.dataset:
-            raise ValueError("sources replaces train_files, val_files and dataset: "
-                             "move them into a source")
-        names = [source.name for source in self.sources]
-        repeated = sorted({name for name in names if names.count(name) > 1})
+        alone = SourceFields()
+        given = [f.name for f in dataclasses.fields(SourceFields)
+                 if getattr(self, f.name) != getattr(alone, f.name)]
+        if given:
+            raise ValueError(f"sources replaces data.{', data.'.join(given)}: each source "
+                             "says where its data is and how to read it; set them there")
+        names = [source.name.lower() for source in self.sources]
+        repeated = [s.name for s in self.sources if names.count(s.name.lower()) > 1]
         if repeated:
-            raise ValueError(f"sources names {repeated[0]!r} twice; each source needs a "
-                             "name of its own")
+            raise ValueError(f"sources names {repeated[0]!r} twice (in any case: the names "
+                             "are folder names); each source needs a name of its own")
 
     def mixture(self) -> list[tuple[SourceConfig, DataConfig]]:
         """Each source with the data section for it alone: the shared settings, the

@@ -43,15 +43,20 @@ def trajectory(recipe: Recipe, launch: dict[str, Any]) -> dict[str, Any]:
     files as the absolute paths of the files they name or match: the same file named from
     another directory is the same data; a new file matching a glob is not)."""
     flat = flatten(recipe.to_dict())
-    for key in ("data.train_files", "data.val_files"):  # globs as the files they match now
+    for i, source in enumerate(flat.pop("data.sources")):  # a change is named by its key
+        flat.update({f"data.sources[{i}].{key}": value for key, value in source.items()})
+    for key in _file_keys(flat):  # globs as the files they match now
         flat[key] = _absolute(flat[key])
-    flat["data.sources"] = [{**source, "train_files": _absolute(source["train_files"]),
-                             "val_files": _absolute(source["val_files"])}
-                            for source in flat["data.sources"]]
     kept = {k: v for k, v in flat.items()
             if not any(k == m or (m.endswith(".") and k.startswith(m))
                        for m in MAY_CHANGE_ON_RESUME)}
     return {**kept, **launch}
+
+
+def _file_keys(flat: dict[str, Any]) -> list[str]:
+    """The data-file keys: `data.train_files`, `data.val_files`, and each source's."""
+    return [key for key in flat
+            if key.startswith("data.") and key.endswith((".train_files", ".val_files"))]
 
 
 def _absolute(files: list[str]) -> list[str]:
@@ -121,7 +126,7 @@ def _moved_data(saved: dict[str, Any], current: dict[str, Any],
     in one line; otherwise as it was (the change is then refused)."""
     samples = (state.get("parts") or {}).get("data_files", {}).get("samples") or {}
     moved = dict(saved)
-    for key in ("data.train_files", "data.val_files"):
+    for key in _file_keys(saved):
         before, now = saved.get(key), current.get(key)
         if not samples or not isinstance(before, list) or before == now or not now \
                 or len(before) != len(now) or any(path not in samples for path in before):
@@ -176,7 +181,7 @@ def _regroupable(saved: dict[str, Any], current: dict[str, Any],
         raise HftrainError(f"the run of {where} trained on {before} processes and this launch "
                            f"has {now}: DeepSpeed's ZeRO checkpoints load only on the number "
                            "of processes that saved them")
-    if current.get("data.sources"):
+    if any(key.startswith("data.sources[") for key in current):
         raise HftrainError(f"the run of {where} trained on {before} processes and this launch "
                            f"has {now}: a mixture resumes only on the processes it started "
                            "with (each rank draws its own blocks from the sources)")

@@ -199,6 +199,7 @@ def test_a_mixture_run_logs_each_sources_tokens_and_validation(tmp_path, corpora
     assert {"Q", "q"} <= set(vocab["model"]["vocab"])  # learned from both sources
     card = str(model_card(tmp_path / "run" / "final", "user/mixed", final))
     assert "upper (weight 3.0): upper-0.txt, upper-1.txt; lower (weight 1.0)" in card
+    assert f"; lower: loss {final['val_loss/lower']:.4f}, bits per byte" in card
 
 
 def run_with_fault(record: Path, recipe: Path, kill_at_step: int = 0,
@@ -244,7 +245,9 @@ def test_prepare_builds_one_cache_per_source(tmp_path, corpora, capsys):
 
 
 @pytest.mark.parametrize("data, message", [
-    ({"train_files": ["x.txt"]}, "data.sources replaces train_files, val_files and dataset"),
+    ({"train_files": ["x.txt"]}, "data.sources replaces data.train_files: each source says"),
+    ({"val_fraction": 0.5, "sample_by": "line"},
+     "data.sources replaces data.val_fraction, data.sample_by: each source says"),
     ({"sources": [{"name": "a", "train_files": ["x"], "weight": 0}]},
      "data.sources[0].weight must be > 0"),
     ({"sources": [{"name": "a", "train_files": ["x"], "weight": float("nan")}]},
@@ -253,6 +256,8 @@ def test_prepare_builds_one_cache_per_source(tmp_path, corpora, capsys):
      "data.sources[0].name must be letters, digits"),
     ({"sources": [{"name": "a", "train_files": ["x"]}, {"name": "a", "dataset": "u/d"}]},
      "data.sources names 'a' twice"),
+    ({"sources": [{"name": "Ab", "train_files": ["x"]}, {"name": "aB", "train_files": ["y"]}]},
+     "data.sources names 'Ab' twice (in any case"),
     ({"sources": [{"name": "a"}]}, "data.sources[0]: needs train_files or dataset"),
     ({"sources": "x.txt"}, "data.sources expects a list of mappings"),
     ({"sources": [{"name": "a", "train_files": ["x"], "wieght": 2}]},
@@ -262,7 +267,7 @@ def test_a_wrong_source_is_one_line_naming_the_key(tmp_path, corpora, capsys, da
     recipe = json.loads(recipe_file(tmp_path, corpora, "run").read_text())
     recipe["data"].pop("sources")
     recipe["data"].update(data)
-    if "train_files" in data:
+    if "sources" not in data:
         recipe["data"]["sources"] = [{"name": "a", "train_files": ["y.txt"]}]
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(recipe))  # (YAML: .nan)
@@ -293,6 +298,94 @@ def test_a_run_folder_holding_a_sources_data_is_refused(tmp_path, corpora, capsy
     code, out, err = cli(["train", str(path)], capsys)
     assert code == 2 and "run.output_dir" in err, err
     assert all(p.is_file() for paths in corpora.values() for p in paths)
+
+
+def test_weights_near_the_float_limit_still_share_the_blocks(corpora, tok):
+    huge = mixture(corpora, {"upper": 1e308, "lower": 1e308})
+    stream = DataStreams(huge, tok, seed=3).train_batches(100)
+    for _ in range(10):
+        next(stream)
+    tokens, _ = stream.report()
+    assert abs(tokens["upper"] / (tokens["upper"] + tokens["lower"]) - 0.5) < 0.05, tokens
+
+
+def test_epochs_of_unpacked_examples_count_examples(tmp_path, tok):
+    """One example per block: an epoch is as many blocks as examples, however long each."""
+    records = [{"prompt": f"Q{i}: ", "completion": "yes " * (i % 7)} for i in range(40)]
+    files = {}
+    for name in ("a", "b"):
+        files[name] = [tmp_path / f"{name}.jsonl"]
+        files[name][0].write_text("".join(json.dumps(r) + "\n" for r in records))
+    config = mixture(files, {"a": 1, "b": 1}, kind="sft", packing=False)
+    config = DataConfig(**{**config.__dict__, "sources": [
+        SourceConfig(**{**s.__dict__, "val_fraction": 0.0, "val_files": [str(files["a"][0])]})
+        for s in config.sources]})
+    stream = DataStreams(config, tok, seed=3).train_batches(10)
+    for _ in range(16):  # 160 examples drawn, 80 of each on average
+        next(stream)
+    tokens, epochs = stream.report()
+    for name in ("a", "b"):
+        assert epochs[name] == pytest.approx(tokens[name] / 16 / 40), (tokens, epochs)
+
+
+def write(tmp_path: Path, recipe: dict, name: str = "changed") -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_a_source_too_small_for_a_block_is_refused_before_anything_is_written(
+        tmp_path, corpora, capsys):
+    small = tmp_path / "small.txt"
+    small.write_text("tiny")
+    recipe = json.loads(recipe_file(tmp_path, corpora, "run").read_text())
+    recipe["data"]["sources"].append({"name": "small", "weight": 0.001,
+                                      "train_files": [str(small)],
+                                      "val_files": [str(corpora["lower"][1])]})
+    code, out, err = cli(["train", str(write(tmp_path, recipe))], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"data.sources[2] (small): the training corpus ({small}) has" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_missing_file_names_its_source(tmp_path, corpora, capsys):
+    recipe = json.loads(recipe_file(tmp_path, corpora, "run").read_text())
+    recipe["data"]["sources"][1]["train_files"] = [str(tmp_path / "nope.txt")]
+    code, out, err = cli(["train", str(write(tmp_path, recipe))], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert "data.sources[1] (lower): data file not found" in err
+
+
+def test_resume_names_the_changed_key_of_a_source_and_follows_moved_files(tmp_path, corpora,
+                                                                          capsys):
+    recipe = json.loads(recipe_file(tmp_path, corpora, "run").read_text())
+    recipe["train"]["max_steps"] = 8
+    assert cli(["train", str(write(tmp_path, recipe, "first"))], capsys)[0] == 0
+    recipe["train"]["max_steps"] = 16
+    recipe["data"]["sources"][0]["weight"] = 2
+    code, out, err = cli(["train", str(write(tmp_path, recipe)), "--resume"], capsys)
+    assert code == 2 and "data.sources[0].weight (3.0 -> 2.0)" in err, err
+    assert len(err) < 400, err  # the key that changed, not every source's every setting
+    recipe["data"]["sources"][0]["weight"] = 3
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for i, path in enumerate(corpora["lower"]):
+        (moved / path.name).write_bytes(path.read_bytes())
+        recipe["data"]["sources"][1]["train_files"][i] = str(moved / path.name)
+    code, out, err = cli(["train", str(write(tmp_path, recipe)), "--resume"], capsys)
+    assert code == 0, err
+    assert "data.sources[1].train_files moved since the checkpoint" in err
+
+
+def test_a_mixture_cache_folder_holding_other_files_is_refused(tmp_path, corpora, capsys):
+    foreign = tmp_path / "notes"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    recipe = recipe_file(tmp_path, corpora, "run", cache=str(foreign))
+    code, out, err = cli(["train", str(recipe)], capsys)
+    assert code == 2 and "holds notes.txt, which is not a token cache" in err, err
+    assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow  # two torchrun launches and a resume: a minute; the 2-rank position test

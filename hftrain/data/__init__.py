@@ -13,6 +13,8 @@ so does a data file that changes while a run reads it (`hftrain.data_check`).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -31,7 +33,7 @@ from hftrain.data.packing import (
 )
 from hftrain.data.sources import SplitPieces, resolve_files
 from hftrain.data_check import check_unchanged
-from hftrain.errors import DataError
+from hftrain.errors import DataError, HftrainError
 from hftrain.recipe import DataConfig
 from hftrain.sft import IGNORE_INDEX
 
@@ -59,8 +61,9 @@ def texts(config: DataConfig, split: str = "train", whole: bool = False) -> Iter
     order, unless `whole` asks for it joined (what evaluation scores). A mixture's sources
     come one after the other, each whole (a tokenizer learns from all of their text)."""
     if config.sources:
-        for alone in config.by_source():
-            yield from texts(alone, split, whole)
+        for i, (source, alone) in enumerate(config.mixture()):
+            with naming_source(i, source.name):
+                yield from texts(alone, split, whole)
         return
     pieces = SplitPieces(config, split)
     fragments: list[str] = []
@@ -75,6 +78,21 @@ def texts(config: DataConfig, split: str = "train", whole: bool = False) -> Iter
                 parts = [document.get("prompt"), document.get("completion")]
                 parts += [m.get("content") for m in document.get("messages") or []]
                 yield "\n".join(p for p in parts if isinstance(p, str))
+
+
+@contextmanager
+def naming_source(index: int, name: str) -> Iterator[None]:
+    """A data error of a mixture's source, named: `data.sources[1] (ptb): ...`."""
+    try:
+        yield
+    except HftrainError as exc:
+        raise type(exc)(f"data.sources[{index}] ({name}): {exc}") from None
+
+
+def _named(batches: Iterator[dict[str, Any]], index: int,
+           name: str) -> Iterator[dict[str, Any]]:
+    with naming_source(index, name):
+        yield from batches
 
 
 def source_seed(seed: int, index: int) -> int:
@@ -103,12 +121,15 @@ class DataStreams:
         self._pieces: dict[str, SplitPieces] = {}
         self.fingerprints: dict[str, tuple[int, int]] = {}
         """(size, mtime_ns) of every local file read, taken when its stream is first built."""
-        self.sources = {source.name: DataStreams(alone, tokenizer, source_seed(seed, i),
-                                                 stateful, rank, world_size)
-                        for i, (source, alone) in enumerate(config.mixture())}
+        self.sources: dict[str, DataStreams] = {}
         """With `data.sources`: each source's own streams (they share `fingerprints`)."""
-        for streams in self.sources.values():
+        for i, (source, alone) in enumerate(config.mixture()):
+            with naming_source(i, source.name):
+                streams = DataStreams(alone, tokenizer, source_seed(seed, i), stateful, rank,
+                                      world_size)
             streams.fingerprints = self.fingerprints
+            streams.val_kept = KeptTokens(KeptTokens.budget // len(config.sources))  # shared
+            self.sources[source.name] = streams
         mixture = bool(config.sources)
         self.cache = token_cache.open_for(config, tokenizer) if config.cache and not mixture \
             else None
@@ -124,8 +145,7 @@ class DataStreams:
 
     def train_batches(self, batch_size: int) -> TrainBatches:
         if self.sources:
-            return MixtureStream({name: streams.train_batches(batch_size)
-                                  for name, streams in self.sources.items()},
+            return MixtureStream(self._source_streams(batch_size),
                                  [source.weight for source in self.config.sources], self.seed,
                                  self.rank, batch_size, self.config.block_size,
                                  self.tokenizer.pad_token_id, self.pin_memory)
@@ -139,12 +159,29 @@ class DataStreams:
         return TrainStream(pieces, self.tokenizer, self.config, self.seed, batch_size,
                            self.rank, self.world_size, self.pin_memory)
 
+    def _source_streams(self, batch_size: int) -> dict[str, TrainBatches]:
+        """Each source's training stream, once a first block of it has been read (on a
+        stream of its own, without shuffle or workers: one piece): a source too small to
+        fill a block fails here, before the run writes anything, rather than when it is
+        first drawn (the mixture's first batch may not draw from every source; a cache is
+        checked when it is opened)."""
+        streams = {}
+        for i, (name, source) in enumerate(self.sources.items()):
+            with naming_source(i, name):
+                streams[name] = source.train_batches(batch_size)
+                if source.cache is None:
+                    alone = replace(source.config, shuffle_tokens=0, num_workers=0)
+                    TrainStream(source.pieces("train"), self.tokenizer, alone, self.seed, 1,
+                                self.rank, self.world_size).next_block()
+        return streams
+
     def val_sources(self, batch_size: int) -> dict[str, Iterator[dict[str, Any]]]:
         """The validation batches of each source by name (without `sources`: of the one
         corpus, named "")."""
         if not self.sources:
             return {"": self.val_batches(batch_size)}
-        return {name: streams.val_batches(batch_size) for name, streams in self.sources.items()}
+        return {name: _named(streams.val_batches(batch_size), i, name)
+                for i, (name, streams) in enumerate(self.sources.items())}
 
     def val_batches(self, batch_size: int) -> Iterator[dict[str, Any]]:
         """The validation split's batches (of one source: `val_sources` for a mixture)."""
@@ -157,8 +194,9 @@ class DataStreams:
     def check_val(self, batch_size: int) -> None:
         """Pull one validation batch, so empty validation data fails before anything is
         written. Rank 0 always holds the first piece; another rank may rightly hold none."""
-        for streams in self.sources.values():
-            streams.check_val(batch_size)
+        for i, (name, streams) in enumerate(self.sources.items()):
+            with naming_source(i, name):
+                streams.check_val(batch_size)
         if self.sources:
             return
         if self.rank == 0 and next(self.val_batches(batch_size), None) is None:

@@ -270,8 +270,9 @@ class TrainStream(TrainBatches):
         return batch
 
     def epoch_tokens(self) -> float | None:
-        """Tokens in this rank's last whole epoch; in the first, estimated from the pieces
-        read so far (None before the first)."""
+        """Token positions of blocks in this rank's last whole epoch (its tokens; one block
+        per example when each example has its own block); in the first, estimated from the
+        pieces read so far (None before the first piece)."""
         if self.last_epoch_tokens:
             return self.last_epoch_tokens
         return self._epoch_tokens * self.order.per_epoch / self.next_piece \
@@ -311,7 +312,9 @@ class TrainStream(TrainBatches):
         self.counters["pieces"] += 1
         self.counters["documents"] += len(item.lengths)
         self.counters["tokens"] += item.tokens.shape[-1]
-        self._epoch_tokens += item.tokens.shape[-1]
+        # what the epoch fills: its tokens, or (one example a block) a block per example
+        self._epoch_tokens += len(item.lengths) * self.config.block_size \
+            if self.one_example_per_block else item.tokens.shape[-1]
         self.next_piece += 1
         if self.next_piece == self.order.per_epoch:
             self._end_epoch()

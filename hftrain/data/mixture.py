@@ -40,7 +40,8 @@ class MixtureStream(TrainBatches):
         self.block_size = block_size
         self.seed, self.rank, self.batch_size = seed, rank, batch_size
         self.pad_id, self.pin_memory = pad_id, pin_memory
-        self.bounds = np.cumsum(np.asarray(weights, dtype=np.float64) / sum(weights))
+        shares = np.asarray(weights, dtype=np.float64) / max(weights)  # (1e308 + 1e308: inf)
+        self.bounds = np.cumsum(shares / shares.sum())
         self.bounds[-1] = 1.0  # a draw just below 1 never falls past the last source
         self.draws = 0
         self.blocks_drawn = [0] * len(self.sources)
