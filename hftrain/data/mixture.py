@@ -66,7 +66,7 @@ class MixtureStream(TrainBatches):
     def _next_batch(self) -> dict[str, torch.Tensor]:
         chosen = self.sources_of(self.draws, self.batch_size)
         blocks = [self.sources[i].next_block() for i in chosen]
-        self.draws += len(chosen)  # after every block is read: a failure leaves the position
+        self.draws += len(chosen)  # (a step failing part-way is undone by `rollback_step`)
         for i in chosen:
             self.blocks_drawn[i] += 1
         batch = collate(blocks, self.batch_size, self.pad_id, self.sources[0].rows)
@@ -76,8 +76,9 @@ class MixtureStream(TrainBatches):
 
     def report(self) -> tuple[dict[str, int], dict[str, float]]:
         """Per source, on this process: the token positions drawn from it (blocks x
-        block_size), and the epochs of it trained on (those positions over the tokens of
-        one epoch of this process's share; a streamed source's once it has read one)."""
+        block_size), and the epochs of it trained on (those positions over the token
+        positions of one epoch of this process's share: during a streamed source's first
+        epoch, estimated from the pieces read so far)."""
         tokens = {name: drawn * self.block_size
                   for name, drawn in zip(self.names, self.blocks_drawn, strict=True)}
         epochs = {name: tokens[name] / source.epoch_tokens()
