@@ -356,6 +356,22 @@ def test_a_missing_file_names_its_source(tmp_path, corpora, capsys):
     assert "data.sources[1] (lower): data file not found" in err
 
 
+@pytest.mark.parametrize("mixed", [True, False], ids=["source", "data section"])
+def test_a_hub_dataset_that_cannot_be_read_is_one_line(tmp_path, corpora, capsys, mixed):
+    """Offline (as the tests run) or not on the Hub: one line naming the dataset, exit 2."""
+    recipe = json.loads(recipe_file(tmp_path, corpora, "run").read_text())
+    if mixed:
+        recipe["data"]["sources"][1] = {"name": "hub", "dataset": "nobody-xyz/none"}
+    else:
+        recipe["data"].pop("sources")
+        recipe["data"]["dataset"] = "nobody-xyz/none"
+    code, out, err = cli(["train", str(write(tmp_path, recipe))], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    named = "data.sources[1] (hub): " if mixed else ""
+    assert f"{named}data.dataset 'nobody-xyz/none' (split 'train') cannot be read" in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_resume_names_the_changed_key_of_a_source_and_follows_moved_files(tmp_path, corpora,
                                                                           capsys):
     recipe = json.loads(recipe_file(tmp_path, corpora, "run").read_text())

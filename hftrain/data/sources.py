@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from hftrain.data_check import Source, check_unchanged, explain, fingerprint
-from hftrain.errors import DataError, RecordError
+from hftrain.errors import DataError, RecordError, one_line
 from hftrain.recipe import DataConfig, expand_globs
 from hftrain.sft import SFT_COLUMNS, record_problem, value_kind
 
@@ -326,7 +326,12 @@ def _hub_stream(config: DataConfig, split: str) -> Any:
     from datasets import load_dataset
 
     hub_split = config.val_split if split == "val" and config.val_split else config.train_split
-    return load_dataset(config.dataset, config.dataset_config, split=hub_split, streaming=True)
+    try:
+        return load_dataset(config.dataset, config.dataset_config, split=hub_split,
+                            streaming=True)
+    except (OSError, ValueError) as exc:  # offline, no such dataset, config or split
+        raise DataError(f"data.dataset '{config.dataset}' (split '{hub_split}') cannot be "
+                        f"read: {one_line(exc)}") from None
 
 
 def _read(piece: Piece, config: DataConfig, split: str) -> Iterator[Any]:
