@@ -213,7 +213,8 @@ def trained(record: Path) -> dict[int, str]:
     return dict(line.split() for line in record.read_text().splitlines())
 
 
-@pytest.mark.parametrize("cached", [False, True], ids=["stream", "cache"])
+@pytest.mark.parametrize("cached", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["stream", "cache"])  # (the cache's position: the test above)
 def test_kill_9_then_resume_trains_on_the_blocks_of_the_uninterrupted_mixture(
         tmp_path, corpora, cached):
     cache = {"cache": str(tmp_path / "cache")} if cached else {}
