@@ -217,17 +217,12 @@ def _eval_data(args: argparse.Namespace) -> dict[str, Any]:
     from accelerate import Accelerator
 
     from hftrain.data import texts
-    from hftrain.evaluation import evaluate_texts, export_block_size
+    from hftrain.evaluation import evaluate_texts, scoring_block_size
     from hftrain.generation import load_export
-    from hftrain.models.base import position_limit
     from hftrain.recipe import DataConfig
 
     model, tokenizer = load_export(args.export, trust_remote_code=args.trust_remote_code)
-    block_size = args.block_size or export_block_size(args.export, model)
-    positions = position_limit(model)
-    if positions is not None and block_size > positions:
-        raise HftrainError(f"--block-size {block_size} is more than the {positions} positions "
-                           f"of the model in {args.export} (config max_position_embeddings)")
+    block_size = scoring_block_size(args.export, model, args.block_size)
     stride = args.stride or block_size
     if stride > block_size:
         raise HftrainError(f"--stride {stride} is more than the block size ({block_size}); "
@@ -270,6 +265,14 @@ def cmd_push(args: argparse.Namespace) -> None:
     print(f"{verb} {len(files)} files from {folder} to https://huggingface.co/{args.repo_id}:")
     for name in files:
         print(f"  {name}")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from hftrain.gguf_export import write_gguf
+
+    out = write_gguf(Path(args.export), Path(args.gguf))
+    print(f"wrote {out} ({out.stat().st_size / 1e6:,.1f} MB, float32): "
+          f"llama-cli -m {shlex.quote(str(out))} -p 'ROMEO:'")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -378,6 +381,11 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--folder", default=None,
                    help="where to stage the upload (default: <run_dir>/hub)")
     h.set_defaults(func=cmd_push)
+    x = sub.add_parser("export", help="write an export in another format: --gguf FILE for "
+                                      "llama.cpp, Ollama, LM Studio")
+    x.add_argument("export", help="an export folder (run_dir/final)")
+    x.add_argument("--gguf", required=True, help="the GGUF file to write (float32)")
+    x.set_defaults(func=cmd_export)
     g = sub.add_parser("generate", help="sample text from an exported model")
     g.add_argument("export", help="an export folder (run_dir/final) or Hub id")
     g.add_argument("--prompt", default="")

@@ -197,6 +197,17 @@ def recorded_block_size(export: str) -> int | None:
                            "--block-size") from None
 
 
+def scoring_block_size(export: str, model: Any, asked: int | None) -> int:
+    """The window `hftrain eval --data` scores with: `asked` (--block-size), else the
+    export's block size; no more than the model's positions."""
+    block_size = asked or export_block_size(export, model)
+    positions = position_limit(model)
+    if positions is not None and block_size > positions:
+        raise HftrainError(f"--block-size {block_size} is more than the {positions} positions "
+                           f"of the model in {export} (config max_position_embeddings)")
+    return block_size
+
+
 def export_block_size(export: str, model: Any) -> int:
     """The block size the export was trained with, else the model's maximum positions."""
     recorded = recorded_block_size(export)

@@ -52,6 +52,7 @@ def build_gpt2(
     config = GPT2Config(
         vocab_size=len(tokenizer),
         n_positions=block_size,
+        n_ctx=block_size,  # what GPT-2's own config.json carries, and converters read
         n_embd=fields.n_embd,
         n_layer=fields.n_layer,
         n_head=fields.n_head,
