@@ -143,3 +143,21 @@ def test_an_existing_file_is_never_replaced(exports, tmp_path, capsys):
     code, _, err = cli(["export", str(exports["gpt2"]), "--gguf", str(out)], capsys)
     assert code == 2 and f"{out} exists" in err
     assert out.read_text() == "my notes"
+
+
+@pytest.mark.slow  # needs llama-cpp-python, which compiles llama.cpp when installed
+def test_llama_cpp_reads_scores_and_continues_the_gguf_as_hftrain_does(exports):
+    """benchmarks/gguf_agreement.py on the three tiny exports: the same tokens, the total NLL
+    within 0.1% and the same greedy continuation (the script exits 1 otherwise)."""
+    pytest.importorskip("llama_cpp")
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gguf_agreement.py"),
+                           *(str(exports[n]) for n in MODELS), "--chars", "1500",
+                           "--new-tokens", "8"], capture_output=True, text=True, cwd=REPO,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    assert done.stdout.count("tokens equal;") == 3 and done.stdout.count("greedy equal") == 3
