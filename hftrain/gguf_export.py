@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from hftrain.atomic import write_error_reason
 from hftrain.errors import HftrainError
 
 CONTROL, NORMAL, UNUSED = 3, 1, 5
@@ -56,8 +57,24 @@ def write_gguf(export: Path, out: Path) -> Path:
     if out.exists():
         raise HftrainError(f"{out} exists; hftrain writes a new file only (remove it or name "
                            "another)")
+    if not out.parent.is_dir():
+        raise HftrainError(f"cannot write {out}: no folder {out.parent}")
     partial = out.with_name(f".{out.name}.partial")
     writer = gguf.GGUFWriter(str(partial), family.arch)
+    try:
+        _write(writer, family, export, config, tokenizer, weights)
+        os.replace(partial, out)
+    except OSError as exc:  # a read-only folder, a full disk
+        raise HftrainError(f"could not write {out} ({write_error_reason(exc)})") from None
+    finally:
+        partial.unlink(missing_ok=True)
+    return out
+
+
+def _write(writer: Any, family: Family, export: Path, config: dict[str, Any],
+           tokenizer: dict[str, Any], weights: dict[str, np.ndarray]) -> None:
+    import gguf
+
     try:
         writer.add_name(export.resolve().parent.name if export.name == "final" else export.name)
         writer.add_file_type(gguf.LlamaFileType.ALL_F32)
@@ -68,11 +85,8 @@ def write_gguf(export: Path, out: Path) -> Path:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
-        writer.close()
-        os.replace(partial, out)
     finally:
-        partial.unlink(missing_ok=True)
-    return out
+        writer.close()
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -137,6 +137,23 @@ def test_a_recurrent_export_is_refused_in_one_line(tmp_path, capsys):
     assert "a 'hftrain_recurrent' model has no GGUF form" in err
 
 
+def test_llama3_rope_scaling_and_a_missing_folder_are_refused_in_one_line(exports, tmp_path,
+                                                                          capsys):
+    import shutil
+
+    export = tmp_path / "llama3"
+    shutil.copytree(exports["llama"], export)
+    config = json.loads((export / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 2.0}
+    (export / "config.json").write_text(json.dumps(config))
+    code, _, err = cli(["export", str(export), "--gguf", str(tmp_path / "x.gguf")], capsys)
+    assert code == 2 and "rope scaling 'llama3' is not written to GGUF yet" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llama3"]  # no partial file left
+    code, _, err = cli(["export", str(exports["gpt2"]), "--gguf",
+                        str(tmp_path / "none" / "x.gguf")], capsys)
+    assert code == 2 and "no folder" in err, err
+
+
 def test_an_existing_file_is_never_replaced(exports, tmp_path, capsys):
     out = tmp_path / "mine.gguf"
     out.write_text("my notes")
