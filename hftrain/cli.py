@@ -268,11 +268,11 @@ def cmd_push(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from hftrain.gguf_export import write_gguf
+    from hftrain.gguf_export import client_hint, write_gguf
 
     out = write_gguf(Path(args.export), Path(args.gguf))
-    print(f"wrote {out} ({out.stat().st_size / 1e6:,.1f} MB, float32): "
-          f"llama-cli -m {shlex.quote(str(out))} -p 'ROMEO:'")
+    print(f"wrote {out} ({out.stat().st_size / 1e6:,.1f} MB, float32); run it with: "
+          f"{client_hint(Path(args.export), Path(shlex.quote(str(out))))}")
 
 
 class _Parser(argparse.ArgumentParser):

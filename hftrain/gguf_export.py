@@ -28,15 +28,16 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from hftrain.atomic import write_error_reason
-from hftrain.errors import HftrainError
+from hftrain.errors import HftrainError, one_line
 
-CONTROL, NORMAL, UNUSED = 3, 1, 5
+CONTROL, NORMAL, USER_DEFINED, UNUSED = 3, 1, 4, 5
 """llama.cpp's token types (gguf.TokenType)."""
 
 
@@ -46,7 +47,9 @@ def write_gguf(export: Path, out: Path) -> Path:
     import gguf
 
     if not export.is_dir():
-        raise HftrainError(f"export folder not found: {export}")
+        hub = "" if export.is_absolute() or str(export).startswith(".") else \
+            " (a Hub model: download it first, e.g. hf download ID --local-dir DIR)"
+        raise HftrainError(f"export folder not found: {export}{hub}")
     config = _read_json(export / "config.json")
     family = FAMILIES.get(config.get("model_type", ""))
     if family is None:
@@ -54,21 +57,47 @@ def write_gguf(export: Path, out: Path) -> Path:
                            f"hftrain writes (GPT-2, Llama and Qwen3 do)")
     tokenizer = _byte_level_bpe(export)
     weights = _weights(export)
-    if out.exists():
+    _check_target(out)
+    descriptor, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial",
+                                        dir=out.parent)  # a new file of hftrain's own
+    os.close(descriptor)
+    partial = Path(name)
+    try:
+        _write(gguf.GGUFWriter(str(partial), family.arch), family, export, config, tokenizer,
+               weights)
+        os.link(partial, out)  # never replaces: a file that appeared meanwhile stays
+    except FileExistsError:
+        raise HftrainError(f"{out} exists; hftrain writes a new file only") from None
+    except OSError as exc:  # a read-only folder, a full disk
+        raise HftrainError(f"could not write {out} ({write_error_reason(exc)})") from None
+    except KeyError as exc:
+        raise HftrainError(f"{export}: config.json or the weights lack {exc}, which a "
+                           f"'{family.arch}' model has") from None
+    finally:
+        partial.unlink(missing_ok=True)
+    return out
+
+
+def client_hint(export: Path, out: Path) -> str:
+    """How to run the file with llama.cpp: a GPT-2 has a fixed number of learned positions,
+    and llama.cpp stops with an assertion past them, so its output length is bounded."""
+    config = _read_json(export / "config.json")
+    if config.get("model_type") != "gpt2":
+        return f"llama-cli -m {out} -p 'ROMEO:'"
+    positions = int(config["n_positions"])
+    return (f"llama-cli -m {out} -n {positions // 2} -p 'ROMEO:' (a GPT-2 has {positions} "
+            "positions for prompt and output together: llama.cpp stops with an assertion past "
+            "them)")
+
+
+def _check_target(out: Path) -> None:
+    if out.is_dir():
+        raise HftrainError(f"{out} is a folder; name the GGUF file to write")
+    if out.exists() or out.is_symlink():
         raise HftrainError(f"{out} exists; hftrain writes a new file only (remove it or name "
                            "another)")
     if not out.parent.is_dir():
         raise HftrainError(f"cannot write {out}: no folder {out.parent}")
-    partial = out.with_name(f".{out.name}.partial")
-    writer = gguf.GGUFWriter(str(partial), family.arch)
-    try:
-        _write(writer, family, export, config, tokenizer, weights)
-        os.replace(partial, out)
-    except OSError as exc:  # a read-only folder, a full disk
-        raise HftrainError(f"could not write {out} ({write_error_reason(exc)})") from None
-    finally:
-        partial.unlink(missing_ok=True)
-    return out
 
 
 def _write(writer: Any, family: Family, export: Path, config: dict[str, Any],
@@ -76,7 +105,8 @@ def _write(writer: Any, family: Family, export: Path, config: dict[str, Any],
     import gguf
 
     try:
-        writer.add_name(export.resolve().parent.name if export.name == "final" else export.name)
+        folder = export.resolve()
+        writer.add_name(folder.parent.name if folder.name == "final" else folder.name)
         writer.add_file_type(gguf.LlamaFileType.ALL_F32)
         family.metadata(writer, config)
         _tokenizer(writer, tokenizer, int(config["vocab_size"]))
@@ -91,11 +121,14 @@ def _write(writer: Any, family: Family, export: Path, config: dict[str, Any],
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise HftrainError(f"cannot read {path}: {exc.strerror}") from None
     except ValueError:
         raise HftrainError(f"{path} is not JSON") from None
+    if not isinstance(data, dict):
+        raise HftrainError(f"{path} holds {type(data).__name__}, not a JSON object")
+    return data
 
 
 def _weights(export: Path) -> dict[str, np.ndarray]:
@@ -105,8 +138,13 @@ def _weights(export: Path) -> dict[str, np.ndarray]:
     files = sorted(export.glob("*.safetensors"))
     if not files:
         raise HftrainError(f"{export} holds no .safetensors weights")
-    return {name: tensor.float().numpy() for file in files
-            for name, tensor in load_file(file).items()}
+    weights = {}
+    for file in files:
+        try:
+            weights.update({name: t.float().numpy() for name, t in load_file(file).items()})
+        except Exception as exc:  # noqa: BLE001 - safetensors' errors for a damaged file
+            raise HftrainError(f"cannot read {file}: {one_line(exc)}") from None
+    return weights
 
 
 def _byte_level_bpe(export: Path) -> dict[str, Any]:
@@ -117,6 +155,12 @@ def _byte_level_bpe(export: Path) -> dict[str, Any]:
     pre = spec.get("pre_tokenizer") or {}
     byte_level = pre.get("type") == "ByteLevel" and pre.get("use_regex", True) \
         and not pre.get("add_prefix_space", False)
+    if spec.get("normalizer") or model.get("dropout") or model.get("ignore_merges") \
+            or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
+        raise HftrainError(f"{export}: its tokenizer changes text before or while merging "
+                           "(a normalizer, BPE dropout, ignore_merges or subword affixes), "
+                           "which llama.cpp's gpt2 tokenizer does not; it would read text "
+                           "differently")
     if model.get("type") != "BPE" or not byte_level or not model.get("merges"):
         kind = model.get("type", "unknown")
         raise HftrainError(
@@ -137,14 +181,16 @@ def _tokenizer(writer: Any, tokenizer: dict[str, Any], n_rows: int) -> None:
     ones), special tokens as control tokens, merges as "a b", the ids and flags."""
     spec, settings = tokenizer["spec"], tokenizer["settings"]
     vocab: dict[int, str] = {i: token for token, i in spec["model"]["vocab"].items()}
-    special = {t["id"]: t["content"] for t in spec.get("added_tokens", []) if t.get("special")}
-    vocab.update({t["id"]: t["content"] for t in spec.get("added_tokens", [])})
+    added = {t["id"]: t for t in spec.get("added_tokens", [])}
+    vocab.update({i: t["content"] for i, t in added.items()})
     if max(vocab) >= n_rows:
         raise HftrainError(f"the tokenizer has ids up to {max(vocab)}, past the model's "
                            f"{n_rows} embedding rows")
     tokens = [vocab.get(i, f"[PAD{i}]") for i in range(n_rows)]
-    types = [CONTROL if i in special else NORMAL if i in vocab else UNUSED
-             for i in range(n_rows)]
+    # added tokens are matched in the text as written, before BPE: llama.cpp's control
+    # tokens (special) and user-defined ones (the others), stored as their raw text
+    types = [(CONTROL if added[i].get("special") else USER_DEFINED) if i in added
+             else NORMAL if i in vocab else UNUSED for i in range(n_rows)]
     merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("gpt-2")
@@ -152,16 +198,21 @@ def _tokenizer(writer: Any, tokenizer: dict[str, Any], n_rows: int) -> None:
     writer.add_token_types(types)
     writer.add_token_merges(merges)
     by_text = {text: i for i, text in vocab.items()}
+    ids = {}
     for role, add in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id),
                       ("unk", writer.add_unk_token_id), ("pad", writer.add_pad_token_id)):
         text = settings.get(f"{role}_token")
         if isinstance(text, dict):
             text = text.get("content")
         if text in by_text:
-            add(by_text[text])
+            ids[role] = by_text[text]
+            add(ids[role])
+    if "eos" not in ids:  # llama.cpp would fall back to its default, id 11, and stop there
+        raise HftrainError("the export's tokenizer names no EOS token in its vocabulary "
+                           "(tokenizer_config.json eos_token)")
     # hftrain frames every document after the start token (the BOS): a client that puts it
     # first scores and continues text as the model was trained (llama.cpp does, with this)
-    writer.add_add_bos_token("bos_token" in settings)
+    writer.add_add_bos_token("bos" in ids)
     writer.add_add_eos_token(False)
     if settings.get("chat_template"):
         writer.add_chat_template(settings["chat_template"])

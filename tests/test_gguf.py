@@ -154,6 +154,67 @@ def test_llama3_rope_scaling_and_a_missing_folder_are_refused_in_one_line(export
     assert code == 2 and "no folder" in err, err
 
 
+def damaged(exports, tmp_path: Path, change) -> Path:
+    import shutil
+
+    export = tmp_path / "export"
+    shutil.copytree(exports["gpt2"], export)
+    change(export)
+    return export
+
+
+def edit_json(path: Path, **values) -> None:
+    data = json.loads(path.read_text())
+    data.update(values)
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda e: edit_json(e / "tokenizer.json", normalizer={"type": "Lowercase"}),
+     "its tokenizer changes text before or while merging"),
+    (lambda e: (e / "tokenizer_config.json").unlink(), "names no EOS token"),
+    (lambda e: (e / "model.safetensors").write_bytes(b"\x00" * 100), "cannot read"),
+    (lambda e: (e / "config.json").write_text("[]"), "holds list, not a JSON object"),
+    (lambda e: edit_json(e / "config.json", n_layer=5), "lack 'h.2.ln_1.weight'"),
+])
+def test_a_damaged_or_unsupported_export_is_one_line(exports, tmp_path, capsys, change,
+                                                     message):
+    export = damaged(exports, tmp_path, change)
+    out = tmp_path / "x.gguf"
+    code, _, err = cli(["export", str(export), "--gguf", str(out)], capsys)
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # nothing left behind
+
+
+def test_added_tokens_that_are_not_special_are_user_defined(exports, tmp_path, capsys):
+    """llama.cpp matches user-defined tokens in the text as written, as transformers does."""
+    def unspecial(export: Path) -> None:
+        spec = json.loads((export / "tokenizer.json").read_text())
+        for token in spec["added_tokens"]:
+            token["special"] = token["content"] != "<|turn|>"
+        (export / "tokenizer.json").write_text(json.dumps(spec))
+
+    export = damaged(exports, tmp_path, unspecial)
+    out = tmp_path / "x.gguf"
+    assert cli(["export", str(export), "--gguf", str(out)], capsys)[0] == 0
+    reader = gguf.GGUFReader(out)
+    tokens, types = field(reader, "tokenizer.ggml.tokens"), field(reader,
+                                                                  "tokenizer.ggml.token_type")
+    assert types[tokens.index("<|turn|>")] == 4 and types[tokens.index("<|endoftext|>")] == 3
+
+
+def test_a_link_or_a_file_at_the_target_is_never_replaced(exports, tmp_path, capsys):
+    link = tmp_path / "link.gguf"
+    link.symlink_to(tmp_path / "nowhere")
+    code, _, err = cli(["export", str(exports["gpt2"]), "--gguf", str(link)], capsys)
+    assert code == 2 and "exists" in err and link.is_symlink()
+    partial = tmp_path / ".x.gguf.partial"  # a name hftrain's own partial files never take
+    partial.write_text("mine")
+    assert cli(["export", str(exports["gpt2"]), "--gguf", str(tmp_path / "x.gguf")],
+               capsys)[0] == 0
+    assert partial.read_text() == "mine"
+
+
 def test_an_existing_file_is_never_replaced(exports, tmp_path, capsys):
     out = tmp_path / "mine.gguf"
     out.write_text("my notes")
