@@ -2,7 +2,8 @@
 without them and against scoring exports afterwards.
 
     python benchmarks/tasks_in_training.py [--steps 500] [--interval 100] [--work DIR]
-    python benchmarks/tasks_in_training.py --steps 4 --interval 2 --task-chars 2000  # smoke
+    python benchmarks/tasks_in_training.py --steps 4 --interval 2 --task-chars 2000 \
+        --corpus-chars 20000   # smoke test
 
 Runs `hftrain train recipes/shakespeare/gpt2-char.yaml` (through the CLI of this interpreter,
 sample off) twice, alternating: plain, then with `eval.tasks` = a local rolling
@@ -51,6 +52,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--interval", type=int, default=100)
     parser.add_argument("--task-chars", type=int, default=20_000)
+    parser.add_argument("--corpus-chars", type=int, default=None,
+                        help="train on the first this many characters (default: all)")
     parser.add_argument("--work", default=None, help="a folder to keep the runs in")
     args = parser.parse_args()
     from hftrain.harness import write_rolling_task
@@ -61,6 +64,11 @@ def main() -> None:
         write_rolling_task(work / "tasks", "shakespeare_tail", [text])
         common = [f"train.max_steps={args.steps}", f"eval.interval={args.interval}",
                   "sample.max_new_tokens=0", "run.overwrite=true"]
+        if args.corpus_chars:
+            corpus = work / "corpus.txt"
+            corpus.write_text(TEXT.read_text(encoding="utf-8")[:args.corpus_chars],
+                              encoding="utf-8")
+            common.append(f"data.train_files=[{corpus}]")
         task = ["eval.tasks=[shakespeare_tail]", f"eval.task_include_path={work / 'tasks'}"]
         plain_s = timed(["train", str(RECIPE), *common, f"run.output_dir={work / 'plain'}"])
         tasks_s = timed(["train", str(RECIPE), *common, *task,

@@ -166,7 +166,8 @@ def test_the_tasks_in_training_benchmark_reports_the_cost_of_scoring_during_trai
     per-evaluation task time and the export scored afterwards (needs lm-eval)."""
     pytest.importorskip("lm_eval")
     report = run_benchmark(str(BENCHMARKS / "tasks_in_training.py"), "--steps", "4",
-                           "--interval", "2", "--task-chars", "2000", timeout=600)
+                           "--interval", "2", "--task-chars", "2000", "--corpus-chars", "20000",
+                           timeout=600)
     assert re.search(r"with eval.tasks: [\d.]+ s \(ratio \d+\.\d{3}\)", report), report
     assert re.search(r"task scoring at 2 evaluations: median [\d.]+ s", report), report
     assert re.search(r"final bits_per_byte: \d+\.\d{4}", report), report
