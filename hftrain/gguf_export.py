@@ -178,7 +178,8 @@ def _byte_level_bpe(export: Path) -> dict[str, Any]:
 
 def _tokenizer(writer: Any, tokenizer: dict[str, Any], n_rows: int) -> None:
     """The `gpt2`-model vocabulary: tokens by id (padded to the embedding's rows with unused
-    ones), special tokens as control tokens, merges as "a b", the ids and flags."""
+    ones), added tokens as control (special) or user-defined ones, merges as "a b", the
+    special ids (an EOS is required) and the add-BOS flag."""
     spec, settings = tokenizer["spec"], tokenizer["settings"]
     vocab: dict[int, str] = {i: token for token, i in spec["model"]["vocab"].items()}
     added = {t["id"]: t for t in spec.get("added_tokens", [])}
