@@ -23,15 +23,13 @@ import numpy as np
 import torch
 
 from hftrain.data.batches import TrainBatches
-from hftrain.data.packing import collate
+from hftrain.data.packing import KeyedDraws, collate
 from hftrain.errors import DataError
 
 
 class MixtureStream(TrainBatches):
     """Batches of blocks drawn from `sources` (block streams: `next_block()`, `rows`,
     `epoch_tokens()`) in proportion to `weights`; `blocks_drawn[i]` counts source i's."""
-
-    CHUNK = 4096
 
     def __init__(self, sources: dict[str, Any], weights: list[float], seed: int, rank: int,
                  batch_size: int, block_size: int, pad_id: int,
@@ -45,23 +43,18 @@ class MixtureStream(TrainBatches):
         self.bounds[-1] = 1.0  # a draw just below 1 never falls past the last source
         self.draws = 0
         self.blocks_drawn = [0] * len(self.sources)
-        self._chunk: tuple[int, list[int]] | None = None
+        self._choices = KeyedDraws([seed, rank, len(self.sources)], self._chunk_of_sources)
 
     def sources_of(self, first: int, n: int) -> list[int]:
         """Which source draws first, ..., first + n - 1 read: the same on every run and
         every resume."""
         if len(self.sources) == 1:
             return [0] * n
-        chosen: list[int] = []
-        while len(chosen) < n:
-            draw = first + len(chosen)
-            number, offset = divmod(draw, self.CHUNK)
-            if self._chunk is None or self._chunk[0] != number:
-                key = np.random.SeedSequence([self.seed, self.rank, number, len(self.sources)])
-                uniform = np.random.Generator(np.random.PCG64(key)).random(self.CHUNK)
-                self._chunk = number, np.searchsorted(self.bounds, uniform, "right").tolist()
-            chosen += self._chunk[1][offset : offset + n - len(chosen)]
-        return chosen
+        return self._choices.take(first, n)
+
+    def _chunk_of_sources(self, seeds: np.random.SeedSequence) -> list[int]:
+        uniform = np.random.Generator(np.random.PCG64(seeds)).random(KeyedDraws.CHUNK)
+        return np.searchsorted(self.bounds, uniform, "right").tolist()
 
     def _next_batch(self) -> dict[str, torch.Tensor]:
         chosen = self.sources_of(self.draws, self.batch_size)

@@ -9,7 +9,7 @@ labels), example starts for packed examples, bytes for evaluation.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -130,21 +130,45 @@ def batched(blocks: Iterable[np.ndarray], batch_size: int, pad_id: int,
         yield collate(pending, batch_size, pad_id, rows)
 
 
+class KeyedDraws:
+    """Random draws whose k-th comes from a generator keyed by (`key`, k // CHUNK), not from
+    a generator carried along: a stream's whole random state is the count of its draws, so
+    a checkpoint holds one number and a resume continues exactly. `make_chunk(seeds)` turns
+    a chunk's SeedSequence into its CHUNK values (Python ints: a lookup per draw, not
+    numpy); the chunk in use is kept."""
+
+    CHUNK = 4096
+
+    def __init__(self, key: list[int], make_chunk: Callable[[np.random.SeedSequence],
+                                                            list[int]]) -> None:
+        self.key, self.make_chunk = key, make_chunk
+        self._chunk: tuple[int, list[int]] | None = None
+
+    def take(self, first: int, n: int) -> list[int]:
+        """Draws first, ..., first + n - 1."""
+        values: list[int] = []
+        while len(values) < n:
+            number, offset = divmod(first + len(values), self.CHUNK)
+            if self._chunk is None or self._chunk[0] != number:
+                seeds = np.random.SeedSequence([*self.key, number])
+                self._chunk = number, self.make_chunk(seeds)
+            values += self._chunk[1][offset : offset + n - len(values)]
+        return values
+
+
 class BlockShuffle:
     """A seeded shuffle buffer of `capacity` blocks whose whole state is its contents and a
     count: once full, each arriving block replaces a random held one, which is emitted.
 
-    The random index of draw k comes from a counter-keyed generator (seed, rank, k // 4096),
-    not from a generator carried along, so the state to checkpoint is `blocks` and `draws`.
+    The random index of draw k comes from `KeyedDraws` keyed by (seed, rank), so the state to
+    checkpoint is `blocks` and `draws`.
     """
-
-    CHUNK = 4096
 
     def __init__(self, capacity: int, seed: int, rank: int) -> None:
         self.capacity, self.seed, self.rank = capacity, seed, rank
         self.blocks: list[np.ndarray] = []
         self.draws = 0
-        self._chunk: tuple[int, list[int]] | None = None
+        self._indices = KeyedDraws([seed, rank], self._chunk_of_indices)
 
     def push(self, block: np.ndarray) -> np.ndarray | None:
         """Hold `block`; return the block that leaves the buffer, or None while it fills."""
@@ -153,15 +177,11 @@ class BlockShuffle:
         if len(self.blocks) < self.capacity:
             self.blocks.append(block)
             return None
-        i = self._index(self.draws)
+        [i] = self._indices.take(self.draws, 1)
         self.draws += 1
         out, self.blocks[i] = self.blocks[i], block
         return out
 
-    def _index(self, draw: int) -> int:
-        number = draw // self.CHUNK
-        if self._chunk is None or self._chunk[0] != number:
-            key = np.random.SeedSequence([self.seed, self.rank, number])
-            raw = np.random.PCG64(key).random_raw(self.CHUNK) % np.uint64(self.capacity)
-            self._chunk = number, raw.tolist()  # Python ints: a lookup per draw, not numpy
-        return self._chunk[1][draw % self.CHUNK]
+    def _chunk_of_indices(self, seeds: np.random.SeedSequence) -> list[int]:
+        raw = np.random.PCG64(seeds).random_raw(KeyedDraws.CHUNK) % np.uint64(self.capacity)
+        return raw.tolist()
