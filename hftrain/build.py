@@ -18,7 +18,8 @@ from accelerate import Accelerator
 
 from hftrain.data import DataStreams, TrainBatches
 from hftrain.data import cache as token_cache
-from hftrain.errors import naming_the_recipe
+from hftrain.dpo import DPOObjective, frozen_reference
+from hftrain.errors import HftrainError, naming_the_recipe
 from hftrain.export import generation_config
 from hftrain.memory import check_fits, model_sizes
 from hftrain.models import build_model
@@ -44,6 +45,8 @@ class RunParts:
     model: Any
     optimizer: Any
     scheduler: Any
+    objective: DPOObjective | None = None
+    """DPO's loss with its reference model; None for language modelling."""
 
 
 def build_parts(recipe: Recipe, accelerator: Accelerator, recipe_path: Path | None = None,
@@ -76,12 +79,17 @@ def build_parts(recipe: Recipe, accelerator: Accelerator, recipe_path: Path | No
 
     # each node reads its own disk (its copy of the data, its cache): a refusal on one node
     streams, batches, first_batch = on_every_process(accelerator, set_up_data)  # stops all
+    check_dpo_launch(recipe, accelerator)
     with naming_the_recipe(recipe_path), building_the_model(accelerator):
         model = build_model(recipe.model, tokenizer, recipe.data.block_size,
                             recipe.train.gradient_checkpointing)
         if not is_sharded(accelerator):  # sharded: `prepare` puts each rank's shard there
             model.to(accelerator.device)
         optimizer = build_optimizer(model, recipe.train, accelerator.device)
+    objective = None
+    if recipe.train.objective == "dpo":  # the reference: the model as loaded, before any step
+        reference = frozen_reference(model, lora=bool(recipe.model.lora_r))
+        objective = DPOObjective(reference, recipe.train.dpo_beta, accelerator)
     model.generation_config = generation_config(recipe, tokenizer)
     configure_deepspeed(accelerator, recipe.train)
     client_optimizer = optimizer
@@ -89,7 +97,16 @@ def build_parts(recipe: Recipe, accelerator: Accelerator, recipe_path: Path | No
     # after `prepare`: DeepSpeed's ZeRO regroups the client optimizer's parameters
     scheduler = build_scheduler(client_optimizer, recipe.train)
     return RunParts(tokenizer, built, streams, batches, first_batch, model, optimizer,
-                    scheduler)
+                    scheduler, objective)
+
+
+def check_dpo_launch(recipe: Recipe, accelerator: Accelerator) -> None:
+    """DPO's reference model is a plain copy on each process: a sharded launch would hold
+    the whole reference on every rank beside the policy's shard, so it is refused."""
+    if recipe.train.objective == "dpo" and is_sharded(accelerator):
+        raise HftrainError("train.objective dpo runs on one process or under DDP (each "
+                           "process holds the reference model whole); this launch shards "
+                           "the model (FSDP or DeepSpeed): launch without sharding")
 
 
 def check_resources(recipe: Recipe, accelerator: Accelerator, tokenizer: Any,

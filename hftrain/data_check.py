@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from hftrain.errors import DataError, RecordError
-from hftrain.sft import SFT_COLUMNS, record_problem, value_kind
+from hftrain.records import RECORD_KINDS
+from hftrain.sft import value_kind
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class Source:
     fmt: str
     """The `datasets` builder that reads the files: "text", "json", "parquet", ..."""
     kind: str
-    """data.kind: "text" (one text column) or "sft" (fine-tuning records)."""
+    """data.kind: "text" (one text column), or a kind of records (`RECORD_KINDS`)."""
     column: str
     """data.text_column, which text rows are read from."""
 
@@ -117,8 +118,8 @@ def _text_problem(record: Any, source: Source) -> str | None:
     """What keeps a record (a JSON object, a Parquet row) from being trained on."""
     if not isinstance(record, dict):
         return f"the record is {value_kind(record)}, not a JSON object"
-    if source.kind == "sft":
-        return record_problem(record)
+    if source.kind != "text":
+        return RECORD_KINDS[source.kind].problem(record)
     if source.column not in record:
         return f"no '{source.column}' field (data.text_column)"
     value = record[source.column]
@@ -181,7 +182,7 @@ def _scan_parquet(path: str, source: Source) -> str | None:
     except (pa.ArrowException, OSError) as exc:
         return f"{path}: not a readable Parquet file ({_first_line(exc)})"
     schema = parquet.schema_arrow
-    wanted = [source.column] if source.kind == "text" else SFT_COLUMNS
+    wanted = [source.column] if source.kind == "text" else RECORD_KINDS[source.kind].columns
     columns = [c for c in wanted if c in schema.names]
     if not columns:
         return f"{path}: no column {' or '.join(map(repr, wanted))} (columns: {schema.names})"
@@ -189,6 +190,8 @@ def _scan_parquet(path: str, source: Source) -> str | None:
                getattr(pa.types, "is_string_view", pa.types.is_string))
     for name in columns:
         kind = schema.field(name).type
+        if source.kind == "preference":  # strings or message lists: checked row by row
+            continue
         if name == "messages":
             if not (pa.types.is_list(kind) or pa.types.is_large_list(kind)):
                 return (f"{path}: column 'messages' holds {kind}, not lists of "

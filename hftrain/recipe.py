@@ -132,10 +132,12 @@ class SourceConfig(SourceFields):
 
 @dataclass
 class DataConfig(SourceFields):
-    kind: Literal["text", "sft"] = "text"
+    kind: Literal["text", "sft", "preference"] = "text"
     """`text`: language modelling on documents, every token scored. `sft`: supervised
     fine-tuning on records `{"prompt", "completion"}` or `{"messages": [...]}` (rendered with
-    the tokenizer's chat template); only completion / assistant tokens are scored."""
+    the tokenizer's chat template); only completion / assistant tokens are scored.
+    `preference`: pairs `{"prompt", "chosen", "rejected"}` (strings, or lists of messages;
+    `hftrain.preference`) for `train.objective: dpo`, one pair per block, never packed."""
     packing: bool = True
     """`sft`: pack examples (each ending with EOS) into full blocks, as text is packed, each
     attending only to itself (its own position ids); false: one example per block, padded
@@ -181,6 +183,11 @@ class DataConfig(SourceFields):
         if repeated:
             raise ValueError(f"sources names {repeated[0]!r} twice (in any case: the names "
                              "are folder names); each source needs a name of its own")
+
+    @property
+    def one_example_per_block(self) -> bool:
+        """Each example (preference: each pair) in a block of its own, padded or cut."""
+        return self.kind == "preference" or (self.kind == "sft" and not self.packing)
 
     def mixture(self) -> list[tuple[SourceConfig, DataConfig]]:
         """Each source with the data section for it alone: the shared settings, the
@@ -278,6 +285,13 @@ class TrainConfig:
     on_nan: Literal["stop", "skip"] = "stop"
     """A non-finite loss: `stop` the run (the newest checkpoint stays as it was), or `skip`
     the update and go on."""
+    objective: Literal["lm", "dpo"] = "lm"
+    """`lm`: next-token cross-entropy over the scored tokens. `dpo`: Direct Preference
+    Optimization on `data.kind: preference` pairs (`hftrain.dpo`), from `model.init_from`,
+    which is also the frozen reference (with LoRA: the model with its adapters disabled)."""
+    dpo_beta: float = 0.1
+    """dpo: how far the policy may move from the reference (the KL penalty's inverse
+    weight; TRL's default 0.1); > 0."""
 
     def global_batch(self, processes: int) -> int:
         """Blocks in one optimizer update over `processes` (batch_size is per process)."""
@@ -291,7 +305,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         at_least_one(self, "batch_size", "grad_accum_steps", "max_steps", "log_interval",
                      "max_tokens")
-        positive(self, "lr", "peak_tflops", "muon_lr")
+        positive(self, "lr", "peak_tflops", "muon_lr", "dpo_beta")
         non_negative(self, "min_lr", "warmup_steps", "weight_decay", "grad_clip",
                      "muon_weight_decay")
         in_unit_interval(self, "beta1", "beta2", "momentum", "muon_momentum")
@@ -484,9 +498,10 @@ def check(recipe: Recipe, source: str = "<recipe>") -> None:
     arch = recipe.model.arch
     if recipe.train.stateful and not recipe.model.supports_stateful:
         raise RecipeError(f"{source}: train.stateful needs a recurrent model, not '{arch}'")
-    if recipe.train.stateful and recipe.data.kind == "sft":
+    if recipe.train.stateful and recipe.data.kind != "text":
         raise RecipeError(f"{source}: train.stateful reads a continuous text stream; "
-                          "it does not combine with data.kind: sft")
+                          f"it does not combine with data.kind: {recipe.data.kind}")
+    check_objective(recipe, source)
     if recipe.train.stateful and recipe.data.sources:
         raise RecipeError(f"{source}: train.stateful reads one continuous text stream in lanes;"
                           " it does not combine with data.sources (a mixture of blocks)")
@@ -503,6 +518,23 @@ def check(recipe: Recipe, source: str = "<recipe>") -> None:
         raise RecipeError(f"{source}: data.packing would carry the recurrent state of a "
                           f"'{arch}' from one fine-tuning example into the next; set "
                           "data.packing: false")
+
+
+def check_objective(recipe: Recipe, source: str) -> None:
+    """DPO trains on preference pairs, from a starting model that is also its reference."""
+    dpo, pairs = recipe.train.objective == "dpo", recipe.data.kind == "preference"
+    if pairs and not dpo:
+        raise RecipeError(f"{source}: data.kind preference is trained with "
+                          "train.objective: dpo")
+    if dpo and not pairs:
+        raise RecipeError(f"{source}: train.objective dpo needs data.kind: preference "
+                          "(records with prompt, chosen and rejected)")
+    if dpo and not recipe.model.init_from:
+        raise RecipeError(f"{source}: train.objective dpo tunes a trained model, which is "
+                          "also its reference: set model.init_from (an SFT export)")
+    if pairs and recipe.data.sources:
+        raise RecipeError(f"{source}: data.kind preference reads one set of pairs; "
+                          "data.sources (a mixture) is not supported for it")
 
 
 def _apply_override(raw: dict[str, Any], override: str, source: Path) -> None:

@@ -80,24 +80,27 @@ def record_problem(record: dict[str, Any]) -> str | None:
     return None
 
 
-def record_segments(record: dict[str, Any], tokenizer: Any) -> list[tuple[str, bool]]:
-    """The record's text as consecutive (text, scored) pieces."""
+def record_segments(record: dict[str, Any], tokenizer: Any,
+                    scored_from: int = 0) -> list[tuple[str, bool]]:
+    """The record's text as consecutive (text, scored) pieces; of a conversation, the
+    assistant messages from the `scored_from`-th on are scored."""
     problem = record_problem(record)
     if problem:
         raise RecordError(f"a fine-tuning record is malformed: {problem}")
     if record.get("messages") is not None:
-        return _conversation_segments(record["messages"], tokenizer)
+        return _conversation_segments(record["messages"], tokenizer, scored_from)
     return [(record["prompt"], False), (record["completion"] + tokenizer.eos_token, True)]
 
 
-def _conversation_segments(messages: list[dict], tokenizer: Any) -> list[tuple[str, bool]]:
+def _conversation_segments(messages: list[dict], tokenizer: Any,
+                           scored_from: int) -> list[tuple[str, bool]]:
     if not getattr(tokenizer, "chat_template", None):
         raise DataError("'messages' records need a tokenizer with a chat template; this one "
                         "has none (set tokenizer.chat_template on it, or use prompt/completion)")
     segments: list[tuple[str, bool]] = []
     rendered = ""
     for i, message in enumerate(messages):
-        is_answer = message.get("role") == "assistant"
+        is_answer = message.get("role") == "assistant" and i >= scored_from
         if is_answer:  # the generation prompt ("<|turn|>assistant\n") is context
             prefix = _render(tokenizer, messages[:i], add_generation_prompt=True)
             segments.append((_extension(rendered, prefix), False))
@@ -123,15 +126,18 @@ def _extension(before: str, after: str) -> str:
     return after[len(before):]
 
 
-def encode_record(record: dict[str, Any], tokenizer: Any, with_bytes: bool = False) -> np.ndarray:
+def encode_record(record: dict[str, Any], tokenizer: Any, with_bytes: bool = False,
+                  scored_from: int = 0) -> np.ndarray:
     """A (2, n) array: token ids, and labels (the id where scored, IGNORE_INDEX elsewhere).
 
     A prompt/completion record opens with the start token, as every document does
     (`hftrain.framing`; a chat template writes its own). `with_bytes` adds a third row: the
-    UTF-8 bytes each scored token stands for (0 where not scored)."""
+    UTF-8 bytes each scored token stands for (0 where not scored). `scored_from`: of a
+    conversation, only assistant messages from that index on are scored (a preference
+    pair's completion after its prompt, `hftrain.preference`)."""
     backend = tokenizer.backend_tokenizer
     framing = Framing.of(tokenizer)
-    pieces = record_segments(record, tokenizer)
+    pieces = record_segments(record, tokenizer, scored_from)
     encode = backend.encode_batch if with_bytes else backend.encode_batch_fast
     encodings = encode([text for text, _ in pieces], add_special_tokens=False)
     opening = [] if record.get("messages") is not None else [framing.start]

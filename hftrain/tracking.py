@@ -95,8 +95,11 @@ class WindowLog:
     window's time is taken after it, when the window's work is done)."""
 
     def __init__(self, metrics: MetricsLog, accelerator: Any, flops: float,
-                 peak: float | None) -> None:
+                 peak: float | None, stat_names: tuple[str, ...] = ()) -> None:
         self.metrics, self.accelerator = metrics, accelerator
+        self.stat_names = stat_names
+        """The objective's figures besides the loss (DPO: `rewards/...`), logged as the
+        window's means."""
         self.flops_per_token, self.peak_tflops = flops, peak
         self.data_wait = 0.0
         """Seconds this process spent waiting for its batches in the window."""
@@ -111,6 +114,7 @@ class WindowLog:
         skipped steps: (how many, the first, the window's steps). Every process must call it
         (the loss and the peak memory are reduced over them)."""
         n_tokens = state.window_tokens
+        stats = state.window_stats.clone() if state.window_stats is not None else None
         window_loss, steps, skipped, first_skipped = state.close_window()
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         tokens_per_s = n_tokens / elapsed
@@ -127,6 +131,11 @@ class WindowLog:
         if self.peak_tflops:  # achieved model FLOP/s per device over the device's peak
             per_device = tokens_per_s / self.accelerator.num_processes * self.flops_per_token
             record["mfu"] = per_device / (self.peak_tflops * 1e12)
+        if stats is not None:  # like the loss: each rank holds its share of the means
+            if self.accelerator.num_processes > 1:
+                stats = self.accelerator.reduce(stats, "sum")
+            record.update({name: value / steps if steps else None for name, value in
+                           zip(self.stat_names, stats.tolist(), strict=True)})
         if state.skipped_steps:
             record["skipped_steps"] = state.skipped_steps
         if hasattr(state.data, "report"):  # a mixture: what each source gave
@@ -149,8 +158,12 @@ class WindowLog:
         own (the bar's postfix may not reach a log file for 30 s), rather than show 0."""
         self.metrics.write(record)
         skipped = record["loss"] is None
-        bar.set_postfix(loss="skipped" if skipped else f"{record['loss']:.4f}",
-                        lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:,.0f}")
+        shown = {"loss": "skipped" if skipped else f"{record['loss']:.4f}"}
+        if record.get("rewards/accuracies") is not None:  # DPO
+            shown.update(acc=f"{record['rewards/accuracies']:.3f}",
+                         margin=f"{record['rewards/margins']:.3f}")
+        bar.set_postfix(**shown, lr=f"{record['lr']:.2e}",
+                        tok_s=f"{record['tokens_per_s']:,.0f}")
         if skipped:
             bar.write(f"step {record['step']}: every step since the last log line was skipped "
                       f"(loss not finite; {record['skipped_steps']} skipped in all), no loss "
@@ -257,10 +270,15 @@ def _points(records: list[dict[str, Any]], key: str) -> list[tuple[int, float]]:
 
 
 def val_summary(val: dict[str, Any]) -> str:
-    """A mixture's validation loss per source and the lm-eval task metrics, for a progress
-    line (empty when there are none)."""
+    """A mixture's validation loss per source, DPO's preference figures and the lm-eval task
+    metrics, for a progress line (empty when there are none)."""
     scores = val.get("by_source") or {}
     parts = [f"{name} {score['loss']:.4f}" for name, score in scores.items()]
+    if "pairs" in val:  # DPO: `dpo.evaluate_preferences`
+        parts += [f"reward accuracy {val['reward_accuracy']:.3f}",
+                  f"margin {val['reward_margin']:.3f}",
+                  f"preference accuracy {val['preference_accuracy']:.3f} (reference "
+                  f"{val['reference_preference_accuracy']:.3f})", f"{val['pairs']:,} pairs"]
     parts += [f"{task} {metric} {value:.4f}" for task, metrics in (val.get("tasks") or {}).items()
               for metric, value in metrics.items() if "_stderr" not in metric]
     return "".join(f" | {part}" for part in parts)

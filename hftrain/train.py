@@ -66,7 +66,9 @@ class TrainResult:
         """The final evaluation in one line (each source's loss and each task's metrics
         too)."""
         val = self.val
-        return (f"validation: loss {val['loss']:.4f} | perplexity {val['perplexity']:.3f} | "
+        dpo = "pairs" in val  # the loss is DPO's; the perplexity, the chosen completions'
+        return (f"validation: {'DPO loss' if dpo else 'loss'} {val['loss']:.4f} | "
+                f"{'chosen ' if dpo else ''}perplexity {val['perplexity']:.3f} | "
                 f"bits/byte {val['bits_per_byte']:.4f} | {val['tokens']:,} tokens"
                 f"{val_summary(val)}")
 
@@ -175,7 +177,8 @@ def fit(run: Run, stop: StopRequest) -> None:
                 run.updating = True  # a failure from here to the end of the update: no
                 step = run.optimizer_step(micro_batches)  # half-updated checkpoint
                 run.updating = False
-                state.add_step(step.loss, step.finite, step.tokens, len(micro_batches))
+                state.add_step(step.loss, step.finite, step.tokens, len(micro_batches),
+                               step.stats)
                 batches.end_step()
                 bar.update(1)
                 log_step = state.step % cfg.log_interval == 0 or state.step == cfg.max_steps

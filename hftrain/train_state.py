@@ -24,6 +24,7 @@ import torch
 from hftrain.checkpoint import COUNTERS
 from hftrain.checkpoint_policy import RunCheckpoints
 from hftrain.data_check import content_sample, describe_change
+from hftrain.dpo import evaluate_preferences
 from hftrain.errors import HftrainError
 from hftrain.evaluation import evaluate_lm, perplexity_metric
 from hftrain.harness import TASK_WAIT, TaskScorer
@@ -56,14 +57,17 @@ class Run:
         self.log = WindowLog(self.metrics, accelerator,
                              flops_per_token(bare_model(accelerator, self.model),
                                              recipe.data.block_size),
-                             peak_tflops(recipe.train.peak_tflops))
+                             peak_tflops(recipe.train.peak_tflops),
+                             parts.objective.stat_names if parts.objective else ())
         self.checkpoints = RunCheckpoints(accelerator, recipe, run_dir, {
             "loop": self.state, "data": parts.batches, "scheduler": parts.scheduler,
             "metrics": self.metrics,
             "data_files": DataFiles(parts.streams.fingerprints, accelerator.is_main_process),
             "tokenizer": TokenizerIdentity(parts.tokenizer)})
+        self.objective = parts.objective
+        """DPO's loss and reference (`dpo.DPOObjective`); None for language modelling."""
         self.train_step = TrainStep(accelerator, self.model, parts.optimizer, self.scheduler,
-                                    recipe.train)
+                                    recipe.train, self.objective)
         self.updating = False
         """Inside an optimizer step: weights or optimizer state may be part-way updated, so a
         failure here is not followed by a checkpoint."""
@@ -94,6 +98,8 @@ class Run:
         # Unwrapped: ranks may hold unequal numbers of validation batches, and a DDP-wrapped
         # forward may wait on the other ranks; the sums are reduced once at the end instead.
         # A sharded model's forward needs every rank whatever the wrapper: they go in lockstep.
+        if self.objective is not None:  # DPO: held-out pairs
+            return self._evaluate_preferences(max_batches)
         scores = {name: evaluate_lm(bare_model(self.accelerator, self.model), batches,
                                     self.accelerator, max_batches,
                                     stateful=self.recipe.train.stateful,
@@ -120,6 +126,18 @@ class Run:
                            for metric, value in metrics.items()})
             record["task_seconds"] = round(time.perf_counter() - started, 3)
         self.metrics.write(record)
+        return val
+
+    def _evaluate_preferences(self, max_batches: int | None) -> dict[str, Any]:
+        batches = self.streams.val_batches(self.recipe.eval.batch_size)
+        val = evaluate_preferences(self.bare_model(), self.objective, batches,
+                                   self.accelerator, max_batches)
+        self.metrics.write({
+            "step": self.step, "val_loss": val["loss"], "val_ppl": val["perplexity"],
+            "val_bpb": val["bits_per_byte"], "val_tokens": val["tokens"],
+            "val_pairs": val["pairs"], "val_reward_acc": val["reward_accuracy"],
+            "val_margin": val["reward_margin"], "val_pref_acc": val["preference_accuracy"],
+            "val_ref_pref_acc": val["reference_preference_accuracy"]})
         return val
 
     def score_tasks(self) -> dict[str, dict[str, float]]:
@@ -150,11 +168,17 @@ class TrainState:
         self.window_skipped = torch.zeros((), dtype=torch.int64, device=device)
         self.window_first_skipped = torch.zeros((), dtype=torch.int64, device=device)
         """The first step of the window whose loss was not finite (0: none)."""
+        self.window_stats: torch.Tensor | None = None
+        """The objective's figures summed over the window's finite steps (DPO's rewards:
+        `dpo.STAT_NAMES`); None for language modelling."""
         self.recurrent: tuple[torch.Tensor, ...] | None = None
 
     def add_step(self, loss: torch.Tensor, finite: torch.Tensor, n_tokens: int,
-                 n_micro_batches: int) -> None:
+                 n_micro_batches: int, stats: torch.Tensor | None = None) -> None:
         """Count one optimizer step (on the device: no synchronisation)."""
+        if stats is not None:
+            kept = torch.where(finite, stats, torch.zeros_like(stats))
+            self.window_stats = kept if self.window_stats is None else self.window_stats + kept
         self.step += 1
         self.micro_batches += n_micro_batches
         self.tokens_seen += n_tokens
@@ -168,13 +192,14 @@ class TrainState:
     def close_window(self) -> tuple[torch.Tensor, int, int, int]:
         """The window's summed loss (a device tensor), its finite steps, its skipped steps
         and the first of those (read from the device: one synchronisation); start a new
-        window."""
+        window (`window_stats` is the caller's to read first)."""
         loss = self.window_loss.clone()
         counts = torch.stack([self.window_steps, self.window_skipped, self.window_first_skipped])
         steps, skipped, first_skipped = (int(n) for n in counts.tolist())
         self.skipped_steps += skipped
         for tensor in (self.window_loss, self.window_steps, self.window_skipped,
-                       self.window_first_skipped):
+                       self.window_first_skipped,
+                       *([self.window_stats] if self.window_stats is not None else [])):
             tensor.zero_()
         self.window_tokens = 0
         return loss, steps, skipped, first_skipped
@@ -186,6 +211,8 @@ class TrainState:
         state.update(window_loss=self.window_loss, window_steps=self.window_steps,
                      window_skipped=self.window_skipped,
                      window_first_skipped=self.window_first_skipped)
+        if self.window_stats is not None:
+            state["window_stats"] = self.window_stats
         state.update({f"state_{i}": t for i, t in enumerate(self.recurrent or ())})
         return state
 
@@ -196,6 +223,7 @@ class TrainState:
         self.window_steps = state["window_steps"]
         self.window_skipped = state["window_skipped"]
         self.window_first_skipped = state["window_first_skipped"]
+        self.window_stats = state.get("window_stats")
         n_states = sum(1 for name in state if name.startswith("state_"))
         self.recurrent = tuple(state[f"state_{i}"] for i in range(n_states)) or None
 

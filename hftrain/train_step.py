@@ -16,6 +16,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
 from hftrain.data import IGNORE_INDEX
+from hftrain.dpo import DPOObjective
 from hftrain.evaluation import model_inputs, token_nll
 from hftrain.models.recurrent.modeling_recurrent import recurrent_cache
 from hftrain.recipe import TrainConfig
@@ -32,6 +33,9 @@ class StepResult(NamedTuple):
     """Tokens the step processed, all processes together."""
     recurrent: Recurrent
     """The recurrent state the next step carries on from (stateful training), else None."""
+    stats: torch.Tensor | None = None
+    """This process's share of the step's means of the objective's figures (DPO: its
+    `STAT_NAMES`), a device tensor; None for language modelling."""
 
 
 class TrainStep:
@@ -39,7 +43,8 @@ class TrainStep:
 
     The loss of each micro-batch is its summed token NLL divided by the target tokens of the
     *whole* step (all micro-batches, all processes), so uneven counts (padding, masked labels)
-    weigh every token equally. DDP averages gradients over processes, hence the factor
+    weigh every token equally; with DPO (`objective`), its pairs' summed loss divided by the
+    step's pairs. DDP averages gradients over processes, hence the factor
     `num_processes`. In stateful training each micro-batch continues the lanes of the one
     before, starting from its (detached) final state.
 
@@ -51,8 +56,10 @@ class TrainStep:
     """
 
     def __init__(self, accelerator: Accelerator, model: Any, optimizer: Any, scheduler: Any,
-                 train: TrainConfig) -> None:
+                 train: TrainConfig, objective: DPOObjective | None = None) -> None:
         self.accelerator = accelerator
+        self.objective = objective
+        """The loss of a micro-batch other than language modelling's (DPO), else None."""
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -67,22 +74,29 @@ class TrainStep:
     def __call__(self, micro_batches: list[dict[str, torch.Tensor]],
                  recurrent: Recurrent = None) -> StepResult:
         acc = self.accelerator
-        labels = [b["labels"].to(acc.device, non_blocking=True) for b in micro_batches]
-        n_targets = sum((y != IGNORE_INDEX).sum() for y in labels)  # on the device: no wait
+        n_targets = sum(self._targets(b) for b in micro_batches)  # on the device: no wait
         if acc.num_processes > 1:
             n_targets = acc.reduce(n_targets, "sum")
         n_targets = n_targets.clamp(min=1)
         step_loss = torch.zeros((), device=acc.device)
-        for i, (batch, y) in enumerate(zip(micro_batches, labels, strict=True)):
+        stats = None
+        for i, batch in enumerate(micro_batches):
             if batch.get("reset_state"):
                 recurrent = None
             with self._accumulating(last=i == len(micro_batches) - 1):
-                out = self.model(**model_inputs(batch, acc.device), **self._carried(recurrent))
-                if self.stateful:
-                    recurrent = tuple(s.detach() for s in recurrent_cache(out))
-                nll = token_nll(out.logits, y).sum() / n_targets
-                acc.backward(nll * acc.num_processes, **self.backward_options)
-            step_loss += nll.detach()
+                if self.objective is None:
+                    out = self.model(**model_inputs(batch, acc.device),
+                                     **self._carried(recurrent))
+                    if self.stateful:
+                        recurrent = tuple(s.detach() for s in recurrent_cache(out))
+                    labels = batch["labels"].to(acc.device, non_blocking=True)
+                    loss = token_nll(out.logits, labels).sum() / n_targets
+                else:  # the pairs' summed loss and reward figures
+                    loss_sum, pair_stats = self.objective(self.model, batch)
+                    loss = loss_sum / n_targets
+                    stats = pair_stats / n_targets + (0 if stats is None else stats)
+                acc.backward(loss * acc.num_processes, **self.backward_options)
+            step_loss += loss.detach()
         n_tokens = sum(b["input_ids"].numel() for b in micro_batches) * acc.num_processes
         finite = self._finite(step_loss)
         if self.grad_clip > 0:
@@ -94,7 +108,15 @@ class TrainStep:
             self.optimizer.step()  # gradients itself; otherwise wait for the check
         self.scheduler.step()  # every step, skipped or not (a NaN, fp16's loss-scale skip)
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(step_loss, finite, n_tokens, recurrent if self.stateful else None)
+        return StepResult(step_loss, finite, n_tokens, recurrent if self.stateful else None,
+                          stats)
+
+    def _targets(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """What a micro-batch's loss is a sum over: scored tokens, or (DPO) pairs."""
+        if self.objective is not None:
+            return self.objective.count(batch)
+        labels = batch["labels"].to(self.accelerator.device, non_blocking=True)
+        return (labels != IGNORE_INDEX).sum()
 
     def _carried(self, recurrent: Recurrent) -> dict[str, Any]:
         """The recurrent state carried into a stateful forward; no cache built otherwise."""

@@ -13,7 +13,7 @@ is exact and the position is (epoch, i), restored in O(1).
 
 A cache is used only if it was made from the same files (size and mtime), data settings and
 tokenizer; otherwise it is rebuilt in place (hftrain replaces only folders it wrote itself).
-Fine-tuning data (`data.kind: sft`) is not cached: its labels need the records.
+Records (`data.kind: sft`, `preference`) are not cached: their labels need the records.
 """
 
 from __future__ import annotations
@@ -70,9 +70,9 @@ def identity(config: DataConfig, tokenizer: Any) -> dict[str, Any]:
 
 
 def check_cacheable(config: DataConfig) -> None:
-    if config.kind == "sft":
-        raise DataError("data.cache holds text tokens; fine-tuning data (data.kind: sft) is "
-                        "streamed: remove data.cache")
+    if config.kind != "text":
+        raise DataError(f"data.cache holds text tokens; records (data.kind: {config.kind}) "
+                        "are streamed: remove data.cache")
 
 
 def prepare(config: DataConfig, tokenizer: Any, show_progress: bool = True) -> Path:

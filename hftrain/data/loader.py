@@ -44,7 +44,8 @@ from hftrain.data_check import check_unchanged
 from hftrain.errors import DataError
 from hftrain.framing import Framing, token_bytes
 from hftrain.recipe import DataConfig
-from hftrain.sft import IGNORE_INDEX, encode_record
+from hftrain.records import RECORD_KINDS
+from hftrain.sft import IGNORE_INDEX
 from hftrain.workers import worker_context, worker_count, worker_init
 
 PREFETCH_PIECES = 4
@@ -105,8 +106,11 @@ class PieceTokenizer(Dataset):
         self.pieces, self.tokenizer, self.with_bytes = pieces, tokenizer, with_bytes
         self.kept = kept
         self.framing = Framing.of(tokenizer)
+        self.records = RECORD_KINDS.get(pieces.config.kind)
+        """How records are encoded (kinds sft and preference); None: text."""
         self.sft = pieces.config.kind == "sft"
-        rows = ("ids", "labels", "starts") if self.sft else ("ids",)
+        rows = ("ids", "labels", "starts") if self.sft else \
+            self.records.rows if self.records else ("ids",)
         self.rows = (*rows, "bytes") if with_bytes else rows
         """The rows of `Tokenized.tokens` (`packing.collate`); 1-D when only ids."""
 
@@ -122,7 +126,7 @@ class PieceTokenizer(Dataset):
     def _tokenized(self, index: int) -> Tokenized:
         piece = self.pieces.pieces[index]
         try:
-            return self._records(piece) if self.sft else self._texts(piece)
+            return self._records(piece) if self.records else self._texts(piece)
         except DataError as exc:
             empty = np.empty(0, dtype=np.int64)
             return Tokenized(empty, empty, error=str(exc))
@@ -147,12 +151,14 @@ class PieceTokenizer(Dataset):
         return Tokenized(tokens, lengths)
 
     def _records(self, piece: Piece) -> Tokenized:
-        examples = [encode_record(record, self.tokenizer, self.with_bytes)
+        examples = [self.records.encode(record, self.tokenizer, self.with_bytes)
                     for record in self.pieces.documents(piece)]
         lengths = np.array([e.shape[1] for e in examples], dtype=np.int64)
         if not examples:
             return Tokenized(np.empty((len(self.rows), 0), np.int64), lengths)
         tokens = np.concatenate(examples, axis=1).astype(np.int64)
+        if not self.sft:  # preference pairs: one per block, never packed
+            return Tokenized(tokens, lengths)
         starts = np.zeros(tokens.shape[1], dtype=np.int64)
         starts[np.cumsum(lengths) - lengths] = 1
         return Tokenized(np.insert(tokens, 2, starts, axis=0), lengths)
@@ -163,7 +169,8 @@ class PieceTokenizer(Dataset):
         `Tokenized.tokens`; empty for fine-tuning examples, which open themselves)."""
         starts = first_piece < len(self.pieces.pieces) and \
             self.pieces.pieces[first_piece].starts_document
-        ids = np.asarray(self.framing.opening if starts and not self.sft else [], np.int64)
+        ids = np.asarray(self.framing.opening if starts and not self.records else [],
+                         np.int64)
         if len(self.rows) == 1:
             return ids
         opening = np.zeros((len(self.rows), len(ids)), dtype=np.int64)
@@ -247,8 +254,7 @@ class TrainStream(TrainBatches):
                             "processes that must share them; add data or use fewer processes")
         capacity = config.shuffle_tokens // config.block_size if shuffle else 0
         self.shuffle = BlockShuffle(capacity, seed, rank)
-        self.sft = config.kind == "sft"
-        self.one_example_per_block = self.sft and not config.packing
+        self.one_example_per_block = config.one_example_per_block
         self.epoch = self.next_piece = 0
         self.carry = self.tokenize.opening(int(self.order.epoch(0)[0]))
         self.carry_lengths = np.empty(0, dtype=np.int64)
@@ -381,7 +387,7 @@ def check_length(config: DataConfig, source: str, n_tokens: int, world_size: int
     """After a training epoch: the data must fill at least one block (EOS included)."""
     if n_tokens == 0:
         raise DataError(f"the training corpus is empty: {source}")
-    if config.kind == "sft" and not config.packing:
+    if config.one_example_per_block:
         return  # one padded example per block: any length fills a block
     needed = config.block_size + 1
     if n_tokens < needed:
@@ -487,7 +493,7 @@ def val_batches(pieces: SplitPieces, tokenizer: Any, config: DataConfig, batch_s
         return
     mine = list(range(rank, len(pieces.pieces), world_size))
     documents = (tokenize[i].checked() for i in mine)
-    if config.kind == "sft" and not config.packing:
+    if config.one_example_per_block:
         blocks: Iterator[np.ndarray] = pad_examples(
             (ex for item in documents for ex in np.split(item.tokens, np.cumsum(item.lengths)[:-1],
                                                          axis=1)), config.block_size)

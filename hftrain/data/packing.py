@@ -91,7 +91,9 @@ def collate(blocks: list[np.ndarray], batch_size: int, pad_id: int,
     example starts, which become `position_ids` counting from each example's start, so that
     the model's attention keeps examples apart (transformers builds a block-diagonal mask
     from them, as for its `DataCollatorWithFlattening`); "bytes", the UTF-8 bytes each token
-    stands for (`byte_counts` of the targets, for bits per byte).
+    stands for (`byte_counts` of the targets, for bits per byte); "rejected_ids" and
+    "rejected_labels", the other side of a preference pair (`rejected_input_ids`,
+    `rejected_labels`).
     """
     stacked = np.stack(blocks)
     if stacked.ndim == 2:
@@ -106,6 +108,11 @@ def collate(blocks: list[np.ndarray], batch_size: int, pad_id: int,
     batch = {"input_ids": inputs, "labels": torch.from_numpy(labels[:, 1:].copy())}
     if "starts" in named:
         batch["position_ids"] = torch.from_numpy(example_positions(named["starts"][:, :-1]))
+    if "rejected_ids" in named:
+        rejected = torch.from_numpy(named["rejected_ids"][:, :-1].copy())
+        rejected[rejected == IGNORE_INDEX] = pad_id
+        batch["rejected_input_ids"] = rejected
+        batch["rejected_labels"] = torch.from_numpy(named["rejected_labels"][:, 1:].copy())
     if "bytes" in named:
         batch["byte_counts"] = torch.from_numpy(np.maximum(named["bytes"][:, 1:], 0))
     return batch

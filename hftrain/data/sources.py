@@ -33,7 +33,8 @@ from typing import Any
 from hftrain.data_check import Source, check_unchanged, explain, fingerprint
 from hftrain.errors import DataError, RecordError, one_line
 from hftrain.recipe import DataConfig, expand_globs
-from hftrain.sft import SFT_COLUMNS, record_problem, value_kind
+from hftrain.records import RECORD_KINDS
+from hftrain.sft import value_kind
 
 PIECE_BYTES = 1 << 20
 """Target size of a piece of a text or JSON Lines file."""
@@ -179,7 +180,7 @@ class SplitPieces:
     def _number_records(self, pieces: list[Piece]) -> list[Piece]:
         """Fine-tuning hold-out counts records across all files of the split, so each piece
         learns the index of its first record (a scan of the JSON Lines files)."""
-        if self.config.kind != "sft" or not self.held_out:
+        if self.config.kind == "text" or not self.held_out:
             return pieces
         numbered, total = [], 0
         for piece in pieces:
@@ -239,7 +240,7 @@ class SplitPieces:
         whole_file = piece.fmt == "text" and self.config.sample_by == "document"
         if not self.held_out or whole_file:
             yield from rows
-        elif self.config.kind == "sft":  # record i validates when (i + 1) * fraction reaches
+        elif self.config.kind != "text":  # record i validates when (i + 1) * fraction reaches
             first = 0 if piece.fmt == "hub" else piece.first_record  # a new integer: exactly
             for i, row in enumerate(rows, first):
                 if (int((i + 1) * fraction) > int(i * fraction)) == keep_tail:  # `fraction`,
@@ -371,14 +372,15 @@ def _text_documents(text: str, sample_by: str) -> Iterator[str]:
 
 
 def _row(record: Any, config: DataConfig) -> Any:
-    """A record's text (kind text) or its fine-tuning fields (kind sft)."""
+    """A record's text (kind text) or its fields (kinds sft, preference: `RECORD_KINDS`)."""
     if not isinstance(record, dict):
         raise RecordError(f"the record is {value_kind(record)}, not a JSON object")
-    if config.kind == "sft":
-        problem = record_problem(record)
+    if config.kind != "text":
+        kind = RECORD_KINDS[config.kind]
+        problem = kind.problem(record)
         if problem:
-            raise RecordError(f"a fine-tuning record is malformed: {problem}")
-        return {k: record[k] for k in SFT_COLUMNS if k in record}
+            raise RecordError(f"{kind.what} is malformed: {problem}")
+        return {k: record[k] for k in kind.columns if k in record}
     text = record.get(config.text_column)
     if not isinstance(text, str):
         raise RecordError(f"a row's text is {value_kind(text)}, not a string")
@@ -389,7 +391,8 @@ def _parquet_rows(piece: Piece, config: DataConfig) -> Iterator[Any]:
     import pyarrow.parquet as pq
 
     parquet = pq.ParquetFile(piece.path)
-    wanted = [config.text_column] if config.kind == "text" else SFT_COLUMNS
+    wanted = [config.text_column] if config.kind == "text" else \
+        RECORD_KINDS[config.kind].columns
     columns = [c for c in wanted if c in parquet.schema_arrow.names]
     if config.kind == "text" and not columns:
         raise DataError(f"{piece.path} has no column '{config.text_column}' (columns: "
