@@ -194,6 +194,7 @@ def test_a_run_under_nohup_ignores_sighup(uninterrupted, tmp_path):
     assert losses(tmp_path / "run").keys() == whole_losses.keys()
 
 
+@pytest.mark.slow  # 44 s of CI; the default suite's kill -9 tests cover the resume itself
 def test_a_run_without_a_checkpoint_interval_survives_kill_9_by_the_clock(uninterrupted,
                                                                          tmp_path):
     """checkpoint.interval 0 (the default) and a time-based checkpoint every
