@@ -254,3 +254,42 @@ def test_dpo_settings_that_cannot_work_are_refused_in_one_line(tmp_path, base_ex
     code, _, err = cli(["train", str(path)], capsys)
     assert code == 2 and err.count("\n") == 1 and expected in err, err
     assert not (tmp_path / "dpo").exists()
+
+
+@pytest.mark.slow  # two processes under torchrun: half a minute
+def test_two_processes_train_dpo_and_score_every_held_out_pair_once(tmp_path, base_export,
+                                                                      pairs):
+    import subprocess
+    import sys
+
+    from conftest import run_or_dump
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hftrain.dpo import evaluate_preferences
+
+    data = preference_file(tmp_path, pairs, 200)
+    recipe = dpo_recipe(tmp_path, base_export, data, batch_size=4)
+    path = tmp_path / "dpo.yaml"
+    path.write_text(json.dumps(recipe))
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    done = run_or_dump([torchrun, "--nproc_per_node", "2", "-m", "hftrain", "train", str(path)],
+                       600, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    final = [r for r in read_metrics(tmp_path / "dpo" / "metrics.jsonl") if "val_pairs" in r][-1]
+    assert final["val_pairs"] == 40 and final["val_loss"] < np.log(2)
+    # the two processes' sums equal one process scoring the export against the reference
+    tok = AutoTokenizer.from_pretrained(tmp_path / "dpo" / "final")
+    streams = DataStreams(DataConfig(kind="preference", train_files=[str(data)],
+                                     val_fraction=0.2, block_size=128), tok, seed=0)
+    reference = AutoModelForCausalLM.from_pretrained(base_export).eval()
+    accelerator = Accelerator(cpu=True)
+    alone = evaluate_preferences(
+        AutoModelForCausalLM.from_pretrained(tmp_path / "dpo" / "final"),
+        DPOObjective(reference, 0.1, accelerator), streams.val_batches(16), accelerator)
+    assert alone["pairs"] == 40
+    assert final["val_loss"] == pytest.approx(alone["loss"], rel=1e-5)
+    assert final["val_pref_acc"] == pytest.approx(alone["preference_accuracy"])
+    assert final["val_ref_pref_acc"] == pytest.approx(alone["reference_preference_accuracy"])
+    assert subprocess.run([sys.executable, "-m", "hftrain", "generate",
+                           str(tmp_path / "dpo" / "final"), "--prompt", "ROMEO:",
+                           "--max-new-tokens", "8"], cwd=REPO, capture_output=True).returncode == 0
