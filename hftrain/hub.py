@@ -245,8 +245,7 @@ def model_card(folder: Path, repo_id: str, val: dict[str, Any] | None) -> ModelC
         repo_id=repo_id,
         description=(f"recurrent ({arch.upper()})" if recurrent else FAMILIES.get(arch, arch))
         + " causal language model",
-        init_note=f", fine-tuned from {_model_name(model['init_from'])}"
-        if model.get("init_from") else "",
+        init_note=_init_note(model, train),
         architecture=_architecture(config),
         parameters=f"{n_params / 1e6:.2f} M" if n_params else "unknown",
         tokenizer=_tokenizer_origin(recipe),
@@ -255,13 +254,33 @@ def model_card(folder: Path, repo_id: str, val: dict[str, Any] | None) -> ModelC
         steps=train.get("max_steps", "?"),
         global_batch=global_batch(train, data.get("block_size", "?"), _run_record(folder)),
         optimizer=_optimizer(train),
-        validation=(f"loss {val['val_loss']:.4f}, perplexity {val['val_ppl']:.3f}, bits per "
-                    f"byte {val['val_bpb']:.4f} over {val['val_tokens']:,} tokens"
-                    f"{_by_source(val)}") if val else "",
+        validation=_validation(val) if val else "",
         plot=(folder / "loss.png").is_file(),
         remote=", trust_remote_code=True" if recurrent else "",
         prompt=recipe.get("sample", {}).get("prompt", "") or "",
     )
+
+
+def _init_note(model: dict[str, Any], train: dict[str, Any]) -> str:
+    if not model.get("init_from"):
+        return ""
+    how = f"preference-tuned with DPO (beta {train.get('dpo_beta', 0.1)})" \
+        if train.get("objective") == "dpo" else "fine-tuned"
+    return f", {how} from {_model_name(model['init_from'])}"
+
+
+def _validation(val: dict[str, Any]) -> str:
+    """The card's validation line: loss, perplexity, bits per byte (each source's too); of
+    a DPO run, its preference figures on the held-out pairs."""
+    if "val_pairs" in val:
+        return (f"DPO loss {val['val_loss']:.4f} on {val['val_pairs']:,} held-out preference "
+                f"pairs: reward accuracy {val['val_reward_acc']:.3f}, margin "
+                f"{val['val_margin']:.3f}; the chosen side preferred in "
+                f"{val['val_pref_acc']:.1%} of the pairs ({val['val_ref_pref_acc']:.1%} before "
+                f"tuning); chosen completions' perplexity {val['val_ppl']:.3f}, bits per byte "
+                f"{val['val_bpb']:.4f}")
+    return (f"loss {val['val_loss']:.4f}, perplexity {val['val_ppl']:.3f}, bits per "
+            f"byte {val['val_bpb']:.4f} over {val['val_tokens']:,} tokens{_by_source(val)}")
 
 
 def _by_source(val: dict[str, Any]) -> str:

@@ -160,7 +160,7 @@ def dpo_recipe(tmp_path: Path, export: Path, data: Path, name: str = "dpo", **tr
 
 
 def test_dpo_from_an_export_raises_the_held_out_preference_accuracy(tmp_path, base_export,
-                                                                      pairs):
+                                                                      pairs, capsys):
     data = preference_file(tmp_path, pairs, 200)
     result = train(recipe_from_dict(dpo_recipe(tmp_path, base_export, data)))
     val = result.val
@@ -186,6 +186,14 @@ def test_dpo_from_an_export_raises_the_held_out_preference_accuracy(tmp_path, ba
             right += int((logps[0] > logps[1])[real].sum())
             total += int(real.sum())
     assert right / total == pytest.approx(val["preference_accuracy"])
+    # the model card says how it was tuned and what the held-out pairs showed
+    from huggingface_hub import ModelCard
+
+    code, _, _ = cli(["push", str(result.final_dir), "--repo-id", "me/dpo", "--dry-run",
+                      "--folder", str(tmp_path / "hub")], capsys)
+    card = ModelCard.load(tmp_path / "hub" / "README.md").text
+    assert code == 0 and "preference-tuned with DPO (beta 0.1)" in card
+    assert f"the chosen side preferred in {val['preference_accuracy']:.1%} of the pairs" in card
 
 
 def test_kill_9_then_resume_reproduces_the_uninterrupted_dpo_run(tmp_path, base_export, pairs):
