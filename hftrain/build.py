@@ -18,7 +18,6 @@ from accelerate import Accelerator
 
 from hftrain.data import DataStreams, TrainBatches
 from hftrain.data import cache as token_cache
-from hftrain.dpo import DPOObjective, frozen_reference
 from hftrain.errors import HftrainError, naming_the_recipe
 from hftrain.export import generation_config
 from hftrain.memory import check_fits, model_sizes
@@ -45,8 +44,6 @@ class RunParts:
     model: Any
     optimizer: Any
     scheduler: Any
-    objective: DPOObjective | None = None
-    """DPO's loss with its reference model; None for language modelling."""
 
 
 def build_parts(recipe: Recipe, accelerator: Accelerator, recipe_path: Path | None = None,
@@ -86,10 +83,6 @@ def build_parts(recipe: Recipe, accelerator: Accelerator, recipe_path: Path | No
         if not is_sharded(accelerator):  # sharded: `prepare` puts each rank's shard there
             model.to(accelerator.device)
         optimizer = build_optimizer(model, recipe.train, accelerator.device)
-    objective = None
-    if recipe.train.objective == "dpo":  # the reference: the model as loaded, before any step
-        reference = frozen_reference(model, lora=bool(recipe.model.lora_r))
-        objective = DPOObjective(reference, recipe.train.dpo_beta, accelerator)
     model.generation_config = generation_config(recipe, tokenizer)
     configure_deepspeed(accelerator, recipe.train)
     client_optimizer = optimizer
@@ -97,7 +90,7 @@ def build_parts(recipe: Recipe, accelerator: Accelerator, recipe_path: Path | No
     # after `prepare`: DeepSpeed's ZeRO regroups the client optimizer's parameters
     scheduler = build_scheduler(client_optimizer, recipe.train)
     return RunParts(tokenizer, built, streams, batches, first_batch, model, optimizer,
-                    scheduler, objective)
+                    scheduler)
 
 
 def check_dpo_launch(recipe: Recipe, accelerator: Accelerator) -> None:

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from hftrain.evaluation import perplexity_metric
+from hftrain.recipe import TrainConfig
 from hftrain.sft import IGNORE_INDEX
 
 STAT_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
@@ -70,6 +71,10 @@ class DPOObjective:
     def __init__(self, reference: Any | None, beta: float, accelerator: Any) -> None:
         self.reference, self.beta, self.accelerator = reference, beta, accelerator
 
+    def evaluate(self, model: Any, batches: Any, max_batches: int | None) -> dict[str, float]:
+        """The held-out pairs' figures (`evaluate_preferences`)."""
+        return evaluate_preferences(model, self, batches, self.accelerator, max_batches)
+
     def count(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The pairs a micro-batch trains on (on the device)."""
         return real_pairs(batch).to(self.accelerator.device).sum()
@@ -106,15 +111,18 @@ def eval_mode(model: Any) -> Any:
         model.train(was_training)
 
 
-def frozen_reference(model: Any, lora: bool) -> Any | None:
-    """The reference model: a frozen copy of the starting model, or None with LoRA (the
-    model itself, adapters disabled). Taken before any step or checkpoint is loaded."""
-    if lora:
+def dpo_objective(train: TrainConfig, model: Any, accelerator: Any) -> DPOObjective | None:
+    """`train.objective: dpo`'s loss, its reference made from `model` (the bare model as
+    loaded from `model.init_from`: called before any step, and before a checkpoint is
+    loaded): a frozen copy, or none with LoRA (the model itself, adapters disabled)."""
+    if train.objective != "dpo":
         return None
-    import copy
+    reference = None
+    if not hasattr(model, "disable_adapter"):  # a PEFT model has it
+        import copy
 
-    reference = copy.deepcopy(model).eval()
-    return reference.requires_grad_(False)
+        reference = copy.deepcopy(model).eval().requires_grad_(False)
+    return DPOObjective(reference, train.dpo_beta, accelerator)
 
 
 @torch.no_grad()

@@ -24,7 +24,6 @@ import torch
 from hftrain.checkpoint import COUNTERS
 from hftrain.checkpoint_policy import RunCheckpoints
 from hftrain.data_check import content_sample, describe_change
-from hftrain.dpo import evaluate_preferences
 from hftrain.errors import HftrainError
 from hftrain.evaluation import evaluate_lm, perplexity_metric
 from hftrain.harness import TASK_WAIT, TaskScorer
@@ -54,20 +53,20 @@ class Run:
         self.state = TrainState(parts.batches, accelerator.device)
         self.metrics = MetricsLog(run_dir / "metrics.jsonl" if run_dir else None,
                                   accelerator.is_main_process, accelerator)
+        self.train_step = TrainStep(accelerator, self.model, parts.optimizer, self.scheduler,
+                                    recipe.train)
+        self.objective = self.train_step.objective
+        """DPO's loss and reference (`dpo.DPOObjective`); None for language modelling."""
         self.log = WindowLog(self.metrics, accelerator,
                              flops_per_token(bare_model(accelerator, self.model),
                                              recipe.data.block_size),
                              peak_tflops(recipe.train.peak_tflops),
-                             parts.objective.stat_names if parts.objective else ())
+                             self.objective.stat_names if self.objective else ())
         self.checkpoints = RunCheckpoints(accelerator, recipe, run_dir, {
             "loop": self.state, "data": parts.batches, "scheduler": parts.scheduler,
             "metrics": self.metrics,
             "data_files": DataFiles(parts.streams.fingerprints, accelerator.is_main_process),
             "tokenizer": TokenizerIdentity(parts.tokenizer)})
-        self.objective = parts.objective
-        """DPO's loss and reference (`dpo.DPOObjective`); None for language modelling."""
-        self.train_step = TrainStep(accelerator, self.model, parts.optimizer, self.scheduler,
-                                    recipe.train, self.objective)
         self.updating = False
         """Inside an optimizer step: weights or optimizer state may be part-way updated, so a
         failure here is not followed by a checkpoint."""
@@ -130,8 +129,7 @@ class Run:
 
     def _evaluate_preferences(self, max_batches: int | None) -> dict[str, Any]:
         batches = self.streams.val_batches(self.recipe.eval.batch_size)
-        val = evaluate_preferences(self.bare_model(), self.objective, batches,
-                                   self.accelerator, max_batches)
+        val = self.objective.evaluate(self.bare_model(), batches, max_batches)
         self.metrics.write({
             "step": self.step, "val_loss": val["loss"], "val_ppl": val["perplexity"],
             "val_bpb": val["bits_per_byte"], "val_tokens": val["tokens"],

@@ -16,10 +16,11 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
 from hftrain.data import IGNORE_INDEX
-from hftrain.dpo import DPOObjective
+from hftrain.dpo import dpo_objective
 from hftrain.evaluation import model_inputs, token_nll
 from hftrain.models.recurrent.modeling_recurrent import recurrent_cache
 from hftrain.recipe import TrainConfig
+from hftrain.sharding import bare_model
 
 Recurrent = tuple[torch.Tensor, ...] | None
 
@@ -56,10 +57,12 @@ class TrainStep:
     """
 
     def __init__(self, accelerator: Accelerator, model: Any, optimizer: Any, scheduler: Any,
-                 train: TrainConfig, objective: DPOObjective | None = None) -> None:
+                 train: TrainConfig) -> None:
         self.accelerator = accelerator
-        self.objective = objective
-        """The loss of a micro-batch other than language modelling's (DPO), else None."""
+        self.objective = dpo_objective(train, bare_model(accelerator, model), accelerator)
+        """The loss of a micro-batch other than language modelling's (DPO: its reference is
+        the model as it is now, so a `TrainStep` is made before a checkpoint is loaded),
+        else None."""
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
