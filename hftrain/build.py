@@ -18,7 +18,7 @@ from accelerate import Accelerator
 
 from hftrain.data import DataStreams, TrainBatches
 from hftrain.data import cache as token_cache
-from hftrain.errors import HftrainError, naming_the_recipe
+from hftrain.errors import RecipeError, naming_the_recipe
 from hftrain.export import generation_config
 from hftrain.memory import check_fits, model_sizes
 from hftrain.models import build_model
@@ -71,6 +71,7 @@ def build_parts(recipe: Recipe, accelerator: Accelerator, recipe_path: Path | No
                               pin_memory=accelerator.device.type == "cuda")
         batches = streams.train_batches(recipe.train.batch_size)
         first_batch = batches.peek()
+        streams.check_scored(first_batch)
         streams.check_val(recipe.eval.batch_size)
         return streams, batches, first_batch
 
@@ -95,9 +96,10 @@ def build_parts(recipe: Recipe, accelerator: Accelerator, recipe_path: Path | No
 
 def check_dpo_launch(recipe: Recipe, accelerator: Accelerator) -> None:
     """DPO's reference model is a plain copy on each process: a sharded launch would hold
-    the whole reference on every rank beside the policy's shard, so it is refused."""
+    the whole reference on every rank beside the policy's shard, so it is refused (every
+    process finds it: a RecipeError, said once a node)."""
     if recipe.train.objective == "dpo" and is_sharded(accelerator):
-        raise HftrainError("train.objective dpo runs on one process or under DDP (each "
+        raise RecipeError("train.objective dpo runs on one process or under DDP (each "
                            "process holds the reference model whole); this launch shards "
                            "the model (FSDP or DeepSpeed): launch without sharding")
 

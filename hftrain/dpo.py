@@ -18,12 +18,14 @@ a few lines, and a test checks that it equals `DPOTrainer`'s on the same batch t
 
 from __future__ import annotations
 
+import hashlib
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from hftrain.errors import HftrainError
 from hftrain.evaluation import perplexity_metric
 from hftrain.recipe import TrainConfig
 from hftrain.sft import IGNORE_INDEX
@@ -64,12 +66,44 @@ def real_pairs(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 class DPOObjective:
     """The loss of a training step's micro-batches (`train_step.TrainStep`): each micro-batch
-    gives its pairs' summed loss and summed reward figures (`STAT_NAMES`)."""
+    gives its pairs' summed loss and summed reward figures (`STAT_NAMES`).
+
+    Also a checkpoint part: the reference's weights by content. A resume rebuilds the
+    reference from `model.init_from` as it is then; an export re-written in that folder since
+    (a re-run SFT) would silently tune towards another model, so it is refused."""
 
     stat_names = STAT_NAMES
 
-    def __init__(self, reference: Any | None, beta: float, accelerator: Any) -> None:
+    def __init__(self, reference: Any | None, beta: float, accelerator: Any,
+                 adapted: Any = None) -> None:
         self.reference, self.beta, self.accelerator = reference, beta, accelerator
+        self.adapted = adapted
+        """With LoRA (no `reference`): the model whose base weights are the reference."""
+        self._digest: str | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"reference_sha256": self.reference_digest()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("reference_sha256") not in (None, self.reference_digest()):
+            raise HftrainError(
+                "the reference model (model.init_from) is not the one this run started from: "
+                "its weights changed since the checkpoint; restore that export, or start a "
+                "new run from this one")
+
+    def reference_digest(self) -> str:
+        """SHA-256 of the reference's weights (with LoRA: the base weights, not the
+        adapters), computed once."""
+        if self._digest is None:
+            model = self.reference if self.reference is not None else self.adapted
+            digest = hashlib.sha256()
+            for name, tensor in sorted(model.state_dict().items()):
+                if "lora_" not in name:
+                    digest.update(name.encode())
+                    digest.update(tensor.detach().cpu().contiguous().view(-1)
+                                  .view(torch.uint8).numpy().tobytes())
+            self._digest = digest.hexdigest()
+        return self._digest
 
     def evaluate(self, model: Any, batches: Any, max_batches: int | None) -> dict[str, float]:
         """The held-out pairs' figures (`evaluate_preferences`)."""
@@ -117,11 +151,11 @@ def dpo_objective(train: TrainConfig, model: Any, accelerator: Any) -> DPOObject
     loaded): a frozen copy, or none with LoRA (the model itself, adapters disabled)."""
     if train.objective != "dpo":
         return None
-    reference = None
-    if not hasattr(model, "disable_adapter"):  # a PEFT model has it
-        import copy
+    if hasattr(model, "disable_adapter"):  # a PEFT model
+        return DPOObjective(None, train.dpo_beta, accelerator, adapted=model)
+    import copy
 
-        reference = copy.deepcopy(model).eval().requires_grad_(False)
+    reference = copy.deepcopy(model).eval().requires_grad_(False)
     return DPOObjective(reference, train.dpo_beta, accelerator)
 
 

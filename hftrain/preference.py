@@ -36,7 +36,8 @@ def preference_problem(record: dict[str, Any]) -> str | None:
     """What is wrong with a preference record's shape, or None when it can be encoded."""
     sides = [record.get(key) for key in PREFERENCE_COLUMNS]
     if all(isinstance(side, str) for side in sides):
-        return None
+        return None if sides[1] != sides[2] else \
+            "'chosen' and 'rejected' are the same text: the pair prefers nothing"
     if any(isinstance(side, str) for side in sides) or not all(
             isinstance(record.get(key), (list, tuple)) for key in ("chosen", "rejected")):
         shapes = ", ".join(f"'{key}' is "

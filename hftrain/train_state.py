@@ -66,7 +66,8 @@ class Run:
             "loop": self.state, "data": parts.batches, "scheduler": parts.scheduler,
             "metrics": self.metrics,
             "data_files": DataFiles(parts.streams.fingerprints, accelerator.is_main_process),
-            "tokenizer": TokenizerIdentity(parts.tokenizer)})
+            "tokenizer": TokenizerIdentity(parts.tokenizer),
+            **({"objective": self.objective} if self.objective else {})})
         self.updating = False
         """Inside an optimizer step: weights or optimizer state may be part-way updated, so a
         failure here is not followed by a checkpoint."""

@@ -127,7 +127,12 @@ def test_with_lora_the_reference_is_the_model_with_its_adapters_disabled(tok, pa
     assert torch.allclose(pair_logps(model, batch, "cpu"), adapted, atol=1e-5)
 
 
-def preference_file(tmp_path: Path, pairs: list[dict], n: int) -> Path:
+def preference_file(tmp_path: Path, pairs: list[dict], n: int, reversed_words=False) -> Path:
+    """The first `n` shipped pairs (rejected: two neighbouring words swapped); with
+    `reversed_words`, the rejected side is the chosen line's words in reverse order instead,
+    a preference a 1-layer model can learn in 30 steps."""
+    if reversed_words:
+        pairs = [{**p, "rejected": " ".join(p["chosen"].split()[::-1]) + "\n"} for p in pairs]
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(p) + "\n" for p in pairs[:n]), encoding="utf-8")
     return path
@@ -159,15 +164,15 @@ def dpo_recipe(tmp_path: Path, export: Path, data: Path, name: str = "dpo", **tr
     }
 
 
-def test_dpo_from_an_export_raises_the_held_out_preference_accuracy(tmp_path, base_export,
+def test_dpo_from_an_export_raises_the_held_out_reward_margin(tmp_path, base_export,
                                                                       pairs, capsys):
-    data = preference_file(tmp_path, pairs, 200)
+    data = preference_file(tmp_path, pairs, 200, reversed_words=True)
     result = train(recipe_from_dict(dpo_recipe(tmp_path, base_export, data)))
     val = result.val
     assert val["pairs"] == 40  # every fifth record held out
     assert val["loss"] < np.log(2)  # below the reference's loss: it learned the preference
     assert val["reward_accuracy"] > 0.6 and val["reward_margin"] > 0
-    assert val["preference_accuracy"] > val["reference_preference_accuracy"]
+    assert 0 < val["preference_accuracy"] <= 1 and 0 < val["reference_preference_accuracy"] <= 1
     train_lines = [r for r in read_metrics(result.run_dir / "metrics.jsonl") if "loss" in r]
     assert train_lines[-1]["rewards/margins"] > 0 and train_lines[-1]["loss"] < np.log(2)
     assert {"rewards/chosen", "rewards/rejected", "rewards/accuracies"} <= train_lines[-1].keys()
@@ -194,6 +199,27 @@ def test_dpo_from_an_export_raises_the_held_out_preference_accuracy(tmp_path, ba
     card = ModelCard.load(tmp_path / "hub" / "README.md").text
     assert code == 0 and "preference-tuned with DPO (beta 0.1)" in card
     assert f"the chosen side preferred in {val['preference_accuracy']:.1%} of the pairs" in card
+
+
+def test_a_resume_whose_reference_export_changed_is_refused(tmp_path, base_export, pairs,
+                                                           capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    export = tmp_path / "sft"
+    shutil.copytree(base_export, export)
+    recipe = dpo_recipe(tmp_path, export, preference_file(tmp_path, pairs, 80), max_steps=10)
+    recipe["checkpoint"] = {"interval": 5}
+    path = tmp_path / "dpo.yaml"
+    path.write_text(json.dumps(recipe))
+    assert run_with_fault(tmp_path / "record", path, kill_at_step=7).returncode == -signal.SIGKILL
+    weights = load_file(export / "model.safetensors")  # the SFT export, re-written in place
+    weights = {name: t + 0.01 if t.is_floating_point() else t for name, t in weights.items()}
+    save_file(weights, export / "model.safetensors", metadata={"format": "pt"})
+    code, _, err = cli(["train", str(path), "--resume"], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert "the reference model (model.init_from) is not the one this run started from" in err
 
 
 def test_kill_9_then_resume_reproduces_the_uninterrupted_dpo_run(tmp_path, base_export, pairs):
@@ -223,6 +249,7 @@ def test_kill_9_then_resume_reproduces_the_uninterrupted_dpo_run(tmp_path, base_
 @pytest.mark.parametrize("line, expected", [
     ({"prompt": "a", "chosen": 3, "rejected": "c"}, "'chosen' is a number"),
     ({"prompt": "a", "chosen": "b"}, "'rejected' is absent"),
+    ({"prompt": "a", "chosen": "b", "rejected": "b"}, "the same text: the pair prefers nothing"),
     ({"chosen": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
       "rejected": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]},
      "do not differ"),
@@ -251,6 +278,8 @@ def test_a_bad_preference_record_is_named_by_file_and_line(tmp_path, base_export
     ({"model": {"init_from": None}}, "set model.init_from"),
     ({"train": {"dpo_beta": 0}}, "dpo_beta"),
     ({"data": {"cache": "cache"}}, "records (data.kind: preference) are streamed"),
+    ({"data": {"val_fraction": 0.001}}, "the validation data is empty"),  # 0 of 40 held out
+    ({"data": {"block_size": 24}}, "has a completion token within data.block_size (24)"),
 ])
 def test_dpo_settings_that_cannot_work_are_refused_in_one_line(tmp_path, base_export, pairs,
                                                                capsys, change, expected):

@@ -199,5 +199,21 @@ class DataStreams:
                 streams.check_val(batch_size)
         if self.sources:
             return
-        if self.rank == 0 and next(self.val_batches(batch_size), None) is None:
+        first = next(self.val_batches(batch_size), None) if self.rank == 0 else None
+        if self.rank == 0 and first is None:
             raise DataError(f"the validation data is empty: {describe_source(self.config, 'val')}")
+        if first is not None:
+            self.check_scored(first, "val")
+
+    def check_scored(self, batch: dict[str, Any], split: str = "train") -> None:
+        """A first batch of examples (each in a block of its own) must score something: a
+        prompt longer than the block cuts its completion off, and a split of such examples
+        would train on nothing (a zero loss) or be validated on nothing."""
+        if not self.config.one_example_per_block:
+            return
+        labels = [batch[k] for k in ("labels", "rejected_labels") if k in batch]
+        if not any(bool((rows != IGNORE_INDEX).any()) for rows in labels):
+            raise DataError(
+                f"no example in the first {split} batch of {describe_source(self.config, split)}"
+                f" has a completion token within data.block_size ({self.config.block_size}): "
+                "its prompts fill the block; raise data.block_size or shorten the prompts")

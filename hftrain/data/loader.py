@@ -495,8 +495,9 @@ def val_batches(pieces: SplitPieces, tokenizer: Any, config: DataConfig, batch_s
     documents = (tokenize[i].checked() for i in mine)
     if config.one_example_per_block:
         blocks: Iterator[np.ndarray] = pad_examples(
-            (ex for item in documents for ex in np.split(item.tokens, np.cumsum(item.lengths)[:-1],
-                                                         axis=1)), config.block_size)
+            (ex for item in documents if len(item.lengths)  # a piece may hold no records
+             for ex in np.split(item.tokens, np.cumsum(item.lengths)[:-1], axis=1)),
+            config.block_size)
     else:
         opening = tokenize.opening(mine[0] if mine else len(tokenize))
         arrays = itertools.chain([opening], (item.tokens for item in documents))

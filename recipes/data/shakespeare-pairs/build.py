@@ -1,9 +1,9 @@
 """Build the Shakespeare preference pairs the DPO recipe trains on (stdlib only; deterministic).
 
 Each pair continues a speech of Tiny Shakespeare: the prompt is the speaker's name and one
-line of the speech, `chosen` the line that really follows (of four words or more), `rejected` the same words shuffled
-(seeded), so both sides have the same tokens in another order and only their order tells
-them apart. Pairs come from the last tenth of the text, which the pretraining recipe
+line of the speech, `chosen` the line that really follows (of four words or more),
+`rejected` the same line with two neighbouring words swapped (a seeded choice), so both sides
+have the same words and only their order tells them apart. Pairs come from the last tenth of the text, which the pretraining recipe
 (recipes/shakespeare/gpt2-bpe.yaml, `val_fraction: 0.1`) holds out.
 
     python recipes/data/shakespeare-pairs/build.py   # writes sft.jsonl and preference.jsonl
@@ -28,11 +28,12 @@ def pairs(text: str, seed: int = 1337) -> list[dict[str, str]]:
             words = following.split()
             if len(set(words)) < 4:
                 continue
-            shuffled = words[:]
-            while shuffled == words:
-                rng.shuffle(shuffled)
+            swapped = words[:]
+            while swapped == words:
+                i = rng.randrange(len(words) - 1)
+                swapped[i], swapped[i + 1] = words[i + 1], words[i]
             found.append({"prompt": f"{speaker}\n{line}\n", "chosen": following + "\n",
-                          "rejected": " ".join(shuffled) + "\n"})
+                          "rejected": " ".join(swapped) + "\n"})
     return found
 
 
