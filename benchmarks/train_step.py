@@ -77,8 +77,8 @@ def main() -> None:
 
     def hftrain_step():
         micro_batches = [next(live)]
-        loss, finite, n_tokens, _ = loop.optimizer_step(micro_batches)
-        loop.state.add_step(loss, finite, n_tokens, len(micro_batches))
+        step = loop.optimizer_step(micro_batches)
+        loop.state.add_step(step.loss, step.finite, step.tokens, len(micro_batches))
 
     def plain_step():
         plain_pytorch_step(plain_model, plain_opt, plain_sched, next(plain_batches),

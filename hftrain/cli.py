@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import shlex
+import signal
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -411,6 +412,15 @@ def _another_process_of_this_node_says_it() -> bool:
     return int(os.environ.get("LOCAL_RANK", "0")) != 0
 
 
+def _wait_for_the_one_that_says_it() -> None:
+    """torchrun stops every process of a launch as soon as one exits with an error: a silent
+    process exiting first could stop the one that says the error before it has printed it.
+    The silent ones wait for torchrun's SIGTERM (sent once the first has exited), at most
+    30 s."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    signal.sigtimedwait({signal.SIGTERM}, 30)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -429,6 +439,8 @@ def main(argv: list[str] | None = None) -> None:
         said_by_every_rank = isinstance(exc, (RecipeError, TrainingDiverged))
         if not (said_by_every_rank and _another_process_of_this_node_says_it()):
             print(f"hftrain: error: {exc}", file=sys.stderr)
+        elif hasattr(signal, "sigtimedwait"):
+            _wait_for_the_one_that_says_it()
         sys.exit(2)
     except KeyboardInterrupt:
         print("hftrain: interrupted", file=sys.stderr)
